@@ -1,0 +1,38 @@
+# Everything runs from the project's own virtualenv; `make install` creates it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast lint demo bench model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first, pinned, so nothing below pulls the CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration" tests
+
+lint: install
+	$(BIN)/ruff check dresd pipelines schemas tests benchmarks
+
+demo: install
+	$(BIN)/python benchmarks/demo.py
+
+bench: install
+	$(BIN)/python benchmarks/decode.py
+
+model: install
+	$(BIN)/dresd model
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

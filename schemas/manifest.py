@@ -1,0 +1,256 @@
+"""The store manifest: what a store is, generation by generation.
+
+A manifest is written last, after every file it names is complete, and published by an atomic
+rename of ``CURRENT``; a reader that resolved an older generation keeps reading files that no
+writer ever modifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jsonschema
+
+FORMAT_VERSION = 1
+CURRENT_FILE = "CURRENT"
+MANIFEST_DIR = "manifests"
+_SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+
+
+class StoreFormatError(ValueError):
+    """The store on disk does not match the format this code reads."""
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file or directory inside the store, relative to its root, with its content digest."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # what the user passed: a directory or "default"
+    fingerprint: str  # config + tokenizer + weights digest (dresd.models.model_fingerprint)
+    tokenizer_fingerprint: str
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    eos_token_id: int
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    file: FileRef
+    input_dim: int
+    dim: int
+    sample_size: int
+    explained_variance: float  # fraction of the z-scored variance the PCA keeps
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    kind: str  # "ivf_flat" or "ivf_pq"
+    nlist: int
+    nprobe: int  # default at query time
+    pq_m: int  # sub-quantizers (ivf_pq only; 0 otherwise)
+    pq_nbits: int
+    train_size: int
+    quantizer: FileRef  # trained, empty index; every shard's ivf.faiss is a filled copy
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard_id: str
+    num_docs: int
+    num_tokens: int
+    num_keys: int
+    tokens: FileRef
+    docs: FileRef
+    keys: FileRef
+    index: FileRef
+    generation_added: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    generation: int
+    model: ModelSpec
+    layer: int  # hidden_states index the keys come from (-1: final layer, after the final norm)
+    value_len: int  # N, tokens per value
+    transform: TransformSpec
+    index: IndexSpec
+    shards: tuple[ShardInfo, ...]
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    format_version: int = FORMAT_VERSION
+    parent_generation: int | None = None
+    note: str = ""
+
+    @property
+    def dim(self) -> int:
+        return self.transform.dim
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+    @property
+    def num_keys(self) -> int:
+        return sum(s.num_keys for s in self.shards)
+
+    @property
+    def num_docs(self) -> int:
+        return sum(s.num_docs for s in self.shards)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dim"] = self.dim
+        d["shards"] = [asdict(s) for s in self.shards]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        validate_manifest_dict(d)
+
+        def ref(x: dict) -> FileRef:
+            return FileRef(**x)
+
+        t = d["transform"]
+        i = d["index"]
+        return cls(
+            generation=d["generation"],
+            model=ModelSpec(**d["model"]),
+            layer=d["layer"],
+            value_len=d["value_len"],
+            transform=TransformSpec(**{**t, "file": ref(t["file"])}),
+            index=IndexSpec(**{**i, "quantizer": ref(i["quantizer"])}),
+            shards=tuple(
+                ShardInfo(
+                    **{
+                        **s,
+                        "tokens": ref(s["tokens"]),
+                        "docs": ref(s["docs"]),
+                        "keys": ref(s["keys"]),
+                        "index": ref(s["index"]),
+                    }
+                )
+                for s in d["shards"]
+            ),
+            created=d["created"],
+            format_version=d["format_version"],
+            parent_generation=d.get("parent_generation"),
+            note=d.get("note", ""),
+        )
+
+
+def validate_manifest_dict(d: dict) -> None:
+    if not isinstance(d, dict):
+        raise StoreFormatError("manifest is not a JSON object")
+    version = d.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"store format version {version!r} is not supported (this dresd reads {FORMAT_VERSION})"
+        )
+    schema = json.loads(_SCHEMA_PATH.read_text())
+    try:
+        jsonschema.validate(d, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "<root>"
+        raise StoreFormatError(f"invalid manifest at {where}: {e.message}") from None
+
+
+def file_digest(path: str | os.PathLike) -> tuple[str, int]:
+    """sha256 and size of a file, or of a directory's files in sorted relative-path order."""
+    path = Path(path)
+    h = hashlib.sha256()
+    total = 0
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if not files:
+        raise StoreFormatError(f"{path} does not exist or is empty")
+    for p in files:
+        if p != path:
+            h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                total += len(chunk)
+    return h.hexdigest(), total
+
+
+def make_file_ref(store: str | os.PathLike, relpath: str) -> FileRef:
+    digest, size = file_digest(Path(store) / relpath)
+    return FileRef(path=relpath, sha256=digest, bytes=size)
+
+
+def generation_path(store: str | os.PathLike, generation: int) -> Path:
+    return Path(store) / MANIFEST_DIR / f"gen-{generation:06d}.json"
+
+
+def list_generations(store: str | os.PathLike) -> list[int]:
+    d = Path(store) / MANIFEST_DIR
+    if not d.is_dir():
+        return []
+    return sorted(int(p.stem.split("-")[1]) for p in d.glob("gen-*.json"))
+
+
+def current_generation(store: str | os.PathLike) -> int:
+    current = Path(store) / CURRENT_FILE
+    if not current.is_file():
+        raise StoreFormatError(f"{store} is not a dresd store: {CURRENT_FILE} is missing")
+    name = current.read_text().strip()
+    try:
+        return int(Path(name).stem.split("-")[1])
+    except (IndexError, ValueError):
+        raise StoreFormatError(f"{current} names {name!r}, not a manifest generation") from None
+
+
+def read_manifest(store: str | os.PathLike, generation: int | None = None) -> Manifest:
+    """The live manifest (or a given generation) of a store."""
+    if generation is None:
+        generation = current_generation(store)
+    path = generation_path(store, generation)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreFormatError(f"manifest generation {generation} is missing: {path}") from None
+    except json.JSONDecodeError as e:
+        raise StoreFormatError(f"manifest {path} is not valid JSON: {e}") from None
+    return Manifest.from_dict(d)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(store: str | os.PathLike, manifest: Manifest) -> Path:
+    """Write a new generation and make it current. Both steps are atomic renames.
+
+    Refuses to overwrite an existing generation: two writers racing for the same generation
+    number get an error instead of silently replacing each other's work.
+    """
+    d = manifest.to_dict()
+    validate_manifest_dict(d)
+    path = generation_path(store, manifest.generation)
+    if path.exists():
+        raise StoreFormatError(f"generation {manifest.generation} already exists in {store}")
+    _atomic_write_text(path, json.dumps(d, indent=2, sort_keys=True) + "\n")
+    _atomic_write_text(Path(store) / CURRENT_FILE, f"{MANIFEST_DIR}/{path.name}\n")
+    return path
