@@ -1,0 +1,51 @@
+"""The one interface every drafter implements (cf. transformers' CandidateGenerator).
+
+The decoder drives a drafter through one generation:
+
+1. ``begin(prompt_tokens, prompt_hidden)`` once the prompt is prefilled;
+2. each step, ``propose(request)`` with the token ``y`` the model has just decided (not yet
+   in the KV cache) and the hidden state that predicted it; the drafter returns continuations
+   that would follow ``y``;
+3. ``accept(tokens, hidden)`` with the tokens committed to the cache this step (``y`` and the
+   accepted draft tokens, in order) and their final hidden states.
+
+Hidden states are final-layer states (after the final norm), one row per token position; the row
+for token t is the state from which the model predicted token t + 1.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: tuple[int, ...]  # continuation after the decided token y
+    score: float = 1.0  # higher is more likely to be accepted (similarity, count, ...)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    tokens: Sequence[int]  # prompt + committed tokens + y (last)
+    hidden: torch.Tensor  # [H] the state that predicted y
+    num_drafts: int
+    draft_len: int
+
+
+class Drafter(ABC):
+    name: str = "drafter"
+
+    def begin(self, prompt_tokens: Sequence[int], prompt_hidden: torch.Tensor) -> None:
+        """A new generation starts; ``prompt_hidden`` is [len(prompt_tokens), H]."""
+
+    @abstractmethod
+    def propose(self, request: DraftRequest) -> list[Draft]:
+        """Up to ``num_drafts`` continuations of at most ``draft_len`` tokens after ``y``."""
+
+    def accept(self, tokens: Sequence[int], hidden: torch.Tensor) -> None:
+        """Tokens committed this step (y first) and their hidden states [len(tokens), H]."""
