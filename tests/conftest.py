@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import make_tiny_model, save_tiny_model, stdlib_files  # noqa: E402
+
+FAMILIES = ["llama", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """family -> saved tiny model directory (loadable with dresd.models.load_model)."""
+    root = tmp_path_factory.mktemp("models")
+    return {f: save_tiny_model(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_model(request):
+    """(model, tokenizer) for each family, in memory."""
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def code_corpus_dir(tmp_path_factory) -> Path:
+    """A small directory of real Python files (copied from the standard library)."""
+    d = tmp_path_factory.mktemp("corpus")
+    for p in stdlib_files(12):
+        (d / p.name).write_text(p.read_text(encoding="utf-8"), encoding="utf-8")
+    return d
