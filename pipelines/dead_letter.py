@@ -1,0 +1,69 @@
+"""The dead-letter output: input the builder could not use, with the reason, one file per run."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.documents import DeadLetter
+from schemas import DEAD_LETTER_SCHEMA
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_DIR = "dead_letter"
+
+
+def dead_letter_path(store: str, generation: int) -> Path:
+    return Path(store) / DEAD_LETTER_DIR / f"gen-{generation:06d}.parquet"
+
+
+def write_dead_letters(letters: list[DeadLetter], path: str) -> int:
+    if not letters:
+        return 0
+    letters = sorted(letters, key=lambda d: d.source)
+    table = pa.table(
+        {
+            "source": [d.source for d in letters],
+            "reason": [d.reason for d in letters],
+            "excerpt": [d.excerpt for d in letters],
+        },
+        schema=DEAD_LETTER_SCHEMA,
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.part"
+    pq.write_table(table, tmp)
+    Path(tmp).replace(path)
+    return len(letters)
+
+
+def read_dead_letters(store: str, generation: int) -> list[DeadLetter]:
+    path = dead_letter_path(store, generation)
+    if not path.is_file():
+        return []
+    return [DeadLetter(**row) for row in pq.read_table(path).to_pylist()]
+
+
+def summarize(letters: list[DeadLetter]) -> str:
+    """One line per reason kind, e.g. ``3 x malformed JSON``; the text before any detail."""
+    kinds = Counter(d.reason.split(":")[0].split(" (")[0] for d in letters)
+    return "; ".join(f"{n} x {k}" for k, n in kinds.most_common())
+
+
+class WriteDeadLetters(beam.PTransform):
+    """DeadLetters -> a Parquet file under STORE/dead_letter/ (nothing when there are none)."""
+
+    def __init__(self, store: str, generation: int):
+        super().__init__()
+        self.path = str(dead_letter_path(store, generation))
+
+    def expand(self, letters):
+        return (
+            letters
+            | "Collect" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(write_dead_letters, self.path)
+        )

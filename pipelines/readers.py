@@ -1,0 +1,149 @@
+"""Corpus readers: JSONL and Parquet prompt/response records, and text files from a glob.
+
+A reader never raises on bad input: every record it cannot use becomes a ``DeadLetter`` on the
+``dead`` output with the reason, and the rest of the corpus goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import apache_beam as beam
+
+from pipelines.documents import ChatDocument, DeadLetter, Document, TextDocument
+
+DEAD = "dead"
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+
+
+def list_corpus_files(corpus: str | os.PathLike | Iterable, glob: str) -> list[str]:
+    """Files of a corpus: record files as given, directories expanded with ``glob``."""
+    paths = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    files: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.glob(glob) if f.is_file())
+            if not found:
+                raise FileNotFoundError(f"no files match {glob!r} under {p}")
+            files.extend(str(f) for f in found)
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise FileNotFoundError(f"corpus path {p} does not exist")
+    return files
+
+
+def is_record_file(path: str) -> bool:
+    return path.endswith(RECORD_SUFFIXES)
+
+
+def _chat(source: str, record, prompt_field: str, response_field: str) -> Document | DeadLetter:
+    if not isinstance(record, dict):
+        return DeadLetter.of(source, f"record is a {type(record).__name__}, not an object",
+                             json.dumps(record)[:200])
+    for name in (prompt_field, response_field):
+        if name not in record:
+            return DeadLetter.of(source, f"missing field {name!r}", json.dumps(record, default=str))
+        if not isinstance(record[name], str):
+            return DeadLetter.of(source, f"field {name!r} is {type(record[name]).__name__}, "
+                                 "not a string", json.dumps(record, default=str))
+    prompt, response = record[prompt_field], record[response_field]
+    if not response.strip():
+        return DeadLetter.of(source, f"empty field {response_field!r}", json.dumps(record))
+    return ChatDocument(source=source, prompt=prompt, response=response)
+
+
+def read_jsonl(path: str, prompt_field: str, response_field: str) -> Iterator[Document | DeadLetter]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            source = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield DeadLetter.of(source, f"not UTF-8: {e.reason} at byte {e.start}", raw)
+                continue
+            except json.JSONDecodeError as e:
+                yield DeadLetter.of(source, f"malformed JSON: {e.msg} at column {e.colno}", raw)
+                continue
+            yield _chat(source, record, prompt_field, response_field)
+
+
+def read_parquet(path: str, prompt_field: str, response_field: str) -> Iterator[Document | DeadLetter]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one dead letter, not a crash
+        yield DeadLetter.of(path, f"unreadable Parquet file: {e}")
+        return
+    missing = [f for f in (prompt_field, response_field) if f not in pf.schema_arrow.names]
+    if missing:
+        yield DeadLetter.of(path, f"missing field {missing[0]!r} (columns: {pf.schema_arrow.names})")
+        return
+    row = 0
+    for batch in pf.iter_batches(columns=[prompt_field, response_field]):
+        for record in batch.to_pylist():
+            yield _chat(f"{path}#{row}", record, prompt_field, response_field)
+            row += 1
+
+
+def read_text_file(path: str, max_bytes: int) -> Iterator[Document | DeadLetter]:
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        yield DeadLetter.of(path, f"document is {size} bytes, over the limit of {max_bytes}")
+        return
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield DeadLetter.of(path, f"not UTF-8: {e.reason} at byte {e.start}", raw[e.start:])
+        return
+    if not text.strip():
+        yield DeadLetter.of(path, "empty document")
+        return
+    yield TextDocument(source=path, text=text)
+
+
+def read_file(path: str, prompt_field: str, response_field: str, max_doc_bytes: int):
+    """Documents of one corpus file; dead letters go to the ``dead`` tagged output."""
+    if path.endswith(".jsonl"):
+        items = read_jsonl(path, prompt_field, response_field)
+    elif path.endswith(".parquet"):
+        items = read_parquet(path, prompt_field, response_field)
+    else:
+        items = read_text_file(path, max_doc_bytes)
+    for item in items:
+        if isinstance(item, DeadLetter):
+            yield beam.pvalue.TaggedOutput(DEAD, item)
+        elif isinstance(item, ChatDocument) and len(item.prompt) + len(item.response) > max_doc_bytes:
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of(
+                item.source, f"record is over the limit of {max_doc_bytes} characters",
+                item.prompt))
+        else:
+            yield item
+
+
+class ReadCorpus(beam.PTransform):
+    """file paths -> Documents (main output) and DeadLetters (``dead``)."""
+
+    def __init__(self, files: list[str], prompt_field: str = "prompt",
+                 response_field: str = "response", max_doc_bytes: int = 8_000_000):
+        super().__init__()
+        self.files = list(files)
+        self.prompt_field = prompt_field
+        self.response_field = response_field
+        self.max_doc_bytes = max_doc_bytes
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Files" >> beam.Create(self.files)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.FlatMap(read_file, self.prompt_field, self.response_field,
+                                     self.max_doc_bytes).with_outputs(DEAD, main="docs")
+        )

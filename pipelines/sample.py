@@ -1,0 +1,90 @@
+"""Sample hidden states for fitting: a random subset of documents, encoded, then of positions.
+
+Documents are chosen by the smallest content hashes (a uniform, reproducible choice that
+merges across workers) until they hold ``OVERSAMPLE`` x sample_size tokens; they are encoded
+whole, so every state has its real left context, and sample_size positions are drawn from them.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import apache_beam as beam
+import numpy as np
+
+from pipelines.config import BuildConfig
+from pipelines.documents import TokenizedDoc
+
+OVERSAMPLE = 2
+
+
+class SmallestHashDocs(beam.CombineFn):
+    """The documents with the smallest ids whose tokens reach ``target_tokens``."""
+
+    def __init__(self, target_tokens: int):
+        self.target_tokens = target_tokens
+
+    def create_accumulator(self):
+        return []  # (doc_id, doc), sorted by doc_id
+
+    def _trim(self, acc):
+        total = sum(len(d) for _, d in acc)
+        while acc and total - len(acc[-1][1]) >= self.target_tokens:
+            total -= len(acc.pop()[1])
+        return acc
+
+    def add_input(self, acc, doc: TokenizedDoc):
+        bisect.insort(acc, (doc.doc_id, doc), key=lambda x: x[0])
+        return self._trim(acc)
+
+    def merge_accumulators(self, accs):
+        merged = sorted((x for acc in accs for x in acc), key=lambda x: x[0])
+        return self._trim(merged)
+
+    def extract_output(self, acc):
+        return [d for _, d in acc]
+
+
+class EncodeSampleFn(beam.DoFn):
+    """A list of documents -> float32 hidden states [min(tokens, sample_size), H]."""
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+
+    def setup(self):
+        from pipelines.forward import HiddenStateModel
+
+        self.model = HiddenStateModel(self.config.model, self.config.device, self.config.dtype)
+
+    def process(self, docs: list[TokenizedDoc]):
+        import torch
+
+        from pipelines.forward import encode_stream
+
+        if not docs:
+            return
+        states = encode_stream(
+            self.model, [d.tokens for d in docs], self.model.hidden_size,
+            lambda h: h.to(torch.float32), np.float32, self.config.batch_tokens,
+            self.config.max_len, self.config.progress, desc="sample states",
+        )
+        rng = np.random.default_rng(self.config.seed)
+        if len(states) > self.config.sample_size:
+            states = states[np.sort(rng.choice(len(states), self.config.sample_size, replace=False))]
+        yield states
+
+
+class SampleStates(beam.PTransform):
+    """TokenizedDocs -> one float32 array of sampled hidden states."""
+
+    def __init__(self, config: BuildConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, docs):
+        return (
+            docs
+            | "PickDocs" >> beam.CombineGlobally(
+                SmallestHashDocs(OVERSAMPLE * self.config.sample_size))
+            | "Encode" >> beam.ParDo(EncodeSampleFn(self.config))
+        )
