@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config import BuildConfig
 from pipelines.dead_letter import WriteDeadLetters, read_dead_letters, summarize
@@ -25,6 +24,7 @@ from pipelines.dedupe import NAMESPACE, DropKnownDocuments
 from pipelines.encode import EncodeShards
 from pipelines.fit import FitTransform, load_fitted
 from pipelines.index import FillShardIndex
+from pipelines.options import pipeline_options
 from pipelines.publish import Publish
 from pipelines.readers import DEAD, ReadCorpus, list_corpus_files
 from pipelines.sample import SampleStates
@@ -52,18 +52,6 @@ def describe_model(config: BuildConfig) -> ModelSpec:
         vocab_size=cfg.vocab_size,
         eos_token_id=eos_token_id(model, tokenizer),
     )
-
-
-def _options(beam_args: Sequence[str] | None) -> PipelineOptions:
-    """Beam options as given; without ``--runner``, the DirectRunner's local FnApiRunner.
-
-    Named explicitly because the DirectRunner first tries to download and start the Prism
-    runner, which a machine without network access waits on and then abandons.
-    """
-    args = list(beam_args or [])
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
-        args.append("--runner=FnApiRunner")
-    return PipelineOptions(args)
 
 
 def _read_documents(p, files, config: BuildConfig, store: str, known_shards: list[str],
@@ -110,7 +98,7 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     Path(store).mkdir(parents=True, exist_ok=True)
     generation = 1
 
-    p = beam.Pipeline(options=_options(beam_args))
+    p = beam.Pipeline(options=pipeline_options(beam_args))
     docs = _read_documents(p, files, config, store, [], generation)
     num_keys = (
         docs
@@ -160,7 +148,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     fitted_value = load_fitted(store, current)
     generation = current.generation + 1
 
-    p = beam.Pipeline(options=_options(beam_args))
+    p = beam.Pipeline(options=pipeline_options(beam_args))
     fitted = p | "FittedKeys" >> beam.Create([fitted_value])
     docs = _read_documents(p, files, config, store, [s.shard_id for s in current.shards],
                            generation)
@@ -188,7 +176,7 @@ def compact_store(store: str | os.PathLike, shard_tokens: int | None = None,
     if not any(len(g) > 1 for g in groups):
         log.info("nothing to compact: generation %d stays current", current.generation)
         return current
-    p = beam.Pipeline(options=_options(beam_args))
+    p = beam.Pipeline(options=pipeline_options(beam_args))
     run_compaction(p, store, current, groups)
     _run(p)
     return read_manifest(store)

@@ -1,7 +1,118 @@
-"""Builder subcommands of ``dresd``, registered through the ``dresd.commands`` entry point."""
+"""Builder subcommands of ``dresd``, registered through the ``dresd.commands`` entry point.
+
+    dresd build STORE CORPUS... [build options] [Beam pipeline options]
+    dresd update STORE CORPUS... [options]
+    dresd compact STORE [--shard-tokens N]
+    dresd generate-corpus OUTPUT.jsonl PROMPTS... [generation options]
+
+Arguments these commands do not know (``--runner=...``, ``--direct_num_workers=2``, ...) are
+handed to Beam untouched.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
+
+from dresd.config import add_arguments, from_arguments
+from pipelines.config import BuildConfig, GenerateConfig
+
+# Fixed by the store an update extends; an update reads them from its manifest.
+STORE_FIXED = ("dim", "value_len", "index_kind", "nlist", "nprobe", "pq_m", "pq_nbits",
+               "sample_size", "seed")
+
+
+def _quiet_beam(args) -> None:
+    if not getattr(args, "verbose", False):
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
+def _summary(manifest, seconds: float) -> str:
+    return (f"generation {manifest.generation}: {len(manifest.shards)} shard(s), "
+            f"{manifest.num_docs} documents, {manifest.num_tokens} tokens, "
+            f"{manifest.num_keys} keys, d={manifest.dim}, {manifest.index.kind} "
+            f"nlist={manifest.index.nlist} ({seconds:.1f} s)")
+
+
+def run_build(args) -> int:
+    from pipelines.build import build_store
+
+    _quiet_beam(args)
+    start = time.perf_counter()
+    manifest = build_store(args.corpus, args.store, from_arguments(BuildConfig, args), args.extra)
+    print(_summary(manifest, time.perf_counter() - start))
+    print(f"transform explained variance: {manifest.transform.explained_variance:.3f}")
+    return 0
+
+
+def run_update(args) -> int:
+    from pipelines.build import update_store
+    from schemas import read_manifest
+
+    _quiet_beam(args)
+    current = read_manifest(args.store)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)
+              if hasattr(args, f.name)}
+    values["model"] = args.model or current.model.name
+    start = time.perf_counter()
+    manifest = update_store(args.corpus, args.store, BuildConfig(**values), args.extra)
+    if manifest.generation == current.generation:
+        print(f"no new documents: generation {current.generation} stays current")
+    else:
+        print(_summary(manifest, time.perf_counter() - start))
+    return 0
+
+
+def run_compact(args) -> int:
+    from pipelines.build import compact_store
+
+    _quiet_beam(args)
+    start = time.perf_counter()
+    manifest = compact_store(args.store, args.shard_tokens, args.extra)
+    print(_summary(manifest, time.perf_counter() - start))
+    return 0
+
+
+def run_generate(args) -> int:
+    from pipelines.generate import generate_corpus
+
+    _quiet_beam(args)
+    start = time.perf_counter()
+    out = generate_corpus(args.prompts, args.output, from_arguments(GenerateConfig, args),
+                          args.extra)
+    with open(out, encoding="utf-8") as f:
+        n = sum(1 for _ in f)
+    print(f"{n} prompt/response records written to {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("build", help="build a new store from a corpus (Beam pipeline)")
+    p.add_argument("store", help="store directory to create")
+    p.add_argument("corpus", nargs="+", help="directories (files chosen by --glob), .jsonl or "
+                   ".parquet files")
+    add_arguments(p, BuildConfig)
+    p.set_defaults(func=run_build, accepts_extra=True)
+
+    p = subparsers.add_parser("update", help="add the corpus documents a store lacks, as a new "
+                              "generation")
+    p.add_argument("store")
+    p.add_argument("corpus", nargs="+")
+    add_arguments(p, BuildConfig, skip=STORE_FIXED + ("model",))
+    p.add_argument("--model", default=None,
+                   help="target model (default: the one named in the store's manifest)")
+    p.set_defaults(func=run_update, accepts_extra=True)
+
+    p = subparsers.add_parser("compact", help="merge small shards into a new generation")
+    p.add_argument("store")
+    p.add_argument("--shard-tokens", type=int, default=BuildConfig().shard_tokens,
+                   help="largest merged shard in tokens (default: %(default)s)")
+    p.set_defaults(func=run_compact, accepts_extra=True)
+
+    p = subparsers.add_parser("generate-corpus", help="generate the model's own responses to "
+                              "prompts, as a JSONL corpus for build")
+    p.add_argument("output", help="JSONL file to write")
+    p.add_argument("prompts", nargs="+", help=".jsonl or .parquet prompt files, or directories")
+    add_arguments(p, GenerateConfig)
+    p.set_defaults(func=run_generate, accepts_extra=True)

@@ -21,7 +21,8 @@ class BuildConfig:
     nprobe: int = option(16, "lists probed per query by default at decode time")
     pq_m: int = option(16, "PQ sub-quantizers (ivf_pq only; must divide dim)")
     pq_nbits: int = option(8, "bits per PQ code (ivf_pq only)")
-    sample_size: int = option(32768, "hidden states sampled to fit the transform and the IVF")
+    sample_size: int = option(16384, "hidden states sampled to fit the transform and the IVF "
+                             "(the paper used about 1M)")
     batch_tokens: int = option(8192, "token budget of one forward batch, padding included")
     max_len: int = option(2048, "longest window of one forward pass; longer documents are split")
     shard_tokens: int = option(1_000_000, "tokens per shard before a new one is started")
