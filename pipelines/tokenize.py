@@ -53,11 +53,9 @@ class TokenizeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of(
                 doc.source, "prompt/response record, but the tokenizer has no chat template"))
             return
+        # Never fewer than two tokens (text + EOS, or a templated chat), so every document
+        # yields at least one key.
         tokens = np.asarray(document_tokens(self.tokenizer, self.eos_id, doc), np.int32)
-        if len(tokens) < 2:
-            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of(
-                doc.source, f"document has {len(tokens)} token(s); a key needs a next token"))
-            return
         yield TokenizedDoc(doc_id=doc.doc_id, source=doc.source, tokens=tokens)
 
 

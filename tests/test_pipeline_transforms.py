@@ -1,0 +1,296 @@
+"""Each builder PTransform on Beam's TestPipeline with a tiny random model and real files."""
+
+import json
+
+import apache_beam as beam
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from dresd.models import load_model
+from pipelines.config import BuildConfig
+from pipelines.dedupe import DropKnownDocuments
+from pipelines.documents import ChatDocument, TextDocument, TokenizedDoc, WrittenShard
+from pipelines.encode import EncodeShards
+from pipelines.fit import FitTransform, fit_keys
+from pipelines.forward import split_windows, token_budget_batches
+from pipelines.index import FillShardIndex
+from pipelines.options import pipeline_options
+from pipelines.publish import Publish
+from pipelines.readers import DEAD, ReadCorpus
+from pipelines.sample import SampleStates, SmallestHashDocs
+from pipelines.tokenize import Tokenize, load_tokenizer
+from schemas import ModelSpec, StoreFormatError, read_manifest
+from schemas.shard_io import ShardData, read_docs, read_keys, read_tokens, write_shard
+
+
+def beam_test_pipeline():
+    return BeamTestPipeline(options=pipeline_options(None))
+
+
+def _config(model_dir, **kw):
+    return BuildConfig(**{"model": str(model_dir), "dim": 8, "sample_size": 600,
+                          "progress": False, **kw})
+
+
+def test_read_corpus_sorts_good_records_from_dead_letters(tmp_path):
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_bytes(b"\n".join([
+        json.dumps({"q": "What is 2+2?", "a": "4"}).encode(),
+        b'{"q": "unterminated',
+        json.dumps({"q": "no answer"}).encode(),
+        json.dumps(["not", "an", "object"]).encode(),
+        json.dumps({"q": "number answer", "a": 4}).encode(),
+        b'{"q": "caf\xe9", "a": "latin-1 bytes"}',
+        b"",
+    ]))
+    parquet = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({"q": ["hi", "empty"], "a": ["hello", " "]}), parquet)
+    bad_parquet = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"question": ["x"]}), bad_parquet)
+    (tmp_path / "good.txt").write_text("def f():\n    return 1\n")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.txt").write_bytes(b"ok\xff\xfe")
+    (tmp_path / "huge.txt").write_text("x" * 5000)
+    files = [str(p) for p in (jsonl, parquet, bad_parquet)] + [
+        str(tmp_path / n) for n in ("good.txt", "empty.txt", "binary.txt", "huge.txt")]
+
+    with beam_test_pipeline() as p:
+        out = p | ReadCorpus(files, "q", "a", max_doc_bytes=4000)
+        assert_that(out.docs | beam.Map(lambda d: (type(d).__name__, d.source)), equal_to([
+            ("ChatDocument", f"{jsonl}:1"),
+            ("ChatDocument", f"{parquet}#0"),
+            ("TextDocument", str(tmp_path / "good.txt")),
+        ]), label="docs")
+        assert_that(out[DEAD] | beam.Map(lambda d: (d.source, d.reason.split(":")[0])), equal_to([
+            (f"{jsonl}:2", "malformed JSON"),
+            (f"{jsonl}:3", "missing field 'a'"),
+            (f"{jsonl}:4", "record is a list, not an object"),
+            (f"{jsonl}:5", "field 'a' is int, not a string"),
+            (f"{jsonl}:6", "not UTF-8"),
+            (f"{parquet}#1", "empty field 'a'"),
+            (str(bad_parquet), "missing field 'q' (columns"),
+            (str(tmp_path / "empty.txt"), "empty document"),
+            (str(tmp_path / "binary.txt"), "not UTF-8"),
+            (str(tmp_path / "huge.txt"), "document is 5000 bytes, over the limit of 4000"),
+        ]), label="dead")
+
+
+def test_tokenize_applies_the_chat_template_and_ends_files_with_eos(tiny_llama_dir):
+    tokenizer, eos = load_tokenizer(str(tiny_llama_dir))
+    chat = ChatDocument("c.jsonl:1", "Add one.", "x + 1")
+    text = TextDocument("t.py", "import os\n")
+    want_chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Add one."}, {"role": "assistant", "content": "x + 1"}],
+        tokenize=True, return_dict=False)
+    want_text = tokenizer("import os\n", add_special_tokens=False)["input_ids"] + [eos]
+    assert want_text[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    with beam_test_pipeline() as p:
+        out = p | beam.Create([chat, text]) | Tokenize(str(tiny_llama_dir))
+        assert_that(out.tokenized | beam.Map(lambda d: (d.source, d.doc_id, d.tokens.tolist())),
+                    equal_to([("c.jsonl:1", chat.doc_id, want_chat),
+                              ("t.py", text.doc_id, want_text)]))
+
+
+def test_document_ids_are_content_hashes():
+    assert TextDocument("a.py", "x = 1\n").doc_id == TextDocument("b.py", "x = 1\n").doc_id
+    assert TextDocument("a.py", "x = 1\n").doc_id != TextDocument("a.py", "x = 2\n").doc_id
+    assert ChatDocument("a", "p", "r").doc_id == ChatDocument("b", "p", "r").doc_id
+    assert ChatDocument("a", "p", "r").doc_id != ChatDocument("a", "pr", "").doc_id
+
+
+def test_drop_known_documents_skips_store_contents_and_duplicates(tmp_path):
+    known = TextDocument("old.py", "old\n")
+    sid = write_shard(tmp_path, ShardData(
+        tokens=np.array([5, 6], np.int32), doc_ids=[known.doc_id], sources=["old.py"],
+        starts=np.array([0]), lengths=np.array([2]), vectors=np.zeros((1, 4), np.float16),
+        pos=np.array([0]), next_token=np.array([6])))
+    docs = [known, TextDocument("new.py", "new\n"), TextDocument("copy.py", "new\n"),
+            TextDocument("other.py", "other\n")]
+    with beam_test_pipeline() as p:
+        out = p | beam.Create(docs) | DropKnownDocuments(str(tmp_path), [sid])
+        assert_that(out | beam.Map(lambda d: d.doc_id), equal_to(
+            [TextDocument("", "new\n").doc_id, TextDocument("", "other\n").doc_id]))
+
+
+def _docs(n, length, seed=0):
+    rng = np.random.default_rng(seed)
+    return [TokenizedDoc(f"{i:064x}", f"doc{i}", rng.integers(3, 300, length).astype(np.int32))
+            for i in range(n)]
+
+
+def test_smallest_hash_docs_keeps_just_enough_tokens():
+    docs = _docs(10, 50)
+    fn = SmallestHashDocs(target_tokens=120)
+    a = fn.create_accumulator()
+    for d in docs[5:]:
+        a = fn.add_input(a, d)
+    b = fn.create_accumulator()
+    for d in reversed(docs[:5]):
+        b = fn.add_input(b, d)
+    picked = fn.extract_output(fn.merge_accumulators([a, b]))
+    assert [d.source for d in picked] == ["doc0", "doc1", "doc2"]  # 150 tokens >= 120 > 100
+
+
+def test_sample_states_are_the_models_hidden_states(tiny_llama_dir):
+    docs = _docs(6, 80)
+    config = _config(tiny_llama_dir, sample_size=100)
+    with beam_test_pipeline() as p:
+        states = p | beam.Create(docs) | SampleStates(config)
+        assert_that(states | beam.Map(lambda s: (s.shape, str(s.dtype))),
+                    equal_to([((100, 64), "float32")]))
+        # picked docs: the 3 smallest ids (240 tokens >= 2 x 100); every sampled state is one of
+        # their positions' real hidden states
+        model, _ = load_model(tiny_llama_dir)
+        with torch.no_grad():
+            ids = torch.tensor(np.stack([d.tokens for d in docs[:3]]), dtype=torch.long)
+            want = model.base_model(ids).last_hidden_state.reshape(-1, 64).numpy()
+
+        def all_rows_found(s):
+            dist = ((s[:, None, :] - want[None]) ** 2).sum(-1).min(1)
+            assert dist.max() < 1e-6, dist.max()
+            return True
+
+        assert_that(states | beam.Map(all_rows_found), equal_to([True]), label="rows")
+
+
+def test_fit_transform_writes_transform_and_trained_quantizer(tmp_path):
+    rng = np.random.default_rng(0)
+    states = [rng.standard_normal((300, 32)).astype(np.float32) for _ in range(2)]
+    config = BuildConfig(dim=8, nlist=0, progress=False)
+    with beam_test_pipeline() as p:
+        num_keys = p | "Keys" >> beam.Create([10_000])
+        fitted = p | beam.Create(states) | FitTransform(config, str(tmp_path), num_keys)
+        assert_that(fitted | beam.Map(lambda f: (f.transform_spec.dim, f.transform_spec.input_dim,
+                                                 f.transform_spec.sample_size, f.index_spec.nlist)),
+                    equal_to([(8, 32, 600, 600 // 39)]))
+    [t_file] = (tmp_path / "transform").iterdir()
+    [q_file] = (tmp_path / "index").iterdir()
+    q = faiss.read_index(str(q_file))
+    assert q.is_trained and q.ntotal == 0 and q.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert faiss.extract_index_ivf(q).nlist == 15 and faiss.extract_index_ivf(q).nprobe == 16
+    assert t_file.suffix == ".npz"
+
+
+def test_fit_reports_too_small_samples_and_bad_dims(tmp_path):
+    with pytest.raises(ValueError, match="too small"):
+        fit_keys(np.zeros((1, 16), np.float32), BuildConfig(dim=8), 1, str(tmp_path))
+    with pytest.raises(ValueError, match="exceeds the model's hidden size"):
+        fit_keys(np.zeros((50, 16), np.float32), BuildConfig(dim=32), 1, str(tmp_path))
+    with pytest.raises(ValueError, match="pq_m"):
+        BuildConfig(index_kind="ivf_pq", dim=64, pq_m=7)
+
+
+def test_token_budget_batches_count_padding():
+    lengths = [10, 300, 40, 300, 50, 5]
+    batches = token_budget_batches(lengths, budget=620)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 620
+    assert batches[0] == [1, 3]
+    windows = split_windows([np.arange(5), np.arange(7)], max_len=3)
+    assert [(w.offset, len(w.tokens)) for w in windows] == [(0, 3), (3, 2), (5, 3), (8, 3), (11, 1)]
+
+
+def _fitted(tmp_path, model_dir, config):
+    """A FittedKeys from the tiny model's states on random tokens."""
+    model, _ = load_model(model_dir)
+    with torch.no_grad():
+        ids = torch.tensor(np.stack([d.tokens for d in _docs(4, 200, seed=9)]), dtype=torch.long)
+        states = model.base_model(ids).last_hidden_state.reshape(-1, 64).numpy()
+    return fit_keys(states, config, 5000, str(tmp_path))
+
+
+def test_encode_shards_keys_are_transformed_windowed_forward(tmp_path, tiny_llama_dir):
+    config = _config(tiny_llama_dir, max_len=64, batch_tokens=256, shard_tokens=160)
+    fitted_value = _fitted(tmp_path, tiny_llama_dir, config)
+    docs = [TokenizedDoc("a" * 64, "long", _docs(1, 150, seed=1)[0].tokens),  # 3 windows
+            TokenizedDoc("b" * 64, "short", _docs(1, 20, seed=2)[0].tokens),
+            TokenizedDoc("c" * 64, "mid", _docs(1, 100, seed=3)[0].tokens)]
+    with beam_test_pipeline() as p:
+        fitted = p | "Fitted" >> beam.Create([fitted_value])
+        shards = p | beam.Create(docs) | EncodeShards(config, str(tmp_path), fitted)
+        assert_that(shards | beam.Map(lambda s: (s.num_docs, s.num_tokens, s.num_keys)),
+                    _two_shards_closing_at_160_tokens)
+
+    model, _ = load_model(tiny_llama_dir)
+    by_source = {d.source: d for d in docs}
+    shard_ids = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    for sid in shard_ids:
+        tokens = read_tokens(tmp_path, sid)
+        doc_table = read_docs(tmp_path, sid).to_pylist()
+        vectors, pos, nxt = read_keys(tmp_path, sid)
+        assert (tokens[pos + 1] == nxt).all()
+        assert len(pos) == len(tokens) - len(doc_table)
+        for row in doc_table:
+            doc = by_source[row["source"]]
+            assert row["doc_id"] == doc.doc_id
+            span = tokens[row["start"]:row["start"] + row["length"]]
+            assert span.tolist() == doc.tokens.tolist()
+            # windows of max_len=64, each encoded on its own
+            want = []
+            with torch.no_grad():
+                for s in range(0, len(doc.tokens), 64):
+                    ids = torch.tensor(doc.tokens[None, s:s + 64], dtype=torch.long)
+                    want.append(model.base_model(ids).last_hidden_state[0].numpy())
+            want = fitted_value.transform(np.concatenate(want))[:-1]  # last token: no key
+            rows = (pos >= row["start"]) & (pos < row["start"] + row["length"] - 1)
+            got = vectors[rows].astype(np.float32)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, atol=2e-3)
+            np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=2e-3)
+
+
+def _two_shards_closing_at_160_tokens(sizes):
+    # Whatever order the documents arrive in, a shard closes once it holds >= 160 tokens.
+    assert len(sizes) == 2, sizes
+    assert sum(s[0] for s in sizes) == 3
+    assert sum(s[1] for s in sizes) == 270 and sum(s[2] for s in sizes) == 267
+    assert max(s[1] for s in sizes) >= 160
+
+
+def test_fill_shard_index_and_publish(tmp_path, tiny_llama_dir):
+    config = _config(tiny_llama_dir)
+    fitted_value = _fitted(tmp_path, tiny_llama_dir, config)
+    rng = np.random.default_rng(0)
+    vectors = fitted_value.transform(rng.standard_normal((40, 64)).astype(np.float32))
+    sid = write_shard(tmp_path, ShardData(
+        tokens=np.arange(42, dtype=np.int32), doc_ids=["d1", "d2"], sources=["x", "y"],
+        starts=np.array([0, 21]), lengths=np.array([21, 21]),
+        vectors=vectors.astype(np.float16), pos=np.r_[0:20, 21:41],
+        next_token=np.r_[1:21, 22:42]))
+    spec = ModelSpec(name="tiny", fingerprint="f" * 64, tokenizer_fingerprint="t" * 64,
+                     model_type="llama", hidden_size=64, vocab_size=384, eos_token_id=2)
+    with beam_test_pipeline() as p:
+        fitted = p | "Fitted" >> beam.Create([fitted_value])
+        gen = (p | beam.Create([WrittenShard(sid, 2, 42, 40)])
+               | FillShardIndex(str(tmp_path), 1, fitted)
+               | Publish(str(tmp_path), 1, spec, 20, fitted, note="test"))
+        assert_that(gen, equal_to([1]))
+    manifest = read_manifest(tmp_path)
+    assert manifest.generation == 1 and manifest.note == "test" and manifest.layer == -1
+    [shard] = manifest.shards
+    assert (shard.shard_id, shard.num_keys, shard.generation_added) == (sid, 40, 1)
+    index = faiss.read_index(str(tmp_path / "shards" / sid / "ivf.faiss"))
+    faiss.extract_index_ivf(index).nprobe = faiss.extract_index_ivf(index).nlist
+    _, ids = index.search(vectors[:5].astype(np.float16).astype(np.float32), 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_publish_with_no_shards_is_an_error_and_writes_nothing(tmp_path, tiny_llama_dir):
+    config = _config(tiny_llama_dir)
+    fitted_value = _fitted(tmp_path, tiny_llama_dir, config)
+    spec = ModelSpec(name="tiny", fingerprint="f" * 64, tokenizer_fingerprint="t" * 64,
+                     model_type="llama", hidden_size=64, vocab_size=384, eos_token_id=2)
+    with pytest.raises(Exception, match="no usable documents"):
+        with beam_test_pipeline() as p:
+            fitted = p | "Fitted" >> beam.Create([fitted_value])
+            _ = (p | beam.Create([]) | Publish(str(tmp_path), 1, spec, 20, fitted))
+    with pytest.raises(StoreFormatError, match="not a dresd store"):
+        read_manifest(tmp_path)
