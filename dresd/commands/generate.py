@@ -1,0 +1,64 @@
+"""``dresd generate``: decode one prompt with drafts from a store; print the text and the stats."""
+
+from __future__ import annotations
+
+import sys
+
+from dresd.config import add_arguments, from_arguments
+from dresd.decode import DecodeConfig
+
+
+def run(args) -> int:
+    import torch
+
+    from dresd.decode import generate
+    from dresd.models import load_model
+    from dresd.store import load_store
+
+    config = from_arguments(DecodeConfig, args)
+    model, tokenizer = load_model(args.model, device=args.device or None)
+    store = load_store(args.store, model, tokenizer, verify=not args.no_verify)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+
+    def stream(tokens, text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(model, tokenizer, store, prompt, config,
+                      on_token=stream if args.stream else None)
+    if not args.stream:
+        sys.stdout.write(result.text)
+    print("\n---")
+    print(f"store: {store.stats.summary()}")
+    print(f"dresd: {result.stats.summary()}")
+    if args.compare:
+        ids = torch.tensor([result.prompt_tokens], device=model.device)
+        with torch.inference_mode():
+            out = model.generate(ids, do_sample=False, max_new_tokens=config.max_new_tokens,
+                                 attention_mask=torch.ones_like(ids))
+        plain = out[0, ids.shape[1]:].tolist()
+        n = len(result.tokens)
+        same = plain[:n] == result.tokens and (n == len(plain) or result.stats.stopped_by
+                                               == "stop_string")
+        print(f"plain greedy: {'identical' if same else 'DIFFERENT'} "
+              f"({len(plain)} tokens from model.generate)")
+        if config.temperature > 0:
+            print("note: sampling is compared in distribution, not token for token")
+        return 0 if same or config.temperature > 0 else 1
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="speculative decoding with drafts from a store")
+    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--model", default="default", help="model directory or 'default'")
+    p.add_argument("--device", default="", help="torch device ('' picks CUDA when present)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
+    p.add_argument("--no-verify", action="store_true", help="skip the store's checksums")
+    p.add_argument("--compare", action="store_true",
+                   help="also decode with plain greedy model.generate and say whether the "
+                        "outputs are identical")
+    add_arguments(p, DecodeConfig)
+    p.set_defaults(func=run)
