@@ -119,6 +119,10 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     )
     counters = _run(p)
     _report(store, generation, counters)
+    if not (Path(store) / CURRENT_FILE).exists():
+        letters = read_dead_letters(store, generation)
+        raise ValueError(f"no usable documents in the corpus ({len(files)} file(s)); "
+                         f"{len(letters)} input(s) skipped: {summarize(letters) or 'none'}")
     return read_manifest(store)
 
 

@@ -92,7 +92,9 @@ def load_fitted(store: str, manifest: Manifest) -> FittedKeys:
 
 
 def _fit_collected(states: list[np.ndarray], config: BuildConfig, num_keys: int, store: str,
-                   ) -> FittedKeys:
+                   ) -> FittedKeys | None:
+    if not states and num_keys == 0:
+        return None  # no usable document at all: nothing to fit, nothing will be published
     sample = np.concatenate(states) if states else np.zeros((0, 0), np.float32)
     return fit_keys(sample, config, num_keys, store)
 

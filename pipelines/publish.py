@@ -16,13 +16,14 @@ LAYER = -1  # keys are final-layer states after the final norm
 def publish_manifest(new_shards: list[ShardInfo], fitted, store: str, generation: int,
                      model: ModelSpec, value_len: int, base_shards: tuple[ShardInfo, ...],
                      parent: int | None, note: str) -> int:
-    """Write generation ``generation`` naming ``base_shards`` plus the new ones; 0 if no change."""
-    if not new_shards and base_shards:
-        log.info("no new shards: generation %s stays current", parent)
-        return 0
+    """Write generation ``generation`` naming ``base_shards`` plus the new ones; 0 if no change.
+
+    Nothing new is not an error here, so the rest of the pipeline (the dead-letter report)
+    completes; the launcher turns an empty first build into one.
+    """
     if not new_shards:
-        raise ValueError("no usable documents in the corpus: nothing to publish "
-                         "(see the dead-letter report)")
+        log.info("no new shards: nothing published")
+        return 0
     manifest = Manifest(
         generation=generation,
         model=model,

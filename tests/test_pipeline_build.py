@@ -1,0 +1,219 @@
+"""End to end: build, update and compact a store with a tiny model, from the API and the CLI."""
+
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+
+from dresd.cli import main as dresd_main
+from dresd.models import load_model, model_fingerprint
+from pipelines.build import build_store, compact_store, update_store
+from pipelines.config import BuildConfig
+from pipelines.dead_letter import read_dead_letters
+from pipelines.tokenize import load_tokenizer
+from schemas import StoreFormatError, list_generations, read_manifest
+from schemas.manifest import generation_path, make_file_ref
+from schemas.shard_io import read_docs, read_keys, read_tokens
+
+
+def _config(model_dir, **kw):
+    return BuildConfig(**{"model": str(model_dir), "dim": 16, "sample_size": 1500,
+                          "glob": "*.py", "shard_tokens": 20_000, "progress": False, **kw})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, code_corpus_dir):
+    """6 code files, one non-UTF-8 file and one empty file; 3 more files kept for the update."""
+    root = tmp_path_factory.mktemp("corpus")
+    first, later = root / "first", root / "later"
+    first.mkdir()
+    later.mkdir()
+    files = sorted(code_corpus_dir.glob("*.py"))
+    for f in files[:6]:
+        shutil.copy(f, first / f.name)
+    for f in files[6:9]:
+        shutil.copy(f, later / f.name)
+    (first / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    (first / "empty.py").write_text("")
+    return first, later
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, corpus, tiny_llama_dir):
+    store = tmp_path_factory.mktemp("store") / "s"
+    manifest = build_store(corpus[0], store, _config(tiny_llama_dir))
+    return store, manifest
+
+
+def _files_state(store, manifest):
+    """Digest of every file a manifest names, and the manifest's own bytes."""
+    refs = [manifest.transform.file, manifest.index.quantizer]
+    for s in manifest.shards:
+        refs += [s.tokens, s.docs, s.keys, s.index]
+    return ({r.path: make_file_ref(store, r.path) == r for r in refs},
+            generation_path(store, manifest.generation).read_bytes())
+
+
+def test_build_writes_a_complete_verifiable_store(built, corpus, tiny_llama_dir):
+    store, manifest = built
+    model, tok = load_model(tiny_llama_dir)
+    assert manifest.generation == 1 and manifest.layer == -1 and manifest.dim == 16
+    assert manifest.model.fingerprint == model_fingerprint(model, tok)
+    assert manifest.transform.sample_size == 1500 and manifest.index.kind == "ivf_flat"
+    assert 0 < manifest.transform.explained_variance <= 1
+    assert manifest.num_docs == 6 and len(manifest.shards) >= 2
+    checks, _ = _files_state(store, manifest)
+    assert all(checks.values()), checks
+
+    tokenizer, eos = load_tokenizer(str(tiny_llama_dir))
+    seen = set()
+    for shard in manifest.shards:
+        tokens = read_tokens(store, shard.shard_id)
+        vectors, pos, nxt = read_keys(store, shard.shard_id)
+        assert len(tokens) == shard.num_tokens and len(pos) == shard.num_keys
+        assert (tokens[pos + 1] == nxt).all()
+        np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1,
+                                   atol=2e-3)
+        for row in read_docs(store, shard.shard_id).to_pylist():
+            text = open(row["source"], encoding="utf-8").read()
+            want = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            assert tokens[row["start"]:row["start"] + row["length"]].tolist() == want
+            seen.add(row["source"].rsplit("/", 1)[1])
+        index = faiss.read_index(str(store / shard.index.path))
+        assert index.ntotal == shard.num_keys
+    assert seen == {p.name for p in corpus[0].glob("*.py")} - {"latin1.py", "empty.py"}
+    reasons = {d.source.rsplit("/", 1)[1]: d.reason for d in read_dead_letters(str(store), 1)}
+    assert reasons["empty.py"] == "empty document"
+    assert reasons["latin1.py"].startswith("not UTF-8")
+
+
+def test_update_adds_a_generation_and_leaves_the_first_untouched(
+        built, corpus, tiny_llama_dir, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(built[0], store)
+    first = read_manifest(store)
+    before = _files_state(store, first)
+    # the old corpus again plus three new files: only the new ones are encoded
+    manifest = update_store([corpus[0], corpus[1]], store, _config(tiny_llama_dir, dim=8))
+    assert manifest.generation == 2 and manifest.parent_generation == 1
+    assert manifest.dim == 16  # the store's d, not the config's
+    assert manifest.num_docs == first.num_docs + 3
+    assert manifest.shards[:len(first.shards)] == first.shards
+    new = manifest.shards[len(first.shards):]
+    assert {s.generation_added for s in new} == {2}
+    assert manifest.transform == first.transform and manifest.index == first.index
+    assert _files_state(store, read_manifest(store, 1)) == before
+    assert list_generations(store) == [1, 2]
+
+    # nothing new: no generation is added
+    again = update_store(corpus[1], store, _config(tiny_llama_dir))
+    assert again.generation == 2 and list_generations(store) == [1, 2]
+
+    # compaction merges every shard into one, same keys, old generations intact
+    compacted = compact_store(store, shard_tokens=10**9)
+    assert compacted.generation == 3 and len(compacted.shards) == 1
+    assert (compacted.num_docs, compacted.num_tokens, compacted.num_keys) == (
+        manifest.num_docs, manifest.num_tokens, manifest.num_keys)
+    assert _keys_by_doc(store, compacted) == _keys_by_doc(store, manifest)
+    assert _files_state(store, read_manifest(store, 1)) == before
+
+
+def _keys_by_doc(store, manifest):
+    """doc_id -> (tokens, next tokens, key vectors) over all shards of a manifest."""
+    out = {}
+    for s in manifest.shards:
+        tokens = read_tokens(store, s.shard_id)
+        vectors, pos, nxt = read_keys(store, s.shard_id)
+        for row in read_docs(store, s.shard_id).to_pylist():
+            rows = (pos >= row["start"]) & (pos < row["start"] + row["length"])
+            out[row["doc_id"]] = (tokens[row["start"]:row["start"] + row["length"]].tobytes(),
+                                  nxt[rows].tobytes(), vectors[rows].tobytes())
+    return out
+
+
+def test_update_with_another_model_is_refused(built, corpus, tiny_model_dirs):
+    store, manifest = built
+    with pytest.raises(StoreFormatError, match="not the model this store was built with"):
+        update_store(corpus[1], store, _config(tiny_model_dirs["qwen2"]))
+    assert list_generations(store) == [1]
+
+
+def test_build_refuses_an_existing_store_and_a_corpus_without_documents(
+        built, corpus, tiny_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="already a store"):
+        build_store(corpus[1], built[0], _config(tiny_llama_dir))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jsonl").write_text('{"prompt": "no response"}\nnot json\n')
+    with pytest.raises(Exception, match="no usable documents"):
+        build_store(bad / "a.jsonl", tmp_path / "s", _config(tiny_llama_dir))
+    assert not (tmp_path / "s" / "CURRENT").exists()
+    assert {d.reason.split(":")[0] for d in read_dead_letters(str(tmp_path / "s"), 1)} == {
+        "missing field 'response'", "malformed JSON"}
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        build_store(bad, tmp_path / "t", _config(tiny_llama_dir))
+
+
+def test_multiprocessing_ivf_pq_build_matches_in_memory(tmp_path, corpus, tiny_llama_dir):
+    """Every step pickles: worker processes build the same store as the in-process runner."""
+    records = tmp_path / "chat.jsonl"
+    with open(records, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"Write function {i}.", "response": f"def f{i}(x):\n"
+                                f"    return x * {i} + {i * i}\n"}) + "\n")
+    small = [records, *sorted(corpus[1].glob("*.py"))[:1]]
+    config = _config(tiny_llama_dir, index_kind="ivf_pq", pq_m=4, pq_nbits=4, sample_size=800)
+    a = build_store(small, tmp_path / "a", config)
+    b = build_store(small, tmp_path / "b", config, beam_args=[
+        "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    for m in (a, b):
+        assert (m.index.kind, m.index.pq_m, m.index.pq_nbits) == ("ivf_pq", 4, 4)
+        assert m.num_docs == 41
+    assert (a.num_tokens, a.num_keys) == (b.num_tokens, b.num_keys)
+    assert a.transform.file.sha256 == b.transform.file.sha256
+    ka, kb = _keys_by_doc(tmp_path / "a", a), _keys_by_doc(tmp_path / "b", b)
+    assert ka.keys() == kb.keys()
+    for doc_id in ka:
+        assert ka[doc_id][:2] == kb[doc_id][:2]
+        va = np.frombuffer(ka[doc_id][2], np.float16).astype(np.float32)
+        vb = np.frombuffer(kb[doc_id][2], np.float16).astype(np.float32)
+        np.testing.assert_allclose(va, vb, atol=2e-3)
+    index = faiss.read_index(str(tmp_path / "b" / b.shards[0].index.path))
+    assert isinstance(index, faiss.IndexIVFPQ)
+
+
+def test_cli_build_info_update_compact(tmp_path, corpus, tiny_llama_dir, capsys):
+    store = str(tmp_path / "s")
+    common = ["--dim", "8", "--sample-size", "1000", "--glob", "*.py", "--shard-tokens", "15000",
+              "--no-progress"]
+    files = sorted(corpus[1].glob("*.py"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    shutil.copy(files[0], one)
+    shutil.copy(files[1], two)
+    assert dresd_main(["build", store, str(one), "--model", str(tiny_llama_dir), *common,
+                       "--direct_num_workers=1"]) == 0
+    assert "generation 1:" in capsys.readouterr().out
+    assert dresd_main(["update", store, str(one), str(two), "--glob", "*.py",
+                       "--no-progress"]) == 0
+    assert "generation 2:" in capsys.readouterr().out
+    assert dresd_main(["compact", store]) == 0
+    assert "generation 3: 1 shard(s)" in capsys.readouterr().out
+    assert dresd_main(["info", store, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    manifest = read_manifest(store)
+    assert [g["generation"] for g in info["generations"]] == [1, 2, 3]
+    assert [g["current"] for g in info["generations"]] == [False, False, True]
+    assert (info["docs"], info["tokens"], info["keys"]) == (2, manifest.num_tokens,
+                                                            manifest.num_keys)
+    s = manifest.shards[0]
+    assert info["bytes"]["keys"] == s.keys.bytes and info["bytes"]["index"] == s.index.bytes
+    assert info["bytes_per_token"]["values"] == pytest.approx(s.tokens.bytes / s.num_tokens)
+    assert dresd_main(["info", store]) == 0
+    text = capsys.readouterr().out
+    assert "per token" in text and "compact" in text
+    assert dresd_main(["update", store, str(two), "--model", "/nonexistent"]) == 2
+    assert "not a Hugging Face model directory" in capsys.readouterr().err
