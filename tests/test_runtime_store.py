@@ -157,3 +157,27 @@ def test_token_ids_outside_the_vocabulary(built, tmp_path):
     _next_generation(path, model=dataclasses.replace(m.model, vocab_size=50))
     with pytest.raises(StoreFormatError, match="outside the model's vocabulary of 50"):
         load_store(path)
+
+
+def test_cli_generate_prints_text_stats_and_comparison(built, tiny_llama_dir, capsys):
+    from dresd.cli import main
+
+    path, model, tok, ref = built
+    rc = main(["generate", "--store", str(path), "--model", str(tiny_llama_dir), "--prompt",
+               PROMPT, "--max-new-tokens", "20", "--num-drafts", "4", "--compare"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith(tok.decode(ref[:20], skip_special_tokens=True))
+    assert "AL " in out and "TPS " in out and "retrieval" in out
+    assert "plain greedy: identical" in out
+
+
+def test_cli_reports_a_store_of_another_model(built, tmp_path, capsys):
+    from tiny_models import save_tiny_model
+
+    from dresd.cli import main
+
+    other = save_tiny_model("qwen2", tmp_path / "qwen", seed=3)
+    rc = main(["generate", "--store", str(built[0]), "--model", str(other), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "built for model" in err and "qwen" in err
