@@ -1,0 +1,273 @@
+"""The composite drafter: several sources feed one token tree, sized by a budget policy.
+
+Each step every (unmuted) source proposes its drafts for y. They are merged into one candidate
+trie (shared prefixes become one node) and every node gets an estimated probability of being
+accepted: the product, along its path, of conditional estimates
+
+    q_s(node) = h_s(depth) * share_s(node)
+
+where ``h_s(d)`` is how often, in this generation, source s's drafts that were still right at
+depth d - 1 had the model's token at depth d among them (a Beta prior for new sources, pooled
+over depths, with older steps decaying), and ``share_s`` is the fraction of s's rank-weighted
+drafts under the parent that go through the node. Sources that propose the same node combine as
+a noisy OR. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
+this device, so the budget is split by acceptance: a source that stops being right stops
+getting nodes. A source that misses ``mute_after`` steps in a row is asked only every
+``probe_every`` steps, so it stops costing retrieval time too.
+
+Every source is scored against the model's actual tokens (the accepted ones and the one the
+model chose after them) whether or not its drafts made it into the tree, so a source's estimate
+keeps learning even while it gets no budget.
+
+The composite returns one draft per leaf of the chosen subtree, scored by its probability, so
+``DraftTree.build`` rebuilds exactly that subtree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dresd.budget import BudgetPolicy, FixedBudget, select_nodes
+from dresd.drafters.base import Draft, Drafter, DraftRequest
+
+
+@dataclass
+class SourceStats:
+    """One source's record in the current generation."""
+
+    name: str
+    hits: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per depth, decayed
+    tests: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    misses_in_a_row: int = 0
+    calls: int = 0
+    drafts: int = 0
+    tree_nodes: int = 0  # nodes of verified trees this source proposed
+    accepted: int = 0  # accepted tokens this source had proposed
+    predicted: int = 0  # model tokens (accepted or the one after) this source had proposed
+    seconds: float = 0.0
+
+    def record(self, depth_hit: list[bool], decay: float) -> None:
+        """One step's test: ``depth_hit[d]`` is whether the source was right at depth d + 1,
+        given it was right before; the list stops at the first miss."""
+        n = len(depth_hit)
+        if n > len(self.tests):
+            self.hits = np.pad(self.hits, (0, n - len(self.hits)))
+            self.tests = np.pad(self.tests, (0, n - len(self.tests)))
+        self.hits *= decay
+        self.tests *= decay
+        self.tests[:n] += 1
+        self.hits[:n] += np.asarray(depth_hit, np.float64)
+
+
+class CompositeDrafter(Drafter):
+    name = "composite"
+
+    def __init__(
+        self,
+        drafters: Sequence[Drafter],
+        policy: BudgetPolicy | None = None,
+        prior_rate: float = 0.5,
+        prior_strength: float = 2.0,
+        depth_strength: float = 4.0,
+        decay: float = 0.95,
+        mute_after: int = 16,
+        probe_every: int = 8,
+    ):
+        """``drafters``: the sources; ``policy``: the tree budget (FixedBudget() by default);
+        ``prior_rate`` / ``prior_strength``: the Beta prior of a source's hit rate;
+        ``depth_strength``: how strongly per-depth rates shrink to the source's pooled rate;
+        ``decay``: weight of the previous step's counts, per step (adapts within a generation);
+        ``mute_after`` / ``probe_every``: steps of misses before a source is only asked every
+        ``probe_every`` steps (0 never mutes)."""
+        if not drafters:
+            raise ValueError("a composite needs at least one drafter")
+        if not 0 < prior_rate < 1 or prior_strength <= 0:
+            raise ValueError("prior_rate must be in (0, 1) and prior_strength > 0")
+        self.drafters = list(drafters)
+        self.policy = policy or FixedBudget()
+        self.prior_rate = prior_rate
+        self.prior_strength = prior_strength
+        self.depth_strength = depth_strength
+        self.decay = decay
+        self.mute_after = mute_after
+        self.probe_every = max(1, probe_every)
+        names = [d.name for d in self.drafters]
+        self.names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.stats = [SourceStats(n) for n in self.names]
+        self.steps = 0
+        self.tree_sizes: list[int] = []  # nodes below the root of each step's tree
+        self._last: list[list[Draft] | None] = [None] * len(self.drafters)
+        self._last_accepted: list[int] | None = None
+        self._overhead_s = 0.0
+
+    # -- the drafter protocol ------------------------------------------------------------------
+
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        self._reset()
+        for d in self.drafters:
+            d.begin(prompt_tokens, prompt_hidden)
+
+    def accept(self, tokens, hidden) -> None:
+        for d in self.drafters:
+            d.accept(tokens, hidden)
+        self._last_accepted = [int(t) for t in tokens[1:]]
+
+    def propose(self, request: DraftRequest) -> list[Draft]:
+        t0 = time.perf_counter()
+        if self._last_accepted is not None:
+            self._score_last_step(self._last_accepted + [int(request.tokens[-1])])
+            self._last_accepted = None
+        self.steps += 1
+        proposals: list[list[Draft] | None] = []
+        for i, d in enumerate(self.drafters):
+            st = self.stats[i]
+            if self._muted(st):
+                proposals.append(None)
+                continue
+            t = time.perf_counter()
+            drafts = [x for x in d.propose(request) if x.tokens][: request.num_drafts]
+            st.seconds += time.perf_counter() - t
+            st.calls += 1
+            st.drafts += len(drafts)
+            proposals.append(drafts)
+        self._last = proposals
+        out = self._plan(proposals, request)
+        dt = time.perf_counter() - t0
+        self._overhead_s = dt if self.steps == 1 else 0.8 * self._overhead_s + 0.2 * dt
+        return out
+
+    # -- estimates -----------------------------------------------------------------------------
+
+    def _muted(self, st: SourceStats) -> bool:
+        return (self.mute_after > 0 and st.misses_in_a_row >= self.mute_after
+                and self.steps % self.probe_every != 0)
+
+    def hit_rates(self, i: int, depth: int) -> np.ndarray:
+        """Source i's estimated conditional hit rate at depths 1..depth."""
+        st = self.stats[i]
+        a = self.prior_rate * self.prior_strength
+        pooled = (st.hits.sum() + a) / (st.tests.sum() + self.prior_strength)
+        hits = np.zeros(depth)
+        tests = np.zeros(depth)
+        m = min(depth, len(st.tests))
+        hits[:m], tests[:m] = st.hits[:m], st.tests[:m]
+        k = self.depth_strength
+        return (hits + k * pooled) / (tests + k)
+
+    def _score_last_step(self, truth: list[int]) -> None:
+        """Score every source's last drafts against the model's tokens after y."""
+        for i, drafts in enumerate(self._last):
+            if not drafts:  # not asked, or nothing to offer: no test, no cost
+                continue
+            st = self.stats[i]
+            alive = drafts
+            depth_hit: list[bool] = []
+            for d, tok in enumerate(truth):
+                alive = [x for x in alive if len(x.tokens) > d]
+                if not alive:
+                    break
+                alive = [x for x in alive if x.tokens[d] == tok]
+                depth_hit.append(bool(alive))
+                if not alive:
+                    break
+            st.record(depth_hit, self.decay)
+            right = sum(depth_hit)
+            st.predicted += right
+            st.accepted += min(right, len(truth) - 1)
+            st.misses_in_a_row = 0 if right else st.misses_in_a_row + 1
+        self._last = [None] * len(self.drafters)
+
+    # -- the tree ------------------------------------------------------------------------------
+
+    def _plan(self, proposals: list[list[Draft] | None], request: DraftRequest) -> list[Draft]:
+        """Merge the proposals into a candidate trie, estimate each node, let the policy choose,
+        and return one draft per leaf of the chosen subtree."""
+        parents, tokens = [-1], [int(request.tokens[-1])]
+        children: list[dict[int, int]] = [{}]
+        mass: list[dict[int, float]] = [{}]  # node -> source -> rank weight through the node
+        for s, drafts in enumerate(proposals):
+            ranked = sorted(drafts or (), key=lambda x: -x.score)
+            for rank, draft in enumerate(ranked):
+                w = 1.0 / (rank + 1)
+                node = 0
+                for t in draft.tokens[: request.draft_len]:
+                    t = int(t)
+                    nxt = children[node].get(t)
+                    if nxt is None:
+                        nxt = len(tokens)
+                        children[node][t] = nxt
+                        parents.append(node)
+                        tokens.append(t)
+                        children.append({})
+                        mass.append({})
+                    node = nxt
+                    mass[node][s] = mass[node].get(s, 0.0) + w
+        n = len(tokens)
+        if n == 1:
+            return []
+        max_depth = request.draft_len
+        rates = [self.hit_rates(s, max_depth) if p else None for s, p in enumerate(proposals)]
+        probs = np.ones(n)
+        depth = np.zeros(n, np.int64)
+        for node in range(n):
+            kids = list(children[node].values())
+            if not kids:
+                continue
+            below = {}  # source -> its mass continuing below this node
+            for c in kids:
+                for s, w in mass[c].items():
+                    below[s] = below.get(s, 0.0) + w
+            q = np.empty(len(kids))
+            d = depth[node] + 1
+            for j, c in enumerate(kids):
+                miss = 1.0
+                for s, w in mass[c].items():
+                    miss *= 1.0 - rates[s][d - 1] * w / below[s]
+                q[j] = 1.0 - miss
+            q /= max(1.0, q.sum())  # the model picks one token: the estimates sum to <= 1
+            for j, c in enumerate(kids):
+                probs[c] = probs[node] * q[j]
+                depth[c] = d
+        chosen = select_nodes(parents, probs, self.policy, max_leaves=request.num_drafts,
+                              max_depth=max_depth, overhead_s=self._overhead_s)
+        self.tree_sizes.append(len(chosen))
+        keep = np.zeros(n, bool)
+        keep[0] = True
+        keep[chosen] = True
+        for c in chosen:
+            for s in mass[c]:
+                self.stats[s].tree_nodes += 1
+        has_child = np.zeros(n, bool)
+        has_child[[parents[c] for c in chosen]] = True
+        drafts = []
+        for leaf in chosen:
+            if has_child[leaf]:
+                continue
+            path, node = [], leaf
+            while node > 0:
+                path.append(tokens[node])
+                node = parents[node]
+            src = "+".join(self.names[s] for s in sorted(mass[leaf]))
+            drafts.append(Draft(tuple(path[::-1]), float(probs[leaf]), src))
+        drafts.sort(key=lambda x: -x.score)
+        return drafts
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def source_summary(self) -> dict[str, dict]:
+        """Per source: calls, drafts, tree nodes, accepted tokens and pooled hit rate."""
+        out = {}
+        for i, st in enumerate(self.stats):
+            out[st.name] = dict(
+                calls=st.calls, drafts=st.drafts, tree_nodes=st.tree_nodes,
+                accepted=st.accepted, predicted=st.predicted, seconds=st.seconds,
+                hit_rate=float(self.hit_rates(i, 1)[0]),
+            )
+        return out

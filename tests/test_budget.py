@@ -1,0 +1,134 @@
+"""The tree budget: fixed and device-calibrated policies, node selection, calibration files."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from dresd.budget import CalibratedBudget, FixedBudget, select_nodes
+from dresd.calibrate import Calibration, calibration_path, load_or_measure
+
+# This CPU's SmolLM2-135M verify costs (DESIGN.md section 4), in seconds.
+CPU = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64), (0.062, 0.104, 0.134, 0.159, 0.229))
+# A GPU-like curve: flat up to 32 tokens.
+GPU = Calibration("fp", "gpu-test", 300, (1, 32, 64), (0.010, 0.010, 0.016))
+# Cost growing linearly, 30% of a one-token pass per extra token.
+LINEAR = Calibration("fp", "linear", 300, (1, 64), (0.010, 0.010 * (1 + 0.3 * 63)))
+
+
+def random_trie(rng, n: int):
+    """parents and path probabilities (each child at most its parent) of a random trie."""
+    parents, probs = [-1], [1.0]
+    for i in range(1, n):
+        p = int(rng.integers(0, i))
+        parents.append(p)
+        probs.append(probs[p] * float(rng.uniform(0.05, 0.95)))
+    return parents, probs
+
+
+def closed_subsets(parents):
+    """Every set of non-root nodes that contains each member's parent (the valid subtrees)."""
+    n = len(parents)
+    for mask in range(1 << (n - 1)):
+        nodes = [i for i in range(1, n) if mask >> (i - 1) & 1]
+        if all(parents[i] == 0 or parents[i] in nodes for i in nodes):
+            yield nodes
+
+
+@pytest.mark.parametrize("cal", [CPU, LINEAR], ids=["cpu", "linear"])
+def test_calibrated_budget_matches_brute_force(cal):
+    rng = np.random.default_rng(0)
+    policy = CalibratedBudget(cal, max_tree_tokens=64)
+    sizes = set()
+    for _ in range(30):
+        parents, probs = random_trie(rng, 11)
+        chosen = select_nodes(parents, probs, policy)
+        got = policy.objective(len(chosen), sum(probs[i] for i in chosen))
+        best = max(policy.objective(len(s), sum(probs[i] for i in s))
+                   for s in closed_subsets(parents))
+        assert got == pytest.approx(best, rel=1e-12)
+        assert all(parents[i] == 0 or parents[i] in chosen for i in chosen)
+        sizes.add(len(chosen))
+    assert len(sizes) > 2  # the size really depends on the probabilities
+
+
+def test_the_device_decides_the_size():
+    # The same candidates: a chain accepted with probability 0.6 per token.
+    parents = list(range(-1, 20))
+    probs = [0.6**d for d in range(21)]
+    cpu = select_nodes(parents, probs, CalibratedBudget(CPU))
+    gpu = select_nodes(parents, probs, CalibratedBudget(GPU))
+    assert 0 < len(cpu) < len(gpu) == 20
+    # Hopeless drafts are not worth a wider pass on the CPU, and cost nothing on the GPU.
+    weak = [1.0] + [0.02**d for d in range(1, 21)]
+    assert select_nodes(parents, weak, CalibratedBudget(CPU)) == []
+    # A fixed per-step overhead makes a longer pass relatively cheaper.
+    slow = select_nodes(parents, probs, CalibratedBudget(CPU), overhead_s=0.5)
+    assert len(slow) > len(cpu)
+
+
+def test_fixed_budget_and_the_limits():
+    rng = np.random.default_rng(1)
+    parents, probs = random_trie(rng, 60)
+    depth = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depth[i] = depth[parents[i]] + 1
+    assert len(select_nodes(parents, probs, FixedBudget(100))) == 59
+    chosen = select_nodes(parents, probs, FixedBudget(16))
+    assert len(chosen) == 15
+    # best first: the 15 likeliest nodes (the set is closed since children are less likely)
+    assert sorted(probs[i] for i in chosen) == sorted(probs[1:], reverse=True)[:15][::-1]
+    for leaves, max_depth in itertools.product([1, 2, 3], [1, 2, 4]):
+        chosen = select_nodes(parents, probs, FixedBudget(64), max_leaves=leaves,
+                              max_depth=max_depth)
+        assert chosen
+        inner = {parents[i] for i in chosen}
+        assert sum(1 for i in chosen if i not in inner) <= leaves
+        assert max(depth[i] for i in chosen) <= max_depth
+        assert all(parents[i] == 0 or parents[i] in chosen for i in chosen)
+    with pytest.raises(ValueError, match="parents must precede"):
+        select_nodes([-1, 2, 0], [1, 0.5, 0.5], FixedBudget())
+    with pytest.raises(ValueError, match="max_tree_tokens"):
+        FixedBudget(0)
+
+
+def test_calibration_file_round_trips(tmp_path):
+    path = CPU.save(tmp_path / "c" / "cal.json")
+    again = Calibration.load(path)
+    assert again == CPU
+    assert again.cost(8) == pytest.approx(0.104 + (0.134 - 0.104) * 4 / 12)
+    assert again.relative_cost(64) == pytest.approx(0.229 / 0.062)
+
+
+def test_load_or_measure_saves_per_model_and_device(tiny_llama_dir, tmp_path, monkeypatch):
+    from dresd.models import load_model, model_fingerprint
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    model, tok = load_model(tiny_llama_dir)
+    fp = model_fingerprint(model, tok)
+    kw = dict(sizes=(1, 4, 16), past_len=32, repeats=2)
+    cal = load_or_measure(model, fp, **kw)
+    path = calibration_path(fp, model.device)
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    assert cal.model_fingerprint == fp and cal.sizes == (1, 4, 16)
+    assert list(cal.seconds) == sorted(cal.seconds) and cal.seconds[0] > 0
+    # reused, not measured again (a measurement would not reproduce the same timings)
+    assert load_or_measure(model, fp, **kw) == cal
+    fresh = load_or_measure(model, fp, refresh=True, **kw)
+    assert Calibration.load(path) == fresh
+
+
+def test_cli_calibrate_prints_and_reuses(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from dresd.cli import main
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    assert main(["calibrate", "--model", str(tiny_llama_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "measured now" in out and "tree tokens" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert float(rows[0][2]) == 1.0
+    assert main(["calibrate", "--model", str(tiny_llama_dir)]) == 0
+    assert "reused" in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(tiny_llama_dir), "--force"]) == 0
+    assert "measured now" in capsys.readouterr().out
