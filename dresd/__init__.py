@@ -5,23 +5,44 @@ Public API::
     store = dresd.load_store(path, model, tokenizer)
     result = dresd.generate(model, tokenizer, store, "prompt", max_new_tokens=128)
     result.text, result.tokens, result.stats
+
+By default ``generate`` drafts with the hybrid composite (the store's dense drafts, dense drafts
+over the live context and prompt lookup in one tree) under the budget calibrated for the model on
+its device; ``drafter=`` and ``budget=`` (DecodeConfig fields) select other sources and the
+fixed budget, and any Drafter (e.g. a CompositeDrafter built by hand) can be passed instead.
 """
 
-from dresd.decode import DecodeConfig, GenerationResult, GenerationStats, generate
+from dresd.budget import BudgetPolicy, CalibratedBudget, FixedBudget, calibrated_budget
+from dresd.calibrate import Calibration
+from dresd.decode import DecodeConfig, GenerationResult, GenerationStats, as_drafter, generate
 from dresd.drafters.base import Draft, Drafter, DraftRequest
+from dresd.drafters.composite import CompositeDrafter
+from dresd.drafters.context import ContextDrafter
 from dresd.drafters.dense import StoreDrafter
+from dresd.drafters.prompt_lookup import PromptLookupDrafter
+from dresd.drafters.rest import RestDrafter
 from dresd.store import Store, StoreMismatchError, load_store
 
 __all__ = [
+    "BudgetPolicy",
+    "CalibratedBudget",
+    "Calibration",
+    "CompositeDrafter",
+    "ContextDrafter",
     "DecodeConfig",
     "Draft",
     "DraftRequest",
     "Drafter",
+    "FixedBudget",
     "GenerationResult",
     "GenerationStats",
+    "PromptLookupDrafter",
+    "RestDrafter",
     "Store",
     "StoreDrafter",
     "StoreMismatchError",
+    "as_drafter",
+    "calibrated_budget",
     "generate",
     "load_store",
 ]

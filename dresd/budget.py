@@ -18,6 +18,7 @@ maximising over n also maximises over all subtrees.
 from __future__ import annotations
 
 import heapq
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -124,10 +125,25 @@ def select_nodes(
     return order[:keep]
 
 
-def calibrated_budget(model, fingerprint: str, max_tree_tokens: int = 64,
-                      refresh: bool = False) -> CalibratedBudget:
-    """The budget for ``model`` on its device: the saved calibration, measured on first use."""
+_CALIBRATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def calibrated_budget(model, tokenizer=None, fingerprint: str | None = None,
+                      max_tree_tokens: int = 64, refresh: bool = False) -> CalibratedBudget:
+    """The budget for ``model`` on its device: its saved calibration (``dresd calibrate``),
+    measured and saved on first use. ``fingerprint`` (a store's records it) saves computing the
+    model's; the calibration is also kept in memory per model object and device."""
     from dresd.calibrate import load_or_measure
 
-    return CalibratedBudget(load_or_measure(model, fingerprint, refresh=refresh),
-                            max_tree_tokens)
+    device = str(next(model.parameters()).device)
+    cached = _CALIBRATIONS.get(model)
+    if cached is None or cached[0] != device or refresh:
+        if fingerprint is None:
+            if tokenizer is None:
+                raise ValueError("calibrated_budget needs the tokenizer or the fingerprint")
+            from dresd.models import model_fingerprint
+
+            fingerprint = model_fingerprint(model, tokenizer)
+        cached = (device, load_or_measure(model, fingerprint, refresh=refresh))
+        _CALIBRATIONS[model] = cached
+    return CalibratedBudget(cached[1], max_tree_tokens)

@@ -30,6 +30,21 @@ from dresd.drafters.base import Drafter, DraftRequest
 from dresd.sampling import SamplingParams, accept_among_children, sample, target_probs
 from dresd.tree import DraftTree, TreeBudget, model_forward, prune_cache, verify_tree
 
+DRAFTER_NAMES = ("dense", "context", "prompt_lookup", "rest")
+BUDGET_POLICIES = ("calibrated", "fixed")
+
+
+def drafter_names(spec: str, has_store: bool) -> list[str]:
+    """The sources named by ``DecodeConfig.drafter``: 'hybrid' or a comma-separated list."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["hybrid"]:
+        return ["dense", "context", "prompt_lookup"] if has_store else ["context", "prompt_lookup"]
+    bad = [n for n in names if n not in DRAFTER_NAMES]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"drafter must be 'hybrid' or distinct names among {DRAFTER_NAMES}, "
+                         f"not {spec!r}")
+    return names
+
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -44,21 +59,32 @@ class DecodeConfig:
     top_p: float = option(1.0, "nucleus sampling mass (1: off)")
     seed: int = option(0, "random seed for sampling")
     stop_strings: tuple[str, ...] = option((), "stop when the text contains one of these")
+    drafter: str = option(
+        "hybrid", "draft sources when decoding from a store (or from none): 'hybrid' (dense "
+        "store + context + prompt_lookup in one tree; without a store, context + "
+        "prompt_lookup) or a comma-separated list of " + ", ".join(DRAFTER_NAMES))
+    budget: str = option(
+        "calibrated", "tree size per step: 'calibrated' (maximise expected tokens per second "
+        "under this device's measured verify cost, saved by `dresd calibrate`) or 'fixed' "
+        "(fill max_tree_tokens)", choices=BUDGET_POLICIES)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.budget not in BUDGET_POLICIES:
+            raise ValueError(f"budget must be one of {BUDGET_POLICIES}, not {self.budget!r}")
+        drafter_names(self.drafter, has_store=True)  # validates the names
         # Building them validates temperature, top-k, top-p and the tree budget.
-        _ = (self.sampling, self.budget)
+        _ = (self.sampling, self.tree_budget)
 
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p)
 
     @property
-    def budget(self) -> TreeBudget:
+    def tree_budget(self) -> TreeBudget:
         return TreeBudget(self.num_drafts, self.draft_len, self.max_tree_tokens)
 
 
@@ -151,18 +177,54 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 
 def as_drafter(source, config: DecodeConfig, model=None, tokenizer=None) -> Drafter:
-    """A Drafter as is; a Store becomes its dense drafter (checked against the model)."""
+    """A Drafter as is. A Store (checked against the model), or None, becomes the sources
+    ``config.drafter`` names: one source under a fixed budget is returned alone, anything else
+    is a CompositeDrafter under ``config.budget`` (the calibrated budget needs ``model``)."""
     if isinstance(source, Drafter):
         return source
     from dresd.store import Store
 
-    if isinstance(source, Store):
+    if source is not None and not isinstance(source, Store):
+        raise TypeError(f"expected a Drafter or a Store (or None), got {type(source).__name__}")
+    store = source
+    if store is not None and model is not None and tokenizer is not None:
+        store.check_model(model, tokenizer)
+    names = drafter_names(config.drafter, has_store=store is not None)
+    sources = [_make_source(name, store, config) for name in names]
+    if config.budget == "fixed" and len(sources) == 1:
+        return sources[0]
+    from dresd.budget import FixedBudget, calibrated_budget
+    from dresd.drafters.composite import CompositeDrafter
+
+    if config.budget == "fixed":
+        policy = FixedBudget(config.max_tree_tokens)
+    else:
+        if model is None:
+            raise ValueError("the calibrated budget needs the model (its verify cost is "
+                             "measured on its device)")
+        fingerprint = store.manifest.model.fingerprint if store is not None else None
+        policy = calibrated_budget(model, tokenizer, fingerprint, config.max_tree_tokens)
+    return CompositeDrafter(sources, policy)
+
+
+def _make_source(name: str, store, config: DecodeConfig) -> Drafter:
+    if name in ("dense", "rest") and store is None:
+        raise ValueError(f"the {name} drafter needs a store")
+    if name == "dense":
         from dresd.drafters.dense import StoreDrafter
 
-        if model is not None and tokenizer is not None:
-            source.check_model(model, tokenizer)
-        return StoreDrafter(source, k=config.k, nprobe=config.nprobe)
-    raise TypeError(f"expected a Drafter or a Store, got {type(source).__name__}")
+        return StoreDrafter(store, k=config.k, nprobe=config.nprobe)
+    if name == "context":
+        from dresd.drafters.context import ContextDrafter
+
+        return ContextDrafter(store.transform if store is not None else None, k=config.k)
+    if name == "prompt_lookup":
+        from dresd.drafters.prompt_lookup import PromptLookupDrafter
+
+        return PromptLookupDrafter()
+    from dresd.drafters.rest import RestDrafter
+
+    return RestDrafter.from_store(store)
 
 
 def _sync(device: torch.device) -> None:
@@ -195,13 +257,16 @@ def _first_stop(text: str, stop_strings: Sequence[str]) -> int:
 def generate(
     model,
     tokenizer,
-    drafter,
+    source,
     prompt: Prompt,
     config: DecodeConfig | None = None,
     on_token: TokenCallback | None = None,
     **overrides,
 ) -> GenerationResult:
-    """Speculative decoding of ``prompt`` with drafts from ``drafter`` (a Drafter or a Store).
+    """Speculative decoding of ``prompt`` with drafts from ``source``: a Drafter, used as is,
+    or a Store (or None, for the store-free sources), which becomes the sources
+    ``config.drafter`` names under ``config.budget`` (see ``as_drafter``). By default that is
+    the hybrid composite (dense store + context + prompt lookup) with the calibrated budget.
 
     Greedy when ``temperature`` is 0: the tokens equal ``model.generate(do_sample=False)``.
     Otherwise each token is distributed exactly as plain sampling with the same temperature,
@@ -211,9 +276,9 @@ def generate(
     from transformers import DynamicCache
 
     config = dataclasses.replace(config or DecodeConfig(), **overrides)
-    drafter = as_drafter(drafter, config, model, tokenizer)
+    drafter = as_drafter(source, config, model, tokenizer)
     params = config.sampling
-    budget = config.budget
+    budget = config.tree_budget
     device = model.device
     vocab = model.get_output_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(config.seed)

@@ -132,3 +132,22 @@ def test_cli_calibrate_prints_and_reuses(tiny_llama_dir, tmp_path, monkeypatch, 
     assert "reused" in capsys.readouterr().out
     assert main(["calibrate", "--model", str(tiny_llama_dir), "--force"]) == 0
     assert "measured now" in capsys.readouterr().out
+
+
+def test_calibrated_budget_is_measured_once_per_model_and_device(tiny_llama_dir, tmp_path,
+                                                                 monkeypatch):
+    from dresd.budget import calibrated_budget
+    from dresd.models import load_model, model_fingerprint
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    model, tok = load_model(tiny_llama_dir)
+    first = calibrated_budget(model, tok, max_tree_tokens=16)
+    path = calibration_path(model_fingerprint(model, tok), model.device)
+    assert first.max_tree_tokens == 16 and Calibration.load(path) == first.calibration
+    path.unlink()
+    again = calibrated_budget(model, tok)  # kept in memory for this model object
+    assert again.calibration is first.calibration and not path.exists()
+    fresh = calibrated_budget(model, tok, refresh=True)
+    assert path.exists() and Calibration.load(path) == fresh.calibration
+    with pytest.raises(ValueError, match="tokenizer or the fingerprint"):
+        calibrated_budget(load_model(tiny_llama_dir)[0])

@@ -1,4 +1,11 @@
-"""``dresd generate``: decode one prompt with drafts from a store; print the text and the stats."""
+"""``dresd generate``: decode one prompt speculatively; print the text and the stats.
+
+Every DecodeConfig field is a flag: ``--drafter`` picks the draft sources (default ``hybrid``:
+the store's dense drafts, dense drafts over the live context and prompt lookup in one tree;
+``dense``, ``context``, ``prompt_lookup``, ``rest`` or a comma-separated list of them) and
+``--budget`` the tree size policy (``calibrated``, fitted to this device, or ``fixed``).
+``--store`` is needed by ``dense`` and ``rest`` only.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ def run(args) -> int:
 
     config = from_arguments(DecodeConfig, args)
     model, tokenizer = load_model(args.model, device=args.device or None)
-    store = load_store(args.store, model, tokenizer, verify=not args.no_verify)
+    store = (load_store(args.store, model, tokenizer, verify=not args.no_verify)
+             if args.store else None)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
 
     def stream(tokens, text):
@@ -29,7 +37,8 @@ def run(args) -> int:
     if not args.stream:
         sys.stdout.write(result.text)
     print("\n---")
-    print(f"store: {store.stats.summary()}")
+    if store is not None:
+        print(f"store: {store.stats.summary()}")
     print(f"dresd: {result.stats.summary()}")
     if args.compare:
         ids = torch.tensor([result.prompt_tokens], device=model.device)
@@ -49,8 +58,11 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="speculative decoding with drafts from a store")
-    p.add_argument("--store", required=True, help="store directory")
+    p = sub.add_parser("generate", help="speculative decoding with drafts from a store, the "
+                                        "live context and prompt lookup")
+    p.add_argument("--store", default="", help="store directory (needed by the dense and rest "
+                                                "drafters; 'hybrid' without one drafts from the "
+                                                "context and prompt lookup only)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--model", default="default", help="model directory or 'default'")
     p.add_argument("--device", default="", help="torch device ('' picks CUDA when present)")

@@ -7,9 +7,10 @@ accepted: the product, along its path, of conditional estimates
     q_s(node) = h_s(depth) * share_s(node)
 
 where ``h_s(d)`` is how often, in this generation, source s's drafts that were still right at
-depth d - 1 had the model's token at depth d among them (a Beta prior for new sources, pooled
-over depths, with older steps decaying), and ``share_s`` is the fraction of s's rank-weighted
-drafts under the parent that go through the node. Sources that propose the same node combine as
+depth d - 1 had the model's token at depth d among them (a Beta prior, so a new source gets
+tried; each scored step weighs ``decay`` times the one after it, so the estimate follows the
+last ten or so steps), and ``share_s`` is the fraction of s's rank-weighted drafts under the
+parent that go through the node. Sources that propose the same node combine as
 a noisy OR. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
 this device, so the budget is split by acceptance: a source that stops being right stops
 getting nodes. A source that misses ``mute_after`` steps in a row is asked only every
@@ -72,15 +73,14 @@ class CompositeDrafter(Drafter):
         policy: BudgetPolicy | None = None,
         prior_rate: float = 0.5,
         prior_strength: float = 2.0,
-        depth_strength: float = 4.0,
-        decay: float = 0.95,
+        decay: float = 0.9,
         mute_after: int = 16,
         probe_every: int = 8,
     ):
         """``drafters``: the sources; ``policy``: the tree budget (FixedBudget() by default);
-        ``prior_rate`` / ``prior_strength``: the Beta prior of a source's hit rate;
-        ``depth_strength``: how strongly per-depth rates shrink to the source's pooled rate;
-        ``decay``: weight of the previous step's counts, per step (adapts within a generation);
+        ``prior_rate`` / ``prior_strength``: the Beta prior of a source's hit rate per depth;
+        ``decay``: weight of a source's counts at each new scored step (adapts within a
+        generation);
         ``mute_after`` / ``probe_every``: steps of misses before a source is only asked every
         ``probe_every`` steps (0 never mutes)."""
         if not drafters:
@@ -91,7 +91,6 @@ class CompositeDrafter(Drafter):
         self.policy = policy or FixedBudget()
         self.prior_rate = prior_rate
         self.prior_strength = prior_strength
-        self.depth_strength = depth_strength
         self.decay = decay
         self.mute_after = mute_after
         self.probe_every = max(1, probe_every)
@@ -152,14 +151,11 @@ class CompositeDrafter(Drafter):
     def hit_rates(self, i: int, depth: int) -> np.ndarray:
         """Source i's estimated conditional hit rate at depths 1..depth."""
         st = self.stats[i]
-        a = self.prior_rate * self.prior_strength
-        pooled = (st.hits.sum() + a) / (st.tests.sum() + self.prior_strength)
         hits = np.zeros(depth)
         tests = np.zeros(depth)
         m = min(depth, len(st.tests))
         hits[:m], tests[:m] = st.hits[:m], st.tests[:m]
-        k = self.depth_strength
-        return (hits + k * pooled) / (tests + k)
+        return (hits + self.prior_rate * self.prior_strength) / (tests + self.prior_strength)
 
     def _score_last_step(self, truth: list[int]) -> None:
         """Score every source's last drafts against the model's tokens after y."""
@@ -211,6 +207,7 @@ class CompositeDrafter(Drafter):
                     mass[node][s] = mass[node].get(s, 0.0) + w
         n = len(tokens)
         if n == 1:
+            self.tree_sizes.append(0)
             return []
         max_depth = request.draft_len
         rates = [self.hit_rates(s, max_depth) if p else None for s, p in enumerate(proposals)]

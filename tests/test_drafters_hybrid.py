@@ -1,0 +1,389 @@
+"""Hybrid drafting: the context drafter, the composite drafter, and lossless decoding with them."""
+
+import numpy as np
+import pytest
+import torch
+
+# The real default model's store (an integration fixture), shared rather than rebuilt here.
+from test_runtime_integration import PROMPT as INTEGRATION_PROMPT
+from test_runtime_integration import default_store  # noqa: F401
+
+from dresd.budget import CalibratedBudget, FixedBudget
+from dresd.calibrate import Calibration
+from dresd.decode import DecodeConfig, generate
+from dresd.drafters.base import Draft, Drafter, DraftRequest
+from dresd.drafters.composite import CompositeDrafter
+from dresd.drafters.context import ContextDrafter
+from dresd.models import load_model
+from dresd.tree import DraftTree, TreeBudget
+
+PROMPT = "def parse_args(argv):\n    parser = "
+# Repeats itself, so drafts from the live context get accepted.
+LOOP_PROMPT = "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\ny = "
+CPU = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64), (0.062, 0.104, 0.134, 0.159, 0.229))
+
+
+def occurs_in(needle, hay) -> bool:
+    n = len(needle)
+    return any(tuple(hay[i : i + n]) == tuple(needle) for i in range(len(hay) - n + 1))
+
+
+def greedy_reference(model, ids, max_new_tokens):
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+# ------------------------------------------------------------------------------ context drafter
+
+
+def test_context_drafter_first_token_filter_and_committed_values():
+    rng = np.random.default_rng(0)
+    states = torch.tensor(rng.standard_normal((8, 16)), dtype=torch.float32)
+    prompt = [5, 7, 9, 5, 8, 3, 5, 7]  # hidden row i predicted prompt[i + 1]
+    d = ContextDrafter(k=10)
+    d.begin(prompt, states)
+    assert d.num_keys == 7  # the last state predicted y, which is not committed yet
+
+    def ask(y, query, num=10, length=10):
+        return d.propose(DraftRequest(d.tokens + [y], query, num, length))
+
+    # The state that predicted 7 is the query, but y = 8: only keys followed by 8 count.
+    assert [x.tokens for x in ask(8, states[0])] == [(3, 5, 7)]
+    # y = 7: the nearest key (row 0) drafts what followed; the key at row 6 is followed by the
+    # prompt's last token, so it has nothing committed to offer.
+    drafts = ask(7, states[0])
+    assert [x.tokens for x in drafts] == [(9, 5, 8, 3, 5, 7)]
+    assert drafts[0].score == pytest.approx(1.0, abs=1e-5)
+    assert ask(7, states[0], length=2)[0].tokens == (9, 5)
+    # y = 5 (keys at rows 2 and 5): values stop at the committed text; y itself is not in it.
+    got = {x.tokens for x in ask(5, states[2])}
+    assert got == {(8, 3, 5, 7), (7,)}
+    assert [x.tokens for x in ask(5, states[5])][0] == (7,)  # the nearest first
+    assert len(ask(5, states[5], num=1)) == 1
+    assert ask(4, states[0]) == []  # nothing committed is followed by 4
+
+    # Commit y = 5 and one accepted token 6: the state that predicted 5 becomes a key.
+    more = torch.tensor(rng.standard_normal((2, 16)), dtype=torch.float32)
+    d.accept([5, 6], more)
+    assert d.tokens == prompt + [5, 6] and d.num_keys == 9
+    got = {x.tokens for x in ask(5, states[7])}
+    assert got == {(8, 3, 5, 7, 5, 6), (7, 5, 6), (6,)}
+    assert ask(5, states[7])[0].tokens == (6,)  # states[7] predicted that 5: an exact match
+    assert [x.tokens for x in ask(6, more[0])] == []  # 6 is the last committed token
+    with pytest.raises(RuntimeError, match="committed tokens plus y"):
+        d.propose(DraftRequest(prompt + [5], states[0], 4, 4))
+
+
+def test_context_drafter_uses_the_store_transform():
+    from dresd.transform import fit_transform
+
+    rng = np.random.default_rng(1)
+    sample = rng.standard_normal((200, 16)).astype(np.float32)
+    t = fit_transform(sample, 4)
+    d = ContextDrafter(t)
+    keys = d.embed(torch.from_numpy(sample[:5]))
+    assert keys.shape == (5, 4)
+    np.testing.assert_allclose(keys, t(sample[:5]), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1, atol=1e-5)
+
+
+class Recorder(Drafter):
+    """Checks, at every step, that the wrapped context drafter drafts committed text only."""
+
+    def __init__(self, inner: ContextDrafter):
+        self.inner = inner
+        self.name = inner.name
+        self.steps = 0
+        self.drafted = 0
+
+    def begin(self, prompt_tokens, prompt_hidden):
+        self.inner.begin(prompt_tokens, prompt_hidden)
+
+    def propose(self, request):
+        committed = list(request.tokens[:-1])
+        assert self.inner.tokens == committed
+        assert self.inner.num_keys == len(committed) - 1
+        drafts = self.inner.propose(request)
+        y = request.tokens[-1]
+        for d in drafts:
+            # y and what the draft puts after it were written, in that order, in committed text
+            assert occurs_in((y,) + d.tokens, committed)
+        self.steps += 1
+        self.drafted += bool(drafts)
+        return drafts
+
+    def accept(self, tokens, hidden):
+        self.inner.accept(tokens, hidden)
+
+
+def test_context_drafter_never_drafts_uncommitted_tokens_while_decoding(tiny_model):
+    model, tok = tiny_model
+    ids = tok(LOOP_PROMPT)["input_ids"]
+    ref = greedy_reference(model, ids, 40)
+    rec = Recorder(ContextDrafter(k=4))
+    res = generate(model, tok, rec, ids, max_new_tokens=40, num_drafts=4, draft_len=6)
+    assert res.tokens == ref
+    # (a last step with one token left to emit asks for no drafts)
+    assert res.stats.steps - 1 <= rec.steps <= res.stats.steps and rec.drafted > 0
+    assert res.stats.accepted_tokens > 0
+
+
+# ---------------------------------------------------------------------------- composite drafter
+
+
+class Scripted(Drafter):
+    """Drafts from a function of the step's position in a known token sequence."""
+
+    def __init__(self, name, fn):
+        self.name = name
+        self.fn = fn
+
+    def propose(self, request):
+        return self.fn(len(request.tokens) - 1, request)
+
+
+def simulate(composite, truth, num_drafts, draft_len, max_tree_tokens, steps, check=None):
+    """Drive ``composite`` as the decoder would, with ``truth`` as the model's greedy text;
+    returns the per-step tree nodes each source contributed."""
+    hidden = torch.zeros(1, 4)
+    composite.begin(truth[:1], hidden)
+    i, per_step = 1, []
+    budget = TreeBudget(num_drafts, draft_len, max_tree_tokens)
+    for _ in range(steps):
+        if i + 1 >= len(truth):
+            break
+        before = [s.tree_nodes for s in composite.stats]
+        req = DraftRequest(truth[: i + 1], hidden[0], num_drafts, draft_len)
+        drafts = composite.propose(req)
+        tree = DraftTree.build(truth[i], drafts, budget)
+        if check:
+            check(req, drafts, tree)
+        node, accepted = 0, []
+        while (c := tree.children(node).get(truth[i + 1 + len(accepted)])) is not None:
+            accepted.append(truth[i + 1 + len(accepted)])
+            node = c
+        composite.accept([truth[i]] + accepted, torch.zeros(len(accepted) + 1, 4))
+        i += 1 + len(accepted)
+        per_step.append([s.tree_nodes - b for s, b in zip(composite.stats, before)])
+    return np.array(per_step)
+
+
+def check_tree(policy, num_drafts, draft_len, proposed):
+    """The composite's drafts form a valid trie that fits every budget, is not cut by the
+    decoder, and only holds tokens some source proposed."""
+
+    def check(req, drafts, tree):
+        unlimited = DraftTree.build(req.tokens[-1], drafts, TreeBudget(10**6, 10**6, 10**6))
+        assert len(tree) == len(unlimited)  # the decoder's budget cuts nothing
+        assert len(tree) <= policy.max_tree_tokens
+        assert len(drafts) <= num_drafts and all(0 < len(d.tokens) <= draft_len for d in drafts)
+        seen = set()
+        for i in range(1, len(tree)):
+            p = tree.parents[i]
+            assert 0 <= p < i and tree.depths[i] == tree.depths[p] + 1
+            assert (p, tree.tokens[i]) not in seen  # no duplicate children
+            seen.add((p, tree.tokens[i]))
+        # every root-to-leaf path is a prefix of something a source proposed
+        sources = [d.tokens for d in proposed[-1]]
+        for d in drafts:
+            assert any(s[: len(d.tokens)] == d.tokens for s in sources)
+
+    return check
+
+
+@pytest.mark.parametrize("policy", [FixedBudget(1), FixedBudget(2), FixedBudget(8),
+                                    FixedBudget(32), CalibratedBudget(CPU, 32)],
+                         ids=["fixed1", "fixed2", "fixed8", "fixed32", "calibrated"])
+@pytest.mark.parametrize("shape", [(1, 7), (4, 8), (10, 10)], ids=["1x7", "4x8", "10x10"])
+def test_composite_trees_are_valid_tries_within_budget(policy, shape):
+    num_drafts, draft_len = shape
+    rng = np.random.default_rng(len(repr(policy)) + num_drafts)
+    truth = rng.integers(0, 3, 1000).tolist()  # three letters: drafts collide and share prefixes
+    proposed = []
+
+    def noisy(name, flip):
+        def fn(i, req):
+            out = []
+            for _ in range(int(rng.integers(0, 6))):
+                toks = [t if rng.random() > flip else int(rng.integers(0, 3))
+                        for t in truth[i + 1 : i + 1 + req.draft_len]]
+                out.append(Draft(tuple(toks[: int(rng.integers(1, req.draft_len + 1))]),
+                                 float(rng.random()), name))
+            proposed[-1].extend(out)
+            return out
+        return Scripted(name, fn)
+
+    sources = [noisy("a", 0.1), noisy("b", 0.5), noisy("c", 1.0)]
+    comp = CompositeDrafter(sources, policy)
+    orig = comp.propose
+
+    def propose(req):
+        proposed.append([])
+        return orig(req)
+
+    comp.propose = propose
+    check = check_tree(policy, num_drafts, draft_len, proposed)
+    simulate(comp, truth, num_drafts, draft_len, policy.max_tree_tokens, 40, check)
+    assert len(comp.tree_sizes) == 40
+    if isinstance(policy, FixedBudget):
+        # a fixed budget fills up when the sources offer enough nodes
+        cap = min(policy.max_tree_tokens - 1, num_drafts * draft_len)
+        assert max(comp.tree_sizes) >= (cap if cap <= 7 else cap // 2)
+
+
+def test_shared_prefixes_are_merged():
+    same = (4, 5, 6)
+    sources = [Scripted(n, lambda i, r, n=n: [Draft(same, 0.5, n), Draft((4, 9), 0.1, n)])
+               for n in ("a", "b", "c")]
+    comp = CompositeDrafter(sources, FixedBudget(64))
+    comp.begin([1], torch.zeros(1, 4))
+    drafts = comp.propose(DraftRequest([1, 2], torch.zeros(4), 10, 10))
+    assert sorted(d.tokens for d in drafts) == [(4, 5, 6), (4, 9)]
+    assert len(DraftTree.build(2, drafts, TreeBudget(10, 10, 64))) == 5
+    # proposed by three sources, the shared node is likelier than by one
+    assert drafts[0].tokens == same and drafts[0].source == "a+b+c"
+    assert [s.tree_nodes for s in comp.stats] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("policy", [CalibratedBudget(CPU, 32), FixedBudget(16)],
+                         ids=["calibrated", "fixed"])
+def test_a_source_that_stops_helping_stops_costing(policy):
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 50, 2000).tolist()
+    switch = 60  # source "early" is right before this step, "late" after it
+
+    def make(name, right_when):
+        def fn(i, req):
+            good = truth[i + 1 : i + 1 + req.draft_len]
+            if right_when(len(calls)):
+                return [Draft(tuple(good), 1.0, name)]
+            return [Draft(tuple((t + 1 + j) % 50 for t in good), 1.0, name) for j in range(3)]
+        return Scripted(name, fn)
+
+    calls = []
+    early = make("early", lambda step: step < switch)
+    late = make("late", lambda step: step >= switch)
+    comp = CompositeDrafter([early, late], policy)
+    orig = comp.propose
+    comp.propose = lambda req: calls.append(1) or orig(req)
+    nodes = simulate(comp, truth, 4, 6, policy.max_tree_tokens, 160)
+    assert len(nodes) == 160
+    first, last = nodes[20:switch].sum(0), nodes[-40:].sum(0)
+    assert first[0] > 5 * 20 and last[1] > 5 * 40  # the right source fills its draft
+    if isinstance(policy, CalibratedBudget):
+        assert first[1] == 0 and last[0] == 0  # the wrong one gets no nodes at all
+    else:
+        # a fixed budget is spent anyway, but a source wrong 16 steps in a row is muted and
+        # only probed every 8 steps
+        assert last[0] <= 40 / 8 * 3 * 6
+    assert comp.stats[0].calls < 120 and comp.stats[1].calls < 160
+    summary = comp.source_summary()
+    assert summary["late"]["hit_rate"] > 0.85 and summary["early"]["hit_rate"] < 0.25
+    assert summary["late"]["accepted"] > summary["early"]["accepted"] > 0
+
+
+# ------------------------------------------------------------------------ lossless, end to end
+
+
+FAMILY_PROMPT = "def parse_args(argv):\n    parser = "
+
+
+@pytest.fixture(scope="module")
+def family_stores(tiny_model_dirs, tmp_path_factory):
+    """family -> (store path, model, tokenizer, greedy reference): a small store per family
+    holding a stdlib file and the model's own greedy continuation of the prompt."""
+    from tiny_models import stdlib_files
+
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig
+
+    out = {}
+    for family, model_dir in tiny_model_dirs.items():
+        model, tok = load_model(model_dir)
+        ids = tok(FAMILY_PROMPT)["input_ids"]
+        ref = greedy_reference(model, ids, 40)
+        corpus = tmp_path_factory.mktemp(f"corpus-{family}")
+        (corpus / "lib.txt").write_text(stdlib_files(3)[0].read_text()[:3000])
+        (corpus / "own.txt").write_text(tok.decode(ids + ref, skip_special_tokens=True))
+        store = tmp_path_factory.mktemp(f"store-{family}") / "s"
+        build_store(corpus, store, BuildConfig(model=str(model_dir), dim=16, value_len=12,
+                                               sample_size=500, progress=False))
+        out[family] = (store, model, tok, ref)
+    return out
+
+
+@pytest.fixture
+def calibration_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_default_generate_is_the_lossless_hybrid(family, family_stores, calibration_cache):
+    from dresd.drafters.dense import StoreDrafter
+    from dresd.drafters.prompt_lookup import PromptLookupDrafter
+    from dresd.store import load_store
+
+    path, model, tok, ref = family_stores[family]
+    store = load_store(path, model, tok)
+    from dresd.decode import as_drafter
+
+    drafter = as_drafter(store, DecodeConfig(), model, tok)
+    assert isinstance(drafter, CompositeDrafter)
+    assert [type(d) for d in drafter.drafters] == [StoreDrafter, ContextDrafter,
+                                                   PromptLookupDrafter]
+    assert isinstance(drafter.policy, CalibratedBudget)
+    res = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40)
+    assert res.tokens == ref
+    assert res.stats.accepted_tokens > 0 and res.stats.accepted_length > 1
+
+
+@pytest.mark.parametrize("spec,budget", [("context", "fixed"), ("rest,prompt_lookup", "fixed"),
+                                         ("dense,context", "calibrated"), ("hybrid", "fixed")])
+def test_every_source_and_policy_stays_selectable(spec, budget, family_stores,
+                                                  calibration_cache):
+    from dresd.store import load_store
+
+    path, model, tok, ref = family_stores["llama"]
+    store = load_store(path, model, tok, verify=False)
+    res = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40, drafter=spec,
+                   budget=budget, num_drafts=4, draft_len=8, max_tree_tokens=16)
+    assert res.tokens == ref
+    assert res.stats.tree_tokens <= 16 * res.stats.steps
+    # store-free sources decode without a store
+    if spec == "context":
+        assert generate(model, tok, None, FAMILY_PROMPT, max_new_tokens=40, drafter=spec,
+                        budget=budget).tokens == ref
+
+
+def test_drafter_selection_errors(family_stores):
+    path, model, tok, _ = family_stores["llama"]
+    with pytest.raises(ValueError, match="drafter must be"):
+        DecodeConfig(drafter="dense,sparse")
+    with pytest.raises(ValueError, match="budget must be"):
+        DecodeConfig(budget="greedy")
+    with pytest.raises(ValueError, match="dense drafter needs a store"):
+        generate(model, tok, None, FAMILY_PROMPT, max_new_tokens=4, drafter="dense")
+
+
+# ---------------------------------------------------------------------- the real default model
+
+
+@pytest.mark.integration
+def test_default_model_hybrid_is_lossless(default_store, tmp_path, monkeypatch):  # noqa: F811
+    from dresd.decode import as_drafter
+    from dresd.store import load_store
+
+    model, tok = load_model("default")
+    store = load_store(default_store, model, tok)
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))  # the calibration is measured here
+    drafter = as_drafter(store, DecodeConfig(), model, tok)
+    assert isinstance(drafter, CompositeDrafter) and len(drafter.drafters) == 3
+    assert isinstance(drafter.policy, CalibratedBudget)
+    msgs = [{"role": "user", "content": "Complete this Python function.\n\n" + INTEGRATION_PROMPT}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    ref = greedy_reference(model, ids, 48)
+    res = generate(model, tok, store, msgs, max_new_tokens=48)
+    assert res.tokens == ref
+    assert res.stats.steps < len(ref) and res.stats.accepted_length > 1
