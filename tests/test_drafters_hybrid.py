@@ -387,3 +387,17 @@ def test_default_model_hybrid_is_lossless(default_store, tmp_path, monkeypatch):
     res = generate(model, tok, store, msgs, max_new_tokens=48)
     assert res.tokens == ref
     assert res.stats.steps < len(ref) and res.stats.accepted_length > 1
+
+
+def test_cli_generate_without_a_store(tiny_llama_dir, family_stores, calibration_cache, capsys):
+    from dresd.cli import main
+
+    *_, ref = family_stores["llama"]
+    tok = family_stores["llama"][2]
+    rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", FAMILY_PROMPT,
+               "--max-new-tokens", "20", "--compare"])  # hybrid: context + prompt lookup
+    out = capsys.readouterr().out
+    assert rc == 0 and "plain greedy: identical" in out and "store:" not in out
+    assert out.startswith(tok.decode(ref[:20], skip_special_tokens=True))
+    rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--drafter", "dense"])
+    assert rc == 2 and "dense drafter needs a store" in capsys.readouterr().err

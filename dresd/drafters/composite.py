@@ -116,6 +116,8 @@ class CompositeDrafter(Drafter):
     def accept(self, tokens, hidden) -> None:
         for d in self.drafters:
             d.accept(tokens, hidden)
+        if self._last_accepted is not None:  # a step without drafting came in between
+            self._score_last_step(self._last_accepted + [int(tokens[0])])
         self._last_accepted = [int(t) for t in tokens[1:]]
 
     def propose(self, request: DraftRequest) -> list[Draft]:
@@ -210,42 +212,39 @@ class CompositeDrafter(Drafter):
             self.tree_sizes.append(0)
             return []
         max_depth = request.draft_len
-        rates = [self.hit_rates(s, max_depth) if p else None for s, p in enumerate(proposals)]
-        probs = np.ones(n)
-        depth = np.zeros(n, np.int64)
-        for node in range(n):
+        rates = [self.hit_rates(s, max_depth).tolist() if p else None
+                 for s, p in enumerate(proposals)]
+        probs = [1.0] * n
+        depth = [0] * n
+        for node in range(n):  # parents precede children
             kids = list(children[node].values())
             if not kids:
                 continue
-            below = {}  # source -> its mass continuing below this node
+            below: dict[int, float] = {}  # source -> its mass continuing below this node
             for c in kids:
                 for s, w in mass[c].items():
                     below[s] = below.get(s, 0.0) + w
-            q = np.empty(len(kids))
             d = depth[node] + 1
-            for j, c in enumerate(kids):
+            q = []
+            for c in kids:
                 miss = 1.0
                 for s, w in mass[c].items():
                     miss *= 1.0 - rates[s][d - 1] * w / below[s]
-                q[j] = 1.0 - miss
-            q /= max(1.0, q.sum())  # the model picks one token: the estimates sum to <= 1
-            for j, c in enumerate(kids):
-                probs[c] = probs[node] * q[j]
+                q.append(1.0 - miss)
+            scale = probs[node] / max(1.0, sum(q))  # the model picks one token: sum(q) <= 1
+            for c, qc in zip(kids, q):
+                probs[c] = qc * scale
                 depth[c] = d
         chosen = select_nodes(parents, probs, self.policy, max_leaves=request.num_drafts,
                               max_depth=max_depth, overhead_s=self._overhead_s)
         self.tree_sizes.append(len(chosen))
-        keep = np.zeros(n, bool)
-        keep[0] = True
-        keep[chosen] = True
         for c in chosen:
             for s in mass[c]:
                 self.stats[s].tree_nodes += 1
-        has_child = np.zeros(n, bool)
-        has_child[[parents[c] for c in chosen]] = True
+        has_child = {parents[c] for c in chosen}
         drafts = []
         for leaf in chosen:
-            if has_child[leaf]:
+            if leaf in has_child:
                 continue
             path, node = [], leaf
             while node > 0:
