@@ -1,0 +1,94 @@
+"""The benchmark's two stores, built once through the real pipelines and cached under ``runs/``.
+
+- OOD: Python standard-library sources (code the model was not asked about).
+- ID: the model's own greedy completions of prompts made from standard-library function
+  signatures and docstrings, in HumanEval's shape but never HumanEval itself.
+
+Both are rebuilt only when their directory has no published manifest, so an interrupted build
+is simply run again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from benchmarks.prompts import stdlib_signature_prompts, stdlib_sources, write_prompt_jsonl
+from schemas.manifest import CURRENT_FILE
+
+RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+
+def stdlib_corpus(dest: Path, max_tokens: int, tokenizer) -> Path:
+    """Copy standard-library modules into ``dest`` until they hold about ``max_tokens``."""
+    done = dest / ".complete"
+    if done.exists():
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    total = 0
+    for i, path in enumerate(stdlib_sources()):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        n = len(tokenizer(text)["input_ids"])
+        if total + n > max_tokens * 1.1:  # keep the corpus near the size asked for
+            continue
+        shutil.copyfile(path, dest / f"{i:04d}_{path.name}")
+        total += n
+        if total >= max_tokens:
+            break
+    done.write_text(json.dumps({"tokens": total}))
+    return dest
+
+
+def _built(store: Path) -> bool:
+    return (store / CURRENT_FILE).exists()
+
+
+def _fresh(store: Path) -> None:
+    if store.exists():  # a build that died before publishing: start over
+        shutil.rmtree(store)
+
+
+def ood_store(model: str, max_tokens: int, root: Path = RUNS, **build) -> Path:
+    """Store over ``max_tokens`` of standard-library sources."""
+    from dresd.models import load_model
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig
+
+    store = root / f"store-ood-{max_tokens // 1000}k"
+    if _built(store):
+        return store
+    _, tokenizer = load_model(model, "cpu", "float32")
+    corpus = stdlib_corpus(root / f"corpus-ood-{max_tokens // 1000}k", max_tokens, tokenizer)
+    print(f"building the OOD store from {corpus} ...", file=sys.stderr, flush=True)
+    _fresh(store)
+    build_store(corpus, store, BuildConfig(model=model, glob="**/*.py", **build))
+    return store
+
+
+def id_store(model: str, num_prompts: int, max_new_tokens: int = 256, root: Path = RUNS,
+             **build) -> Path:
+    """Store over the model's own completions of ``num_prompts`` stdlib signature prompts."""
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig, GenerateConfig
+    from pipelines.generate import generate_corpus
+
+    store = root / f"store-id-{num_prompts}"
+    if _built(store):
+        return store
+    corpus = root / f"corpus-id-{num_prompts}" / "completions.jsonl"
+    if not corpus.exists():
+        prompts = write_prompt_jsonl(stdlib_signature_prompts(num_prompts),
+                                     corpus.parent / "prompts" / "prompts.jsonl")
+        print(f"generating {num_prompts} in-domain completions ...", file=sys.stderr, flush=True)
+        tmp = corpus.with_suffix(".tmp.jsonl")
+        generate_corpus(prompts, tmp, GenerateConfig(model=model, max_new_tokens=max_new_tokens,
+                                                     batch_size=8))
+        tmp.rename(corpus)
+    print(f"building the ID store from {corpus} ...", file=sys.stderr, flush=True)
+    _fresh(store)
+    build_store(corpus, store, BuildConfig(model=model, glob="*.jsonl", **build))
+    return store

@@ -1,0 +1,336 @@
+"""Decode benchmark: DReSD against prompt lookup, REST and autoregressive decoding.
+
+Protocol (shared/DESIGN.md section 5): one run, one machine, one model, the same HumanEval
+prompts, the same token budget for every method; ratios are reported, not absolute times. Each
+prompt is decoded by every method in turn (prompt-major order), so drift in the machine's speed
+hits all methods alike.
+
+Methods:
+- ``ar``: ``model.generate(do_sample=False)``, the reference every output is compared to;
+- ``hf_prompt_lookup``: ``model.generate(prompt_lookup_num_tokens=10)``, off the shelf;
+- our decoder with a drafter, at each draft budget: ``prompt_lookup``; ``rest`` (REST's search,
+  longest context suffix in a suffix array over the store's corpus, then a trie of its
+  continuations; dresd.drafters.rest); ``draftretriever`` (the PyPI package, which in its only
+  release 0.1.1 is ADED's trigram retriever rather than REST's suffix array, so it runs as a
+  baseline of its own); ``dense`` (the store); ``context`` (dense over the live context);
+  ``rest+pl``; ``hybrid`` (dense store + context + prompt lookup in one tree, the default);
+  ``hybrid+rest`` (the same plus REST); composites also under the device-calibrated budget;
+- ``oracle``: drafts that are the model's own greedy continuation, the ceiling at a budget.
+
+Two stores: OOD (standard-library sources) and ID (the model's completions of standard-library
+signature prompts). Results go to JSON, two plots and a table printed last.
+
+    python benchmarks/decode.py                      # the full run (make bench)
+    python benchmarks/decode.py --prompts 2 --max-new-tokens 32 --methods ar,dense  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.corpora import RUNS, id_store, ood_store  # noqa: E402
+from benchmarks.oracle import OracleDrafter  # noqa: E402
+from benchmarks.prompts import chat, humaneval_prompts  # noqa: E402
+from dresd.decode import DecodeConfig, encode_prompt, generate  # noqa: E402
+from dresd.models import load_model, model_fingerprint  # noqa: E402
+from dresd.store import load_store  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Fixed budgets: drafts x tokens per draft, and the tree size cap (root included).
+BUDGETS = {
+    "1x7": dict(num_drafts=1, draft_len=7, max_tree_tokens=8),
+    "4x8": dict(num_drafts=4, draft_len=8, max_tree_tokens=16),
+    "10x10": dict(num_drafts=10, draft_len=10, max_tree_tokens=32),
+}
+CALIBRATED = "calibrated"
+
+ALL = list(BUDGETS)
+# method -> (needs a store, budgets it runs at)
+METHODS = {
+    "ar": (False, [""]),
+    "hf_prompt_lookup": (False, [""]),
+    "oracle": (False, ALL),
+    "prompt_lookup": (False, ALL),
+    "context": (False, ALL),
+    "rest": (True, ALL),
+    "draftretriever": (True, ["4x8"]),
+    "dense": (True, ALL),
+    "rest+pl": (True, ALL + [CALIBRATED]),
+    "hybrid": (True, ["4x8", "10x10", CALIBRATED]),
+    "hybrid+rest": (True, [CALIBRATED]),
+}
+# DecodeConfig.drafter of each method that runs through dresd.generate's own source selection
+DRAFTERS = {
+    "prompt_lookup": "prompt_lookup",
+    "context": "context",
+    "rest": "rest",
+    "dense": "dense",
+    "rest+pl": "rest,prompt_lookup",
+    "hybrid": "dense,context,prompt_lookup",
+    "hybrid+rest": "dense,context,prompt_lookup,rest",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    store: str  # "ood", "id" or "" when the method reads no store
+    budget: str  # a key of BUDGETS, "calibrated", or "" (plain generate)
+
+    @property
+    def label(self) -> str:
+        return "/".join(x for x in (self.method, self.store, self.budget) if x)
+
+
+def plan(methods: list[str], stores: list[str]) -> list[Run]:
+    runs = []
+    for m in methods:
+        needs_store, budgets = METHODS[m]
+        for s in stores if needs_store else [""]:
+            runs += [Run(m, s, b) for b in budgets]
+    return runs
+
+
+def hf_generate(model, ids: list[int], max_new_tokens: int, **kw) -> tuple[list[int], float]:
+    x = torch.tensor([ids], device=model.device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=max_new_tokens, **kw)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out[0, len(ids):].tolist(), time.perf_counter() - t
+
+
+def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference: list[int],
+            max_new_tokens: int) -> dict:
+    """Decode one prompt with one method; a JSON-ready record."""
+    if run.method in ("ar", "hf_prompt_lookup"):
+        kw = {"prompt_lookup_num_tokens": 10} if run.method == "hf_prompt_lookup" else {}
+        tokens, seconds = hf_generate(model, ids, max_new_tokens, **kw)
+        return dict(tokens=len(tokens), seconds=seconds, identical=tokens == reference,
+                    accepted_lengths=[])
+    budget = BUDGETS.get(run.budget, {})
+    store = stores.get(run.store)
+    if run.method == "oracle":
+        vocab = model.get_output_embeddings().weight.shape[0]
+        source = OracleDrafter(len(ids), reference, vocab)
+        config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
+    elif run.method == "draftretriever":  # the PyPI package, not one of dresd's own sources
+        from dresd.drafters.rest import DraftRetrieverDrafter
+
+        source = DraftRetrieverDrafter.from_store(store)
+        config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
+    else:
+        policy = "calibrated" if run.budget == CALIBRATED else "fixed"
+        config = DecodeConfig(max_new_tokens=max_new_tokens, drafter=DRAFTERS[run.method],
+                              budget=policy, **budget)
+        source = store  # None for the store-free sources
+    lengths: list[int] = []
+    result = generate(model, tokenizer, source, ids, config,
+                      on_token=lambda new, text: lengths.append(len(new)))
+    st = result.stats
+    return dict(tokens=st.new_tokens, seconds=st.total_s, identical=result.tokens == reference,
+                steps=st.steps, step_tokens=st.step_tokens, accepted=st.accepted_tokens,
+                proposed=st.proposed_tokens, tree_tokens=st.tree_tokens,
+                retrieval_s=st.retrieval_s, verify_s=st.verify_s, prefill_s=st.prefill_s,
+                accepted_lengths=lengths[1:])  # the first call is the prefill's token
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (method, store, budget): AL, AR, TPS, speedup over ar on the same prompts."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["store"], r["budget"])].append(r)
+    ar = groups[("ar", "", "")]
+    ar_tps = sum(r["tokens"] for r in ar) / sum(r["seconds"] for r in ar)
+    rows = []
+    for (method, store, budget), rs in groups.items():
+        tokens = sum(r["tokens"] for r in rs)
+        seconds = sum(r["seconds"] for r in rs)
+        steps = sum(r.get("steps", 0) for r in rs)
+        proposed = sum(r.get("proposed", 0) for r in rs)
+        tps = tokens / seconds
+        rows.append(dict(
+            method=method, store=store, budget=budget, prompts=len(rs), tokens=tokens,
+            AL=sum(r.get("step_tokens", 0) for r in rs) / steps if steps else 1.0,
+            AR=sum(r.get("accepted", 0) for r in rs) / proposed if proposed else 0.0,
+            TPS=tps, speedup=tps / ar_tps,
+            retrieval_share=sum(r.get("retrieval_s", 0.0) for r in rs) / seconds,
+            verify_share=sum(r.get("verify_s", 0.0) for r in rs) / seconds,
+            mean_tree=sum(r.get("tree_tokens", 0) for r in rs) / steps if steps else 1.0,
+            identical=all(r["identical"] for r in rs),
+        ))
+    return rows
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Each method's best budget per store (store-free methods appear once)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["method"], r["store"])
+        if key not in best or r["speedup"] > best[key]["speedup"]:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (r["store"], -r["speedup"]))
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'method':<17}{'store':<6}{'budget':<11}{'AL':>6}{'AR':>6}{'TPS':>7}"
+            f"{'speedup':>9}{'retr%':>7}{'verify%':>9}{'tree':>6}  identical")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<17}{r['store'] or '-':<6}{r['budget'] or '-':<11}{r['AL']:>6.2f}"
+            f"{r['AR']:>6.2f}{r['TPS']:>7.1f}{r['speedup']:>8.2f}x{100 * r['retrieval_share']:>6.1f}"
+            f"{100 * r['verify_share']:>8.1f}{r['mean_tree']:>7.1f}  "
+            f"{'yes' if r['identical'] else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stores = sorted({r["store"] for r in rows if r["store"]}) or [""]
+    fig, axes = plt.subplots(1, len(stores) + 1, figsize=(6 * (len(stores) + 1), 4.5))
+    order = list(BUDGETS) + [CALIBRATED]
+    for ax, store in zip(axes, stores):
+        for method in METHODS:
+            pts = [r for r in rows if r["method"] == method and r["budget"] in order
+                   and r["store"] in (store, "")]
+            if pts:
+                pts.sort(key=lambda r: order.index(r["budget"]))
+                ax.plot([order.index(r["budget"]) for r in pts], [r["speedup"] for r in pts],
+                        "o-", label=method)
+        for r in (r for r in rows if r["method"] == "hf_prompt_lookup"):
+            ax.axhline(r["speedup"], ls=":", lw=1, color="gray",
+                       label="transformers prompt_lookup_num_tokens=10")
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_xticks(range(len(order)), order)
+        ax.set_title(f"store: {store.upper() or '-'}")
+        ax.set_xlabel("draft budget (drafts x tokens, or calibrated to the device)")
+        ax.set_ylabel("speedup over autoregressive")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    best = {(r["method"], r["store"]): r["budget"] for r in best_rows(rows)}
+    for (method, store), budget in sorted(best.items()):
+        if store not in ("", stores[-1]) or method in ("ar", "hf_prompt_lookup",
+                                                       "draftretriever", "hybrid+rest"):
+            continue
+        lens = [n for rec in records if (rec["method"], rec["store"], rec["budget"])
+                == (method, store, budget) for n in rec["accepted_lengths"]]
+        if lens:
+            ax.hist(lens, bins=range(1, max(lens) + 2), histtype="step", density=True,
+                    label=f"{method} {budget}")
+    ax.set_title(f"tokens per verify step (best budget, store {stores[-1].upper() or '-'})")
+    ax.set_xlabel("accepted draft tokens + 1")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import os
+
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="", help="'' picks CUDA when present")
+    ap.add_argument("--prompts", type=int, default=8, help="HumanEval prompts (first n)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--stores", default="ood,id")
+    ap.add_argument("--ood-tokens", type=int, default=130_000, help="size of the OOD corpus")
+    ap.add_argument("--id-prompts", type=int, default=120,
+                    help="stdlib signature prompts the ID corpus is generated from")
+    ap.add_argument("--out", default="", help="JSON results (default benchmarks/results/"
+                                              "decode-<device>.json, plot next to it)")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model, device=args.device or None)
+    device = model.device.type
+    stores_wanted = [s for s in args.stores.split(",") if s]
+    paths = {}
+    if "ood" in stores_wanted:
+        paths["ood"] = ood_store(args.model, args.ood_tokens)
+    if "id" in stores_wanted:
+        paths["id"] = id_store(args.model, args.id_prompts)
+    stores = {name: load_store(p, model, tokenizer) for name, p in paths.items()}
+    for name, store in stores.items():
+        print(f"store {name}: {store.stats.summary()}", file=sys.stderr)
+    methods = [m for m in args.methods.split(",") if m]
+    if "ar" not in methods:
+        methods.insert(0, "ar")
+    runs = plan(methods, list(stores))
+    if any(r.budget == CALIBRATED for r in runs):
+        from dresd.calibrate import load_or_measure
+
+        cal = load_or_measure(model, model_fingerprint(model, tokenizer))
+        print("verify cost relative to one token: " + ", ".join(
+            f"{n}: {cal.relative_cost(n):.2f}" for n in cal.sizes), file=sys.stderr)
+
+    prompts = humaneval_prompts(args.prompts)
+    # warm-up: first calls pay for lazy initialisation that later ones do not
+    warm = encode_prompt(tokenizer, chat(prompts[0]))
+    hf_generate(model, warm, 8)
+    generate(model, tokenizer, stores[next(iter(stores))] if stores else
+             OracleDrafter(len(warm), [], 1), warm, DecodeConfig(max_new_tokens=8))
+
+    records = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prompts) * len(runs), desc="decoding", unit="run")
+    for i, prompt in enumerate(prompts):
+        ids = encode_prompt(tokenizer, chat(prompt))
+        reference, _ = hf_generate(model, ids, args.max_new_tokens)
+        for run in runs:
+            rec = run_one(run, model, tokenizer, stores, ids, reference, args.max_new_tokens)
+            records.append(dict(asdict(run), prompt=i, **rec))
+            bar.set_postfix_str(run.label)
+            bar.update()
+    bar.close()
+
+    rows = summarize(records)
+    out = Path(args.out) if args.out else RESULTS / f"decode-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(machine=machine(), device=device, torch_threads=torch.get_num_threads(),
+                model=args.model, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                budgets=BUDGETS, stores={k: str(v.relative_to(RUNS.parent)) if v.is_relative_to(
+                    RUNS.parent) else str(v) for k, v in paths.items()},
+                store_stats={k: asdict(s.stats) for k, s in stores.items()},
+                date=time.strftime("%Y-%m-%d %H:%M"))
+    out.write_text(json.dumps(dict(meta=meta, rows=rows, records=records), indent=1))
+    plot(rows, records, out.with_suffix(".png"))
+    print(f"\nresults: {out} and {out.with_suffix('.png')}")
+    print(f"machine: {meta['machine']}; {len(prompts)} HumanEval prompts, "
+          f"{args.max_new_tokens} new tokens; speedup = TPS / TPS of ar on the same prompts\n")
+    print("all runs:")
+    print(format_table(sorted(rows, key=lambda r: (r["store"], r["method"], r["budget"]))))
+    print("\nbest budget per method:")
+    print(format_table(best_rows(rows)))
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
