@@ -2,16 +2,22 @@
 
 Each step every (unmuted) source proposes its drafts for y. They are merged into one candidate
 trie (shared prefixes become one node) and every node gets an estimated probability of being
-accepted: the product, along its path, of conditional estimates
+accepted: its parent's, times
 
-    q_s(node) = h_s(depth) * share_s(node)
+    q(node) = max_s h_s(depth) * share_s(node)
 
 where ``h_s(d)`` is how often, in this generation, source s's drafts that were still right at
 depth d - 1 had the model's token at depth d among them (a Beta prior, so a new source gets
-tried; each scored step weighs ``decay`` times the one after it, so the estimate follows the
-last ten or so steps), and ``share_s`` is the fraction of s's rank-weighted drafts under the
-parent that go through the node. Sources that propose the same node combine as
-a noisy OR. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
+tried, and the prior of depth d is the estimate at depth d - 1, so rarely reached depths follow
+the ones that are measured; each scored step weighs ``decay`` times the one after it, so the
+estimate follows the last ten or so steps), and ``share_s`` is the fraction of s's
+rank-weighted drafts under the parent that go through the node. Sources proposing the same node
+take the larger estimate, not a noisy OR: prompt lookup and the context drafter often propose
+the same text, and counting them as independent evidence doubled the estimates. The estimates
+under one parent are scaled to sum to at most 1. Finally the path products at depth d are
+scaled by ``g(d)``, the accepted tokens at depth d of recent verified trees per token the raw
+estimates expected there, so what the policy maximises is calibrated against what was actually
+accepted. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
 this device, so the budget is split by acceptance: a source that stops being right stops
 getting nodes. A source that misses ``mute_after`` steps in a row is asked only every
 ``probe_every`` steps, so it stops costing retrieval time too.
@@ -51,16 +57,18 @@ class SourceStats:
     predicted: int = 0  # model tokens (accepted or the one after) this source had proposed
     seconds: float = 0.0
 
-    def record(self, depth_hit: list[bool], decay: float) -> None:
+    def record(self, depth_hit: list[bool], decay: float,
+               weights: list[float] | None = None) -> None:
         """One step's test: ``depth_hit[d]`` is whether the source was right at depth d + 1,
-        given it was right before; the list stops at the first miss."""
+        given it was right before; the list stops at the first miss. A test counts 1, or
+        ``weights[d]`` (for the merged candidates: their estimated mass)."""
         n = len(depth_hit)
         if n > len(self.tests):
             self.hits = np.pad(self.hits, (0, n - len(self.hits)))
             self.tests = np.pad(self.tests, (0, n - len(self.tests)))
         self.hits *= decay
         self.tests *= decay
-        self.tests[:n] += 1
+        self.tests[:n] += 1 if weights is None else np.asarray(weights, np.float64)
         self.hits[:n] += np.asarray(depth_hit, np.float64)
 
 
@@ -100,8 +108,11 @@ class CompositeDrafter(Drafter):
 
     def _reset(self) -> None:
         self.stats = [SourceStats(n) for n in self.names]
+        self.depth_fit = SourceStats("tree")  # per depth: accepted vs estimated, decayed
+        self._estimated: list[float] | None = None  # last tree's raw estimate per depth
         self.steps = 0
         self.tree_sizes: list[int] = []  # nodes below the root of each step's tree
+        self.expected: list[float] = []  # each step's estimated accepted tokens
         self._last: list[list[Draft] | None] = [None] * len(self.drafters)
         self._last_accepted: list[int] | None = None
         self._overhead_s = 0.0
@@ -152,12 +163,19 @@ class CompositeDrafter(Drafter):
 
     def hit_rates(self, i: int, depth: int) -> np.ndarray:
         """Source i's estimated conditional hit rate at depths 1..depth."""
-        st = self.stats[i]
-        hits = np.zeros(depth)
-        tests = np.zeros(depth)
-        m = min(depth, len(st.tests))
-        hits[:m], tests[:m] = st.hits[:m], st.tests[:m]
-        return (hits + self.prior_rate * self.prior_strength) / (tests + self.prior_strength)
+        return self._estimate(self.stats[i], depth, self.prior_rate, self.prior_strength)
+
+    @staticmethod
+    def _estimate(st: SourceStats, depth: int, prior: float, k: float) -> np.ndarray:
+        """Per-depth posterior means of hits per test (prior weight ``k``); the prior of depth
+        d is the estimate at depth d - 1, so depths seldom reached follow the ones that are."""
+        out = np.empty(depth)
+        m = len(st.tests)
+        for d in range(depth):
+            hits, tests = (st.hits[d], st.tests[d]) if d < m else (0.0, 0.0)
+            prior = (hits + k * prior) / (tests + k)
+            out[d] = prior
+        return out
 
     def _score_last_step(self, truth: list[int]) -> None:
         """Score every source's last drafts against the model's tokens after y."""
@@ -181,6 +199,18 @@ class CompositeDrafter(Drafter):
             st.accepted += min(right, len(truth) - 1)
             st.misses_in_a_row = 0 if right else st.misses_in_a_row + 1
         self._last = [None] * len(self.drafters)
+        if self._estimated:  # the verified tree: one accepted node per depth up to len - 1
+            accepted = len(truth) - 1
+            hits = [d < accepted for d in range(len(self._estimated))]
+            self.depth_fit.record(hits, self.decay, self._estimated)
+        self._estimated = None
+
+    def calibration(self, depth: int) -> np.ndarray:
+        """g(1..depth): accepted tokens at each depth of the verified trees per token the raw
+        estimates expected there, over recent steps (1 until there is evidence)."""
+        # The prior weighs half a token: a deep level expects a small fraction of a token per
+        # step, so a heavier prior would hide what the verified trees show.
+        return self._estimate(self.depth_fit, depth, 1.0, 0.5)
 
     # -- the tree ------------------------------------------------------------------------------
 
@@ -210,11 +240,14 @@ class CompositeDrafter(Drafter):
         n = len(tokens)
         if n == 1:
             self.tree_sizes.append(0)
+            self.expected.append(0.0)
             return []
         max_depth = request.draft_len
         rates = [self.hit_rates(s, max_depth).tolist() if p else None
                  for s, p in enumerate(proposals)]
-        probs = [1.0] * n
+        calib = [1.0] + self.calibration(max_depth).tolist()
+        raw = [1.0] * n  # products of the sources' conditional estimates
+        probs = [1.0] * n  # raw, scaled by the depth's calibration, never above the parent
         depth = [0] * n
         for node in range(n):  # parents precede children
             kids = list(children[node].values())
@@ -227,17 +260,20 @@ class CompositeDrafter(Drafter):
             d = depth[node] + 1
             q = []
             for c in kids:
-                miss = 1.0
-                for s, w in mass[c].items():
-                    miss *= 1.0 - rates[s][d - 1] * w / below[s]
-                q.append(1.0 - miss)
-            scale = probs[node] / max(1.0, sum(q))  # the model picks one token: sum(q) <= 1
+                q.append(max(rates[s][d - 1] * w / below[s] for s, w in mass[c].items()))
+            scale = raw[node] / max(1.0, sum(q))  # the model picks one token: sum(q) <= 1
             for c, qc in zip(kids, q):
-                probs[c] = qc * scale
+                raw[c] = qc * scale
+                probs[c] = min(probs[node], raw[c] * calib[d])
                 depth[c] = d
         chosen = select_nodes(parents, probs, self.policy, max_leaves=request.num_drafts,
                               max_depth=max_depth, overhead_s=self._overhead_s)
+        estimated = [0.0] * (max((depth[c] for c in chosen), default=0))
+        for c in chosen:
+            estimated[depth[c] - 1] += raw[c]
+        self._estimated = estimated
         self.tree_sizes.append(len(chosen))
+        self.expected.append(sum(probs[c] for c in chosen))
         for c in chosen:
             for s in mass[c]:
                 self.stats[s].tree_nodes += 1
