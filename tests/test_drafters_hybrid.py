@@ -283,6 +283,34 @@ def test_a_source_that_stops_helping_stops_costing(policy):
     assert summary["late"]["accepted"] > summary["early"]["accepted"] > 0
 
 
+@pytest.mark.parametrize("copies", [1, 2])
+def test_composite_estimates_match_what_is_accepted(copies):
+    """A source right at each depth with probability 0.6 (given it was right so far): the
+    composite's expected accepted tokens track the accepted ones, and a second source proposing
+    the very same drafts is not counted as independent evidence."""
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 50, 5000).tolist()
+    drafts = {}
+
+    def fn(i, req):
+        if i not in drafts:  # the same draft for every copy of the source
+            toks, right = [], True
+            for t in truth[i + 1 : i + 1 + req.draft_len]:
+                right = right and rng.random() < 0.6
+                toks.append(t if right else (t + 1) % 50)
+            drafts[i] = [Draft(tuple(toks), 1.0, "s")]
+        return drafts[i]
+
+    comp = CompositeDrafter([Scripted(f"s{j}", fn) for j in range(copies)], FixedBudget(9))
+    accepted = []
+    orig = comp.accept
+    comp.accept = lambda tokens, hidden: accepted.append(len(tokens) - 1) or orig(tokens, hidden)
+    simulate(comp, truth, 1, 8, 9, 400)
+    expected, got = sum(comp.expected[50:]), sum(accepted[50:])
+    assert got == pytest.approx(sum(0.6**d for d in range(1, 9)) * 350, rel=0.15)
+    assert expected == pytest.approx(got, rel=0.2)
+
+
 # ------------------------------------------------------------------------ lossless, end to end
 
 
