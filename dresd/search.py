@@ -15,9 +15,29 @@ Either way a query returns k keys whenever the store holds k keys followed by y.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
+import torch
+
+
+@contextmanager
+def _single_threaded():
+    """faiss on one OpenMP thread for the duration of a search, then back.
+
+    Decoding sends one query at a time, which gains nothing from threads, while idle faiss
+    threads next to torch's starve the model (a tiny model's verify step took 150 ms instead of
+    1 ms). The setting is not left at 1: faiss and torch share one OpenMP runtime here, so
+    ``faiss.omp_set_num_threads(1)`` also puts torch on one thread, which halved the speed of
+    every forward pass on a 2-core machine until it was scoped to the search.
+    """
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 class KeySearch:
@@ -42,15 +62,12 @@ class KeySearch:
         self.order = np.argsort(next_token, kind="stable")  # sorted id -> global key id
         # float32 so the exact scans run on BLAS; the float16 originals are not kept.
         self.vectors = np.ascontiguousarray(np.asarray(vectors)[self.order], dtype=np.float32)
+        self._vectors = torch.from_numpy(self.vectors)  # the same memory, for _scores
         counts = np.bincount(next_token, minlength=1) if len(next_token) else np.zeros(1, int)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.nprobe = nprobe
         self.exact_threshold = exact_threshold
         self.index = self._merge(ivf_parts) if ivf_parts else None
-        # Decoding sends one query at a time, which gains nothing from threads, while faiss'
-        # OpenMP pool next to torch's starves the model: measured here, a tiny model's verify
-        # step took 150 ms instead of 1 ms until faiss ran single-threaded.
-        faiss.omp_set_num_threads(1)
         self.fallbacks = 0  # IVF searches that ended in an exact scan of the group
 
     def _merge(self, parts: Sequence[tuple[faiss.Index, int]]) -> faiss.Index:
@@ -104,8 +121,13 @@ class KeySearch:
             pos, scores = self._ivf(query, lo, hi, want, nprobe or self.nprobe)
         return self.order[pos], scores
 
+    def _scores(self, rows, query: np.ndarray) -> np.ndarray:
+        # On torch's thread pool, not numpy's BLAS: OpenBLAS threads left spinning after a
+        # matrix-vector product slowed the model's next forward tenfold on a 2-core machine.
+        return torch.mv(self._vectors[rows], torch.from_numpy(query)).numpy()
+
     def _exact(self, query, lo, hi, k):
-        scores = self.vectors[lo:hi] @ query
+        scores = self._scores(slice(lo, hi), query)
         if k < len(scores):
             top = np.argpartition(-scores, k - 1)[:k]
         else:
@@ -114,6 +136,10 @@ class KeySearch:
         return top + lo, scores[top]
 
     def _ivf(self, query, lo, hi, k, nprobe):
+        with _single_threaded():
+            return self._ivf_search(query, lo, hi, k, nprobe)
+
+    def _ivf_search(self, query, lo, hi, k, nprobe):
         sel = faiss.IDSelectorRange(lo, hi)
         q = query[None]
         # Two tries, the second probing 4x the lists, then an exact scan of the group (cheaper
@@ -124,7 +150,7 @@ class KeySearch:
             ids = ids[0][ids[0] >= 0]
             if len(ids) >= k:
                 # Rerank exactly: the index may be quantized (IVF-PQ).
-                scores = self.vectors[ids] @ query
+                scores = self._scores(torch.from_numpy(ids), query)
                 best = np.argsort(-scores, kind="stable")
                 return ids[best], scores[best]
             if probes >= self.nlist:

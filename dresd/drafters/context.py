@@ -104,7 +104,8 @@ class ContextDrafter(Drafter):
             return []
         query = self.embed(request.hidden[None])[0]
         idx = np.asarray(rows[::-1])  # latest first, so ties go to the most recent text
-        scores = self._keys[idx] @ query
+        # torch, not numpy: see dresd.search.KeySearch._scores
+        scores = torch.mv(torch.from_numpy(self._keys[idx]), torch.from_numpy(query)).numpy()
         order = np.argsort(-scores, kind="stable")
         drafts, seen = [], set()
         limit = min(self.k, request.num_drafts)
