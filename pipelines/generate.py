@@ -80,6 +80,18 @@ class GenerateResponsesFn(beam.DoFn):
         pad = self.tokenizer.pad_token_id
         self.pad = self.eos if pad is None else pad
         torch.manual_seed(self.config.seed)
+        from tqdm.auto import tqdm
+
+        # Responses are collected before the JSONL is written, so this bar is the only sign
+        # of life during a long generation.
+        self.bar = tqdm(desc="generate", unit="prompt", disable=not self.config.progress,
+                        dynamic_ncols=True)
+        self.new_tokens = 0
+
+    def teardown(self):
+        bar = getattr(self, "bar", None)
+        if bar is not None:
+            bar.close()
 
     def start_bundle(self):
         self.pending: list[tuple[str, str]] = []
@@ -120,7 +132,11 @@ class GenerateResponsesFn(beam.DoFn):
                 max_new_tokens=c.max_new_tokens, pad_token_id=self.pad, eos_token_id=self.eos,
                 **sampling,
             )
-        for (source, prompt), row in zip(batch, out[:, width:].tolist()):
+        rows = out[:, width:].tolist()
+        self.new_tokens += sum(len([t for t in r if t not in (self.pad, self.eos)]) for r in rows)
+        self.bar.update(len(batch))
+        self.bar.set_postfix_str(f"{self.new_tokens} new tokens")
+        for (source, prompt), row in zip(batch, rows):
             response = self.tokenizer.decode(row, skip_special_tokens=True).strip()
             yield {"source": source, c.prompt_field: prompt, c.response_field: response}
 
