@@ -19,10 +19,15 @@ from pathlib import Path
 import apache_beam as beam
 
 from pipelines.config import BuildConfig
-from pipelines.dead_letter import WriteDeadLetters, read_dead_letters, summarize
+from pipelines.dead_letter import (
+    DEAD_LETTER_DIR,
+    WriteDeadLetters,
+    read_dead_letters,
+    summarize,
+)
 from pipelines.dedupe import NAMESPACE, DropKnownDocuments
-from pipelines.encode import EncodeShards
-from pipelines.fit import FitTransform, load_fitted
+from pipelines.encode import ENCODED_TOKENS, EncodeShards, EncodeTiming
+from pipelines.fit import INDEX_DIR, TRANSFORM_DIR, FitTransform, load_fitted
 from pipelines.index import FillShardIndex
 from pipelines.options import pipeline_options
 from pipelines.publish import Publish
@@ -30,7 +35,8 @@ from pipelines.readers import DEAD, ReadCorpus, list_corpus_files
 from pipelines.sample import SampleStates
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
-from schemas.manifest import CURRENT_FILE
+from schemas.manifest import CURRENT_FILE, MANIFEST_DIR
+from schemas.shard_io import SHARDS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,36 @@ def describe_model(config: BuildConfig) -> ModelSpec:
     )
 
 
+# Everything a store directory holds at its top level (a failed build may leave some of it).
+STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, DEAD_LETTER_DIR}
+
+
+def _check_new_store(store: str) -> None:
+    """A new store goes into a new or empty directory, or one a failed build left behind."""
+    root = Path(store)
+    if (root / CURRENT_FILE).exists():
+        raise ValueError(f"{store} is already a store; use update to add documents")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{store} is a file, not a store directory")
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in STORE_ENTRIES
+                     and not p.name.startswith(".")) if root.is_dir() else []
+    if foreign:
+        raise ValueError(f"{store} holds files that are not a store's ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); build writes into a new or "
+                         "empty directory, named first, before the corpus")
+
+
+def _corpus_files(corpus: Corpus, glob: str, store: str) -> list[str]:
+    """The corpus files, none of which may lie inside the store (swapped arguments)."""
+    files = list_corpus_files(corpus, glob)
+    root = Path(store).resolve()
+    inside = [f for f in files if root in Path(f).resolve().parents]
+    if inside:
+        raise ValueError(f"{len(inside)} corpus file(s) lie inside the store directory {store} "
+                         f"(e.g. {inside[0]}); the store is the first argument, the corpus follows")
+    return files
+
+
 def _read_documents(p, files, config: BuildConfig, store: str, known_shards: list[str],
                     generation: int):
     """ReadCorpus -> DropKnownDocuments -> Tokenize, dead letters written; tokenized docs."""
@@ -69,31 +105,67 @@ def _read_documents(p, files, config: BuildConfig, store: str, known_shards: lis
     return tokenized.tokenized
 
 
-def _run(p: beam.Pipeline) -> dict[str, int]:
+@dataclasses.dataclass
+class RunMetrics:
+    """The builder's Beam metrics of one run, summed (counters) and merged (distributions)
+    over steps and workers."""
+
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)
+    distributions: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def encode(self) -> EncodeTiming | None:
+        return EncodeTiming.from_metrics(self.counters, self.distributions)
+
+
+def _run(p: beam.Pipeline) -> RunMetrics:
     result = p.run()
     result.wait_until_finish()
-    counters = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
-    return {c.key.metric.name: c.committed or c.attempted or 0 for c in counters["counters"]}
+    found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
+    metrics = RunMetrics()
+    for c in found["counters"]:
+        name = c.key.metric.name
+        metrics.counters[name] = metrics.counters.get(name, 0) + (c.committed or c.attempted or 0)
+    for d in found["distributions"]:
+        r = d.committed or d.attempted
+        if r is None or not r.count:
+            continue
+        old = metrics.distributions.get(d.key.metric.name)
+        metrics.distributions[d.key.metric.name] = {
+            "count": r.count + (old["count"] if old else 0),
+            "sum": r.sum + (old["sum"] if old else 0),
+            "min": min(r.min, old["min"]) if old else r.min,
+            "max": max(r.max, old["max"]) if old else r.max,
+        }
+    return metrics
 
 
-def _report(store: str, generation: int, counters: dict[str, int]) -> None:
+def _report(store: str, generation: int, metrics: RunMetrics,
+            out: dict | None = None) -> None:
     letters = read_dead_letters(store, generation)
     if letters:
         log.warning("%d input(s) skipped (%s); details in %s/dead_letter/gen-%06d.parquet",
                     len(letters), summarize(letters), store, generation)
-    for name, n in sorted(counters.items()):
-        if n:
+    for name, n in sorted(metrics.counters.items()):
+        if n and name != ENCODED_TOKENS:
             log.info("%s: %d", name.replace("_", " "), n)
+    if metrics.encode:
+        log.info("%s", metrics.encode.describe())
+    if out is not None:
+        out["metrics"] = metrics
 
 
 def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
-                beam_args: Sequence[str] | None = None) -> Manifest:
-    """Build a new store from a corpus: sample, fit, encode, index, publish generation 1."""
+                beam_args: Sequence[str] | None = None, stats: dict | None = None) -> Manifest:
+    """Build a new store from a corpus: sample, fit, encode, index, publish generation 1.
+
+    ``stats``, when given, receives the run's ``RunMetrics`` under ``"metrics"`` (its
+    ``encode`` timing included).
+    """
     config = config or BuildConfig()
     store = str(store)
-    if (Path(store) / CURRENT_FILE).exists():
-        raise ValueError(f"{store} is already a store; use update to add documents")
-    files = list_corpus_files(corpus, config.glob)
+    _check_new_store(store)
+    files = _corpus_files(corpus, config.glob, store)
     model = describe_model(config)
     Path(store).mkdir(parents=True, exist_ok=True)
     generation = 1
@@ -117,8 +189,7 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
         | "Publish" >> Publish(store, generation, model, config.value_len, fitted,
                                note=config.note)
     )
-    counters = _run(p)
-    _report(store, generation, counters)
+    _report(store, generation, _run(p), stats)
     if not (Path(store) / CURRENT_FILE).exists():
         letters = read_dead_letters(store, generation)
         raise ValueError(f"no usable documents in the corpus ({len(files)} file(s)); "
@@ -127,11 +198,11 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
 
 
 def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
-                 beam_args: Sequence[str] | None = None) -> Manifest:
+                 beam_args: Sequence[str] | None = None, stats: dict | None = None) -> Manifest:
     """Encode only documents new to the store into new shards and publish the next generation.
 
     The store's transform, quantizer, d and N are reused (``config``'s are ignored); the model
-    must be the one the store was built with.
+    must be the one the store was built with. ``stats`` as for ``build_store``.
     """
     store = str(store)
     current = read_manifest(store)
@@ -148,7 +219,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
             f"model {config.model!r} (fingerprint {model.fingerprint[:12]}) is not the model "
             f"this store was built with ({current.model.name!r}, "
             f"{current.model.fingerprint[:12]})")
-    files = list_corpus_files(corpus, config.glob)
+    files = _corpus_files(corpus, config.glob, store)
     fitted_value = load_fitted(store, current)
     generation = current.generation + 1
 
@@ -164,8 +235,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
                                base_shards=current.shards, parent=current.generation,
                                note=config.note or "update")
     )
-    counters = _run(p)
-    _report(store, generation, counters)
+    _report(store, generation, _run(p), stats)
     return read_manifest(store)
 
 

@@ -24,8 +24,21 @@ STORE_FIXED = ("dim", "value_len", "index_kind", "nlist", "nprobe", "pq_m", "pq_
 
 
 def _quiet_beam(args) -> None:
-    if not getattr(args, "verbose", False):
-        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    """Without --verbose: no Beam INFO lines, none of the warnings Beam logs on import about
+    Google Cloud clients it cannot find, and no per-load weight bars from transformers."""
+    if getattr(args, "verbose", False):
+        return
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # Beam logs its "apitools not found" on the root logger
+    try:
+        import apache_beam  # noqa: F401
+    finally:
+        root.setLevel(level)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _summary(manifest, seconds: float) -> str:
@@ -36,9 +49,9 @@ def _summary(manifest, seconds: float) -> str:
 
 
 def run_build(args) -> int:
+    _quiet_beam(args)  # before Beam is imported
     from pipelines.build import build_store
 
-    _quiet_beam(args)
     start = time.perf_counter()
     manifest = build_store(args.corpus, args.store, from_arguments(BuildConfig, args), args.extra)
     print(_summary(manifest, time.perf_counter() - start))
@@ -47,10 +60,10 @@ def run_build(args) -> int:
 
 
 def run_update(args) -> int:
+    _quiet_beam(args)  # before Beam is imported
     from pipelines.build import update_store
     from schemas import read_manifest
 
-    _quiet_beam(args)
     current = read_manifest(args.store)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)
               if hasattr(args, f.name)}
@@ -65,9 +78,9 @@ def run_update(args) -> int:
 
 
 def run_compact(args) -> int:
+    _quiet_beam(args)  # before Beam is imported
     from pipelines.build import compact_store
 
-    _quiet_beam(args)
     start = time.perf_counter()
     manifest = compact_store(args.store, args.shard_tokens, args.extra)
     print(_summary(manifest, time.perf_counter() - start))
@@ -75,9 +88,9 @@ def run_compact(args) -> int:
 
 
 def run_generate(args) -> int:
+    _quiet_beam(args)  # before Beam is imported
     from pipelines.generate import generate_corpus
 
-    _quiet_beam(args)
     start = time.perf_counter()
     out = generate_corpus(args.prompts, args.output, from_arguments(GenerateConfig, args),
                           args.extra)

@@ -5,15 +5,78 @@ The model loads once per worker (``setup``). Documents are buffered until they h
 budget and written as one shard. A key exists for every position t with t + 1 < length: its
 vector is transform(h_t) in float16, ``pos`` its offset in the shard's token stream, and
 ``next_token`` the token at pos + 1.
+
+Every worker reports its timings as Beam metrics (see ``EncodeTiming``), so a launcher on any
+runner can tell the encode throughput without the model load, tokenization or the other stages.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
 
 from pipelines.config import BuildConfig
+from pipelines.dedupe import NAMESPACE
 from pipelines.documents import TokenizedDoc, WrittenShard
+
+# Distributions hold ints: wall-clock instants in epoch milliseconds, durations in milliseconds.
+ENCODED_TOKENS = "encoded_tokens"
+ENCODE_FIRST_MS = "encode_first_doc_ms"  # a bundle's first document reached the encoder
+ENCODE_DONE_MS = "encode_shard_done_ms"  # a shard's files were written
+ENCODE_FORWARD_MS = "encode_forward_ms"  # model forward + projection, per shard
+ENCODE_CPU_MS = "encode_cpu_ms"  # process CPU time from a bundle's first document, per shard
+ENCODER_SETUP_MS = "encoder_setup_ms"  # model load, per worker
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class EncodeTiming:
+    """The encode stage of one pipeline run, from its metrics.
+
+    ``stage_s`` runs from the first document any encoder received to the last shard written
+    (forward, projection, buffering and the Arrow/Lance writes; not the model load, which
+    ``setup_s`` sums over workers, nor tokenization, sampling, fitting or index filling).
+    ``cpu_s`` is the CPU time of the encoders' processes over the same span, every thread
+    counted (torch's and Beam's): on a shared machine it is steadier than wall time, and it
+    is the stage's own cost when each worker process runs one encoder at a time.
+    """
+
+    tokens: int
+    shards: int
+    stage_s: float
+    forward_s: float
+    cpu_s: float
+    setup_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.stage_s if self.stage_s > 0 else 0.0
+
+    @classmethod
+    def from_metrics(cls, counters: dict[str, int], distributions: dict[str, dict]):
+        """None when nothing was encoded (or the runner reported no metrics)."""
+        first, done = distributions.get(ENCODE_FIRST_MS), distributions.get(ENCODE_DONE_MS)
+        if not counters.get(ENCODED_TOKENS) or not first or not done:
+            return None
+
+        def total(name):
+            return distributions.get(name, {}).get("sum", 0) / 1000
+
+        return cls(tokens=counters[ENCODED_TOKENS], shards=done["count"],
+                   stage_s=(done["max"] - first["min"]) / 1000, forward_s=total(ENCODE_FORWARD_MS),
+                   cpu_s=total(ENCODE_CPU_MS), setup_s=total(ENCODER_SETUP_MS))
+
+    def describe(self) -> str:
+        return (f"encoded {self.tokens} tokens into {self.shards} shard(s) in {self.stage_s:.1f} s "
+                f"({self.tokens_per_s:.0f} tok/s; forward {self.forward_s:.1f} s, "
+                f"model load {self.setup_s:.1f} s)")
 
 
 def shard_keys(docs: list[TokenizedDoc], states: np.ndarray):
@@ -46,14 +109,27 @@ class EncodeShardsFn(beam.DoFn):
     def setup(self):
         from pipelines.forward import HiddenStateModel
 
+        start = time.perf_counter()
         self.model = HiddenStateModel(self.config.model, self.config.device, self.config.dtype)
+        import lancedb  # noqa: F401 - once per worker (~2 s), not inside the first shard write
+
+        # Metrics reported in setup are lost; the first bundle reports this one.
+        self.setup_ms = int((time.perf_counter() - start) * 1000)
 
     def start_bundle(self):
         self.buffer: list[TokenizedDoc] = []
         self.buffered = 0
         self.fitted = None
+        self.started = False
 
     def process(self, doc: TokenizedDoc, fitted):
+        if not self.started:
+            self.started = True
+            self.cpu_mark = time.process_time()
+            Metrics.distribution(NAMESPACE, ENCODE_FIRST_MS).update(_now_ms())
+            if self.setup_ms is not None:
+                Metrics.distribution(NAMESPACE, ENCODER_SETUP_MS).update(self.setup_ms)
+                self.setup_ms = None
         # Side inputs are not passed to finish_bundle, so keep the one seen here.
         self.fitted = fitted
         self.buffer.append(doc)
@@ -71,12 +147,19 @@ class EncodeShardsFn(beam.DoFn):
 
         docs, self.buffer, self.buffered = self.buffer, [], 0
         transform = self.fitted.transform
+        start = time.perf_counter()
         states = encode_stream(
             self.model, [d.tokens for d in docs], transform.dim, transform.torch_apply,
             np.float16, self.config.batch_tokens, self.config.max_len, self.config.progress,
         )
+        Metrics.distribution(NAMESPACE, ENCODE_FORWARD_MS).update(
+            int((time.perf_counter() - start) * 1000))
         data = shard_keys(docs, states)
         shard_id = write_shard(self.store, data)
+        Metrics.counter(NAMESPACE, ENCODED_TOKENS).inc(len(data.tokens))
+        Metrics.distribution(NAMESPACE, ENCODE_DONE_MS).update(_now_ms())
+        cpu, self.cpu_mark = self.cpu_mark, time.process_time()
+        Metrics.distribution(NAMESPACE, ENCODE_CPU_MS).update(int((self.cpu_mark - cpu) * 1000))
         return WrittenShard(shard_id=shard_id, num_docs=len(docs), num_tokens=len(data.tokens),
                             num_keys=len(data.pos))
 

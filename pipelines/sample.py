@@ -2,7 +2,9 @@
 
 Documents are chosen by the smallest content hashes (a uniform, reproducible choice that
 merges across workers) until they hold ``OVERSAMPLE`` x sample_size tokens; they are encoded
-whole, so every state has its real left context, and sample_size positions are drawn from them.
+from their start, so every state has its real left context, the last one only up to that token
+count (a long file would otherwise add up to a whole document of forward work), and
+sample_size positions are drawn from them.
 """
 
 from __future__ import annotations
@@ -63,8 +65,14 @@ class EncodeSampleFn(beam.DoFn):
 
         if not docs:
             return
+        streams, budget = [], OVERSAMPLE * self.config.sample_size
+        for d in docs:  # smallest hashes first; the last one is cut at the budget
+            streams.append(d.tokens[:budget])
+            budget -= len(streams[-1])
+            if budget <= 0:
+                break
         states = encode_stream(
-            self.model, [d.tokens for d in docs], self.model.hidden_size,
+            self.model, streams, self.model.hidden_size,
             lambda h: h.to(torch.float32), np.float32, self.config.batch_tokens,
             self.config.max_len, self.config.progress, desc="sample states",
         )

@@ -41,10 +41,16 @@ def corpus(tmp_path_factory, code_corpus_dir):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, corpus, tiny_llama_dir):
+def built_with_stats(tmp_path_factory, corpus, tiny_llama_dir):
     store = tmp_path_factory.mktemp("store") / "s"
-    manifest = build_store(corpus[0], store, _config(tiny_llama_dir))
-    return store, manifest
+    stats = {}
+    manifest = build_store(corpus[0], store, _config(tiny_llama_dir), stats=stats)
+    return store, manifest, stats
+
+
+@pytest.fixture(scope="module")
+def built(built_with_stats):
+    return built_with_stats[:2]
 
 
 def _files_state(store, manifest):
@@ -87,6 +93,15 @@ def test_build_writes_a_complete_verifiable_store(built, corpus, tiny_llama_dir)
     reasons = {d.source.rsplit("/", 1)[1]: d.reason for d in read_dead_letters(str(store), 1)}
     assert reasons["empty.py"] == "empty document"
     assert reasons["latin1.py"].startswith("not UTF-8")
+
+
+def test_build_reports_encode_timing(built_with_stats):
+    _, manifest, stats = built_with_stats
+    timing = stats["metrics"].encode
+    assert timing.tokens == manifest.num_tokens and timing.shards == len(manifest.shards)
+    assert 0 < timing.forward_s <= timing.stage_s and timing.cpu_s > 0 and timing.setup_s > 0
+    assert timing.tokens_per_s == pytest.approx(timing.tokens / timing.stage_s)
+    assert stats["metrics"].counters["encoded_tokens"] == manifest.num_tokens
 
 
 def test_update_adds_a_generation_and_leaves_the_first_untouched(
@@ -144,6 +159,14 @@ def test_build_refuses_an_existing_store_and_a_corpus_without_documents(
         built, corpus, tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="already a store"):
         build_store(corpus[1], built[0], _config(tiny_llama_dir))
+    with pytest.raises(ValueError, match="not a store's"):  # corpus and store swapped
+        build_store(corpus[1], corpus[0], _config(tiny_llama_dir))
+    assert not (corpus[0] / "shards").exists()
+    leftover = tmp_path / "st" / "dead_letter"
+    leftover.mkdir(parents=True)
+    (leftover / "a.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="inside the store directory"):
+        build_store(tmp_path / "st", tmp_path / "st", _config(tiny_llama_dir, glob="**/*.py"))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.jsonl").write_text('{"prompt": "no response"}\nnot json\n')
