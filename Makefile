@@ -11,8 +11,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# CPU torch first, pinned, so nothing below pulls the CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	# torch first and pinned, so the package install keeps it. Where the default index serves
+	# the CUDA build, TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU one.
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -43,6 +43,20 @@ def stdlib_corpus(dest: Path, max_tokens: int, tokenizer) -> Path:
     return dest
 
 
+def model_tag(model: str) -> str:
+    """A directory-name suffix per target model, so stores of different models never mix."""
+    if model == "default":
+        return ""
+    import hashlib
+
+    name = "".join(c if c.isalnum() else "-" for c in Path(model).name)[:40]
+    return f"-{name}-{hashlib.sha256(str(Path(model).resolve()).encode()).hexdigest()[:8]}"
+
+
+def _options(build: dict) -> str:
+    return "".join(f"-{k}{v}" for k, v in sorted(build.items()))
+
+
 def _built(store: Path) -> bool:
     return (store / CURRENT_FILE).exists()
 
@@ -58,11 +72,12 @@ def ood_store(model: str, max_tokens: int, root: Path = RUNS, **build) -> Path:
     from pipelines.build import build_store
     from pipelines.config import BuildConfig
 
-    store = root / f"store-ood-{max_tokens // 1000}k"
+    tag = model_tag(model)
+    store = root / f"store-ood-{max_tokens // 1000}k{tag}{_options(build)}"
     if _built(store):
         return store
     _, tokenizer = load_model(model, "cpu", "float32")
-    corpus = stdlib_corpus(root / f"corpus-ood-{max_tokens // 1000}k", max_tokens, tokenizer)
+    corpus = stdlib_corpus(root / f"corpus-ood-{max_tokens // 1000}k{tag}", max_tokens, tokenizer)
     print(f"building the OOD store from {corpus} ...", file=sys.stderr, flush=True)
     _fresh(store)
     build_store(corpus, store, BuildConfig(model=model, glob="**/*.py", **build))
@@ -76,10 +91,11 @@ def id_store(model: str, num_prompts: int, max_new_tokens: int = 256, root: Path
     from pipelines.config import BuildConfig, GenerateConfig
     from pipelines.generate import generate_corpus
 
-    store = root / f"store-id-{num_prompts}"
+    tag = model_tag(model)
+    store = root / f"store-id-{num_prompts}{tag}{_options(build)}"
     if _built(store):
         return store
-    corpus = root / f"corpus-id-{num_prompts}" / "completions.jsonl"
+    corpus = root / f"corpus-id-{num_prompts}{tag}" / "completions.jsonl"
     if not corpus.exists():
         prompts = write_prompt_jsonl(stdlib_signature_prompts(num_prompts),
                                      corpus.parent / "prompts" / "prompts.jsonl")

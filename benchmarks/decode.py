@@ -21,7 +21,7 @@ Two stores: OOD (standard-library sources) and ID (the model's completions of st
 signature prompts). Results go to JSON, two plots and a table printed last.
 
     python benchmarks/decode.py                      # the full run (make bench)
-    python benchmarks/decode.py --prompts 2 --max-new-tokens 32 --methods ar,dense  # a smoke run
+    python benchmarks/decode.py --prompts 2 --max-new-tokens 32 --stores ood --methods ar,dense
 """
 
 from __future__ import annotations

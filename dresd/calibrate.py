@@ -79,7 +79,7 @@ def measure_verify_cost(
     gen = torch.Generator().manual_seed(0)
     past = torch.randint(0, vocab, (1, past_len), generator=gen).to(device)
     cache = DynamicCache()
-    model(past, past_key_values=cache, use_cache=True)
+    model(past, cache=cache, use_cache=True)
     seconds = []
     for n in sizes:
         x = torch.randint(0, vocab, (1, n), generator=gen).to(device)
@@ -88,7 +88,7 @@ def measure_verify_cost(
         for i in range(repeats + 1):
             _sync(device)
             t0 = time.perf_counter()
-            model(x, past_key_values=cache, position_ids=pos, use_cache=True)
+            model(x, cache=cache, position_ids=pos, use_cache=True)
             _sync(device)
             if i:  # the first run warms up kernels and allocator
                 times.append(time.perf_counter() - t0)

@@ -176,6 +176,44 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
+# Logits processors model.generate applies even when greedy, and their neutral values.
+_PROCESSOR_SETTINGS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "suppress_tokens": (),
+    "begin_suppress_tokens": (),
+    "bad_words_ids": (),
+    "sequence_bias": (),
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+}
+
+
+def check_plain_decoding(model) -> None:
+    """Refuse a generation config whose logits processors change greedy decoding.
+
+    dresd verifies drafts against the model's plain distribution; ``model.generate`` would
+    apply these settings (Qwen2.5-Instruct ships ``repetition_penalty=1.05``), so the two outputs
+    would differ. Rather than silently decode something else, say which settings to reset.
+    """
+    gc = getattr(model, "generation_config", None)
+    used = []
+    for name, neutral in _PROCESSOR_SETTINGS.items():
+        value = getattr(gc, name, None)
+        if value is None or value == neutral or (neutral == () and len(value) == 0):
+            continue
+        used.append(f"{name}={value!r}")
+    if used:
+        raise ValueError(
+            f"the model's generation_config sets {', '.join(used)}: model.generate applies these "
+            "even when decoding greedily and dresd does not, so the outputs would differ. Reset "
+            "them first (e.g. model.generation_config.repetition_penalty = 1.0)."
+        )
+
+
 def as_drafter(source, config: DecodeConfig, model=None, tokenizer=None) -> Drafter:
     """A Drafter as is. A Store (checked against the model), or None, becomes the sources
     ``config.drafter`` names: one source under a fixed budget is returned alone, anything else
@@ -276,6 +314,7 @@ def generate(
     from transformers import DynamicCache
 
     config = dataclasses.replace(config or DecodeConfig(), **overrides)
+    check_plain_decoding(model)
     drafter = as_drafter(source, config, model, tokenizer)
     params = config.sampling
     budget = config.tree_budget
@@ -301,7 +340,8 @@ def generate(
 
     # Prefill decides the first token.
     cache = DynamicCache()
-    prefill = model_forward(model, torch.tensor([prompt_ids], device=device), cache)
+    prefill = model_forward(model, torch.tensor([prompt_ids], device=device), cache,
+                            logits_to_keep=1)
     y = choose(prefill.logits[-1])
     y_hidden = prefill.hidden[-1]
     _sync(device)

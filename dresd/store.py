@@ -231,7 +231,7 @@ def load_store(
 
     disk = {
         "keys": sum(s.keys.bytes for s in manifest.shards),
-        "values": sum(s.tokens.bytes + s.docs.bytes for s in manifest.shards),
+        "values": sum(s.tokens.bytes for s in manifest.shards),  # as `dresd info` counts
         "index": sum(s.index.bytes for s in manifest.shards),
     }
     n_tok = max(manifest.num_tokens, 1)

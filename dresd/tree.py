@@ -137,8 +137,14 @@ class TreeOutput:
     hidden: torch.Tensor  # [n, H] final hidden states
 
 
-def model_forward(model, input_ids, cache, position_ids=None, attention_mask=None) -> TreeOutput:
-    """One forward of the standard transformers model, returning logits and final states."""
+def model_forward(model, input_ids, cache, position_ids=None, attention_mask=None,
+                  logits_to_keep: int = 0) -> TreeOutput:
+    """One forward of the standard transformers model, returning logits and final states.
+
+    ``logits_to_keep`` = 1 computes the LM head for the last position only (the prefill needs
+    every hidden state but one row of logits, and a vocabulary-wide head over a long prompt is
+    a measurable share of a CPU prefill); 0 keeps all.
+    """
     out = model(
         input_ids=input_ids,
         cache=cache,
@@ -146,6 +152,7 @@ def model_forward(model, input_ids, cache, position_ids=None, attention_mask=Non
         attention_mask=attention_mask,
         use_cache=True,
         output_hidden_states=True,
+        logits_to_keep=logits_to_keep,
     )
     return TreeOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
 

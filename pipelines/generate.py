@@ -17,7 +17,7 @@ import apache_beam as beam
 from pipelines.config import GenerateConfig
 from pipelines.dead_letter import write_dead_letters
 from pipelines.documents import DeadLetter
-from pipelines.readers import DEAD
+from pipelines.readers import DEAD, utf8_error
 
 
 def read_prompts(path: str, prompt_field: str):
@@ -43,6 +43,10 @@ def read_prompts(path: str, prompt_field: str):
         elif not isinstance(record, dict) or not isinstance(record.get(prompt_field), str):
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of(
                 source, f"no string field {prompt_field!r}", json.dumps(record, default=str)))
+        elif utf8_error(record[prompt_field]):
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of(
+                source, f"field {prompt_field!r} is not UTF-8 text: "
+                f"{utf8_error(record[prompt_field])}", json.dumps(record)))
         elif not record[prompt_field].strip():
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of(source, "empty prompt"))
         else:

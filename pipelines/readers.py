@@ -16,7 +16,6 @@ import apache_beam as beam
 from pipelines.documents import ChatDocument, DeadLetter, Document, TextDocument
 
 DEAD = "dead"
-RECORD_SUFFIXES = (".jsonl", ".parquet")
 
 
 def list_corpus_files(corpus: str | os.PathLike | Iterable, glob: str) -> list[str]:
@@ -36,8 +35,18 @@ def list_corpus_files(corpus: str | os.PathLike | Iterable, glob: str) -> list[s
     return files
 
 
-def is_record_file(path: str) -> bool:
-    return path.endswith(RECORD_SUFFIXES)
+def utf8_error(text: str) -> str:
+    """Why ``text`` has no UTF-8 encoding ('' when it has one).
+
+    Valid JSON can still carry a lone surrogate (``"\\ud800"``), which decodes to a Python
+    string that fails at the first ``encode``; caught here, it becomes a dead letter instead
+    of an exception that stops the whole pipeline.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.reason} at character {e.start}"
+    return ""
 
 
 def _chat(source: str, record, prompt_field: str, response_field: str) -> Document | DeadLetter:
@@ -50,6 +59,11 @@ def _chat(source: str, record, prompt_field: str, response_field: str) -> Docume
         if not isinstance(record[name], str):
             return DeadLetter.of(source, f"field {name!r} is {type(record[name]).__name__}, "
                                  "not a string", json.dumps(record, default=str))
+    for name in (prompt_field, response_field):
+        bad = utf8_error(record[name])
+        if bad:
+            return DeadLetter.of(source, f"field {name!r} is not UTF-8 text: {bad}",
+                                 json.dumps(record))
     prompt, response = record[prompt_field], record[response_field]
     if not response.strip():
         return DeadLetter.of(source, f"empty field {response_field!r}", json.dumps(record))

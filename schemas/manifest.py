@@ -226,7 +226,10 @@ def read_manifest(store: str | os.PathLike, generation: int | None = None) -> Ma
     return Manifest.from_dict(d)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write_text(path: Path, text: str, exclusive: bool = False) -> None:
+    """Write to a temporary file, then move it into place in one step. With ``exclusive``,
+    the move is a hard link, which fails if ``path`` exists, so of two racing writers exactly
+    one wins (a check-then-rename would let both succeed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -234,7 +237,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -249,8 +256,10 @@ def write_manifest(store: str | os.PathLike, manifest: Manifest) -> Path:
     d = manifest.to_dict()
     validate_manifest_dict(d)
     path = generation_path(store, manifest.generation)
-    if path.exists():
-        raise StoreFormatError(f"generation {manifest.generation} already exists in {store}")
-    _atomic_write_text(path, json.dumps(d, indent=2, sort_keys=True) + "\n")
+    try:
+        _atomic_write_text(path, json.dumps(d, indent=2, sort_keys=True) + "\n", exclusive=True)
+    except FileExistsError:
+        raise StoreFormatError(
+            f"generation {manifest.generation} already exists in {store}") from None
     _atomic_write_text(Path(store) / CURRENT_FILE, f"{MANIFEST_DIR}/{path.name}\n")
     return path

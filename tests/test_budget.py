@@ -111,7 +111,7 @@ def test_load_or_measure_saves_per_model_and_device(tiny_llama_dir, tmp_path, mo
     path = calibration_path(fp, model.device)
     assert path.is_file() and path.is_relative_to(tmp_path)
     assert cal.model_fingerprint == fp and cal.sizes == (1, 4, 16)
-    assert list(cal.seconds) == sorted(cal.seconds) and cal.seconds[0] > 0
+    assert all(s > 0 for s in cal.seconds)
     # reused, not measured again (a measurement would not reproduce the same timings)
     assert load_or_measure(model, fp, **kw) == cal
     fresh = load_or_measure(model, fp, refresh=True, **kw)

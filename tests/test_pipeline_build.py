@@ -170,7 +170,7 @@ def test_build_refuses_an_existing_store_and_a_corpus_without_documents(
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.jsonl").write_text('{"prompt": "no response"}\nnot json\n')
-    with pytest.raises(Exception, match="no usable documents"):
+    with pytest.raises(ValueError, match="no usable documents"):
         build_store(bad / "a.jsonl", tmp_path / "s", _config(tiny_llama_dir))
     assert not (tmp_path / "s" / "CURRENT").exists()
     assert {d.reason.split(":")[0] for d in read_dead_letters(str(tmp_path / "s"), 1)} == {

@@ -47,6 +47,7 @@ def test_read_corpus_sorts_good_records_from_dead_letters(tmp_path):
         json.dumps(["not", "an", "object"]).encode(),
         json.dumps({"q": "number answer", "a": 4}).encode(),
         b'{"q": "caf\xe9", "a": "latin-1 bytes"}',
+        b'{"q": "lone surrogate", "a": "\\ud800"}',  # valid JSON, no UTF-8 encoding
         b"",
     ]))
     parquet = tmp_path / "chat.parquet"
@@ -73,6 +74,7 @@ def test_read_corpus_sorts_good_records_from_dead_letters(tmp_path):
             (f"{jsonl}:4", "record is a list, not an object"),
             (f"{jsonl}:5", "field 'a' is int, not a string"),
             (f"{jsonl}:6", "not UTF-8"),
+            (f"{jsonl}:7", "field 'a' is not UTF-8 text"),
             (f"{parquet}#1", "empty field 'a'"),
             (str(bad_parquet), "missing field 'q' (columns"),
             (str(tmp_path / "empty.txt"), "empty document"),

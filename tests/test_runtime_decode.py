@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
 from dresd.decode import DecodeConfig, generate
 from dresd.drafters.base import Draft, Drafter, DraftRequest
@@ -157,3 +158,36 @@ def test_bad_inputs(tiny_model):
         DecodeConfig(top_p=0)
     with pytest.raises(TypeError, match="Drafter or a Store"):
         generate(model, tok, object(), PROMPT, max_new_tokens=4)
+
+
+def test_stats_count_steps_and_accepted_tokens_exactly():
+    # The truth branch sits below a better-scored partly-wrong draft, so every step accepts
+    # exactly draft_len tokens off the first branch: 5 tokens per verify step.
+    model, tok = make_tiny_model("llama")
+    ids = tok(PROMPT)["input_ids"]
+    ref = greedy_reference(model, ids, 21)
+    assert len(ref) == 21 and tok.eos_token_id not in ref
+    drafter = ReferenceDrafter(len(ids), ref, len(tok), good=2)
+    out = generate(model, tok, drafter, ids, max_new_tokens=21, num_drafts=3, draft_len=4,
+                   max_tree_tokens=64)
+    st = out.stats
+    assert out.tokens == ref
+    assert (st.steps, st.step_tokens, st.accepted_tokens, st.proposed_tokens) == (4, 20, 16, 16)
+    assert st.accepted_length == 5.0 and st.acceptance_rate == 1.0
+    # three drafts of 4 tokens share 2 tokens (partly/truth) -> root + 4 + 2 + 4 nodes per step
+    assert st.tree_tokens == 4 * 11
+
+
+def test_generation_config_processors_are_refused():
+    model, tok = make_tiny_model("llama")
+    model.generation_config.repetition_penalty = 1.1
+    try:
+        with pytest.raises(ValueError, match="repetition_penalty=1.1"):
+            generate(model, tok, None, PROMPT, max_new_tokens=4, drafter="prompt_lookup",
+                     budget="fixed")
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    ids = tok(PROMPT)["input_ids"]
+    out = generate(model, tok, None, ids, max_new_tokens=8, drafter="prompt_lookup",
+                   budget="fixed")
+    assert out.tokens == greedy_reference(model, ids, 8)

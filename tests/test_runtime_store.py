@@ -103,7 +103,7 @@ def test_store_of_another_model_is_refused(built, tmp_path):
     from tiny_models import save_tiny_model
 
     other, tok = load_model(save_tiny_model("llama", tmp_path / "other-llama", seed=1))
-    with pytest.raises(StoreMismatchError, match=r"built for model .*tiny|llama.*not for .*other-llama"):
+    with pytest.raises(StoreMismatchError, match=r"built for model .+ \(llama, \w+\), not for .*other-llama"):
         load_store(path, other, tok)
     store = load_store(path, verify=False)
     with pytest.raises(StoreMismatchError, match="other-llama"):
@@ -120,6 +120,17 @@ def _next_generation(path, **changes):
     m = read_manifest(path)
     write_manifest(path, dataclasses.replace(m, generation=m.generation + 1,
                                              parent_generation=m.generation, **changes))
+
+
+def test_a_published_generation_is_never_overwritten(built, tmp_path):
+    path = _copy(built[0], tmp_path)
+    m = read_manifest(path)
+    before = (path / "manifests" / f"gen-{m.generation:06d}.json").read_bytes()
+    with pytest.raises(StoreFormatError, match=f"generation {m.generation} already exists"):
+        write_manifest(path, dataclasses.replace(m, note="a racing writer"))
+    assert (path / "manifests" / f"gen-{m.generation:06d}.json").read_bytes() == before
+    assert read_manifest(path).note == m.note
+    assert not [f for f in (path / "manifests").iterdir() if f.name.endswith(".tmp")]
 
 
 def test_corrupt_shard_is_named(built, tmp_path):

@@ -15,6 +15,15 @@ class StoreDrafter(Drafter):
         self.transform = store.transform
         self.eos = store.eos_token_id
 
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        width = prompt_hidden.shape[-1]
+        if width != self.transform.input_dim:
+            spec = self.store.manifest.model
+            raise ValueError(
+                f"store {self.store.path} keys hidden states of size {self.transform.input_dim} "
+                f"(model {spec.name}, {spec.model_type}); this model's are {width}"
+            )
+
     def propose(self, request: DraftRequest) -> list[Draft]:
         query = self.transform.torch_apply(request.hidden[None])[0].cpu().numpy()
         y = int(request.tokens[-1])
