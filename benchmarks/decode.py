@@ -227,9 +227,10 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
         ax.set_ylabel("speedup over autoregressive")
         ax.legend(fontsize=7)
     ax = axes[-1]
+    hist_store = "id" if "id" in stores else stores[-1]  # the store the issue judges by
     best = {(r["method"], r["store"]): r["budget"] for r in best_rows(rows)}
     for (method, store), budget in sorted(best.items()):
-        if store not in ("", stores[-1]) or method in ("ar", "hf_prompt_lookup",
+        if store not in ("", hist_store) or method in ("ar", "hf_prompt_lookup",
                                                        "draftretriever", "hybrid+rest"):
             continue
         lens = [n for rec in records if (rec["method"], rec["store"], rec["budget"])
@@ -237,7 +238,7 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
         if lens:
             ax.hist(lens, bins=range(1, max(lens) + 2), histtype="step", density=True,
                     label=f"{method} {budget}")
-    ax.set_title(f"tokens per verify step (best budget, store {stores[-1].upper() or '-'})")
+    ax.set_title(f"tokens per verify step (best budget, store {hist_store.upper() or '-'})")
     ax.set_xlabel("accepted draft tokens + 1")
     ax.legend(fontsize=7)
     fig.tight_layout()
