@@ -87,9 +87,13 @@ def test_search_returns_k_keys_of_the_decided_token(built):
     assert s.search(np.zeros(store.manifest.dim, np.float32), 10**7, 5)[0].size == 0
 
 
-def test_dense_drafting_is_lossless_and_accepts(built):
+def test_dense_drafting_is_lossless_and_accepts(built, tmp_path, monkeypatch):
+    from tiny_models import save_flat_calibration
+
     path, model, tok, ref = built
     store = load_store(path, model, tok)
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    save_flat_calibration(model, store.manifest.model.fingerprint)
     res = generate(model, tok, store, PROMPT, max_new_tokens=60, num_drafts=4, draft_len=8)
     assert res.tokens == ref
     # The random model's output does not survive decode + re-encode token for token, so only

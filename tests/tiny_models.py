@@ -88,3 +88,17 @@ def save_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_flat_calibration(model, fingerprint: str) -> None:
+    """Save a verify-cost curve as flat as a GPU's for ``model`` (under DRESD_CACHE) and drop
+    any calibration held in memory. Tests that check drafts get accepted under the default
+    (calibrated) budget use it: a tiny model's measured costs are noise-level timings, and a
+    noisy curve can rightly decide that drafting does not pay on a loaded machine."""
+    from dresd import budget
+    from dresd.calibrate import Calibration, calibration_path, device_name
+
+    sizes = (1, 2, 4, 8, 16, 32, 64)
+    Calibration(fingerprint, device_name(model.device), 32, sizes, (1e-3,) * len(sizes)).save(
+        calibration_path(fingerprint, model.device))
+    budget._CALIBRATIONS.pop(model, None)
