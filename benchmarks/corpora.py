@@ -13,12 +13,32 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from benchmarks.prompts import stdlib_signature_prompts, stdlib_sources, write_prompt_jsonl
 from schemas.manifest import CURRENT_FILE
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"
+T = TypeVar("T")
+
+
+def take_until(items: Iterable[T], count_tokens: Callable[[T], int | None],
+               max_tokens: int) -> tuple[list[T], int]:
+    """Items in order until they hold about ``max_tokens`` tokens, and their total. An item
+    that would overshoot the target by more than 10% is passed over, one whose count is None
+    is skipped."""
+    chosen, total = [], 0
+    for item in items:
+        if total >= max_tokens:
+            break
+        n = count_tokens(item)
+        if n is None or total + n > max_tokens * 1.1:
+            continue
+        chosen.append(item)
+        total += n
+    return chosen, total
 
 
 def stdlib_corpus(dest: Path, max_tokens: int, tokenizer) -> Path:
@@ -29,16 +49,14 @@ def stdlib_corpus(dest: Path, max_tokens: int, tokenizer) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    total = 0
-    for i, path in enumerate(stdlib_sources()):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        n = len(tokenizer(text)["input_ids"])
-        if total + n > max_tokens * 1.1:  # keep the corpus near the size asked for
-            continue
+
+    def count(item):
+        text = item[1].read_text(encoding="utf-8", errors="replace")
+        return len(tokenizer(text)["input_ids"])
+
+    chosen, total = take_until(enumerate(stdlib_sources()), count, max_tokens)
+    for i, path in chosen:
         shutil.copyfile(path, dest / f"{i:04d}_{path.name}")
-        total += n
-        if total >= max_tokens:
-            break
     done.write_text(json.dumps({"tokens": total}))
     return dest
 

@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.corpora import take_until  # noqa: E402
 from benchmarks.prompts import stdlib_sources  # noqa: E402
 from dresd.commands.info import describe  # noqa: E402
 from dresd.models import load_model, pick_device  # noqa: E402
@@ -62,20 +63,15 @@ def pick_corpus(model: str, max_tokens: int) -> tuple[list[Path], int]:
     tokenizer, _ = load_tokenizer(model)
     files = sorted(stdlib_sources(), key=lambda p: hashlib.sha256(p.name.encode()).hexdigest()
                    + str(p))
-    chosen, total = [], 0
-    for path in files:
-        if total >= max_tokens:
-            break
+
+    def count(path: Path) -> int | None:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            continue
-        n = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS
-        if total + n > max_tokens * 1.1:
-            continue  # keep the total near the target
-        chosen.append(path)
-        total += n
-    return chosen, total
+            return None
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+
+    return take_until(files, count, max_tokens)
 
 
 def pipeline_batches(store: Path, config: BuildConfig) -> list[list[np.ndarray]]:
