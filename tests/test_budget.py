@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from dresd.budget import CalibratedBudget, FixedBudget, select_nodes
-from dresd.calibrate import Calibration, calibration_path, load_or_measure
+from dresd.calibrate import (
+    DEFAULT_SIZES,
+    VERSION,
+    Calibration,
+    calibration_path,
+    load_or_measure,
+)
 
 # This CPU's SmolLM2-135M verify costs (DESIGN.md section 4), in seconds.
 CPU = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64), (0.062, 0.104, 0.134, 0.159, 0.229))
@@ -14,6 +20,9 @@ CPU = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64), (0.062, 0.104, 0.13
 GPU = Calibration("fp", "gpu-test", 300, (1, 32, 64), (0.010, 0.010, 0.016))
 # Cost growing linearly, 30% of a one-token pass per extra token.
 LINEAR = Calibration("fp", "linear", 300, (1, 64), (0.010, 0.010 * (1 + 0.3 * 63)))
+# Not monotone: a CPU whose matmul kernel is slow for 2-3 rows (MKL on AMD EPYC, float32).
+KERNELS = Calibration("fp", "cpu-kernels", 300, (1, 2, 3, 4, 16, 64),
+                      (0.062, 0.110, 0.120, 0.080, 0.090, 0.200))
 
 
 def random_trie(rng, n: int):
@@ -35,7 +44,7 @@ def closed_subsets(parents):
             yield nodes
 
 
-@pytest.mark.parametrize("cal", [CPU, LINEAR], ids=["cpu", "linear"])
+@pytest.mark.parametrize("cal", [CPU, LINEAR, KERNELS], ids=["cpu", "linear", "kernels"])
 def test_calibrated_budget_matches_brute_force(cal):
     rng = np.random.default_rng(0)
     policy = CalibratedBudget(cal, max_tree_tokens=64)
@@ -65,6 +74,19 @@ def test_the_device_decides_the_size():
     # A fixed per-step overhead makes a longer pass relatively cheaper.
     slow = select_nodes(parents, probs, CalibratedBudget(CPU), overhead_s=0.5)
     assert len(slow) > len(cpu)
+
+
+def test_a_curve_that_is_not_monotone_is_followed():
+    # One likely draft token, then unlikely ones. Verifying the root and that token alone (2
+    # rows) costs more here than 4 rows, so the policy pads the tree to 4 tokens: the same
+    # likely token, two more chances, a cheaper pass.
+    parents = list(range(-1, 10))
+    probs = [1.0, 0.9] + [0.9 * 0.05**d for d in range(1, 10)]
+    assert len(select_nodes(parents, probs, CalibratedBudget(KERNELS))) == 3
+    # The same measurements forced monotone would verify the slow 2-token tree.
+    forced = Calibration("fp", "forced", 300, KERNELS.sizes,
+                         tuple(np.maximum.accumulate(KERNELS.seconds)))
+    assert select_nodes(parents, probs, CalibratedBudget(forced)) == [1]
 
 
 def test_fixed_budget_and_the_limits():
@@ -118,6 +140,27 @@ def test_load_or_measure_saves_per_model_and_device(tiny_llama_dir, tmp_path, mo
     assert Calibration.load(path) == fresh
 
 
+def test_a_calibration_of_an_older_version_is_measured_again(tiny_llama_dir, tmp_path,
+                                                            monkeypatch):
+    import json
+
+    from dresd.models import load_model, model_fingerprint
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    model, tok = load_model(tiny_llama_dir)
+    fp = model_fingerprint(model, tok)
+    path = calibration_path(fp, model.device)
+    old = Calibration(fp, "old", 32, (1, 4), (1.0, 1.0), version=1)
+    old.save(path)
+    saved = json.loads(path.read_text())
+    del saved["version"]  # files written before the field existed
+    path.write_text(json.dumps(saved))
+    assert Calibration.load(path).version == 1
+    cal = load_or_measure(model, fp, sizes=(1, 4), past_len=32, repeats=1)
+    assert cal.version == VERSION and cal.seconds != (1.0, 1.0)
+    assert Calibration.load(path) == cal
+
+
 def test_cli_calibrate_prints_and_reuses(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     from dresd.cli import main
 
@@ -126,7 +169,7 @@ def test_cli_calibrate_prints_and_reuses(tiny_llama_dir, tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert "measured now" in out and "tree tokens" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert tuple(int(r[0]) for r in rows) == DEFAULT_SIZES
     assert float(rows[0][2]) == 1.0
     assert main(["calibrate", "--model", str(tiny_llama_dir)]) == 0
     assert "reused" in capsys.readouterr().out
