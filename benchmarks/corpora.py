@@ -120,7 +120,7 @@ def id_store(model: str, num_prompts: int, max_new_tokens: int = 256, root: Path
         print(f"generating {num_prompts} in-domain completions ...", file=sys.stderr, flush=True)
         tmp = corpus.with_suffix(".tmp.jsonl")
         generate_corpus(prompts, tmp, GenerateConfig(model=model, max_new_tokens=max_new_tokens,
-                                                     batch_size=8))
+                                                     batch_size=16))
         tmp.rename(corpus)
     print(f"building the ID store from {corpus} ...", file=sys.stderr, flush=True)
     _fresh(store)

@@ -262,8 +262,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--stores", default="ood,id")
     ap.add_argument("--ood-tokens", type=int, default=130_000, help="size of the OOD corpus")
-    ap.add_argument("--id-prompts", type=int, default=120,
-                    help="stdlib signature prompts the ID corpus is generated from")
+    ap.add_argument("--id-prompts", type=int, default=552,
+                    help="stdlib signature prompts the ID corpus is generated from (552: every "
+                         "one Python 3.11's standard library yields)")
     ap.add_argument("--out", default="", help="JSON results (default benchmarks/results/"
                                               "decode-<device>.json, plot next to it)")
     args = ap.parse_args(argv)
@@ -284,6 +285,7 @@ def main(argv=None) -> int:
     if "ar" not in methods:
         methods.insert(0, "ar")
     runs = plan(methods, list(stores))
+    cal = None
     if any(r.budget == CALIBRATED for r in runs):
         from dresd.calibrate import load_or_measure
 
@@ -320,6 +322,7 @@ def main(argv=None) -> int:
                 budgets=BUDGETS, stores={k: str(v.relative_to(RUNS.parent)) if v.is_relative_to(
                     RUNS.parent) else str(v) for k, v in paths.items()},
                 store_stats={k: asdict(s.stats) for k, s in stores.items()},
+                calibration=asdict(cal) if cal else None,
                 date=time.strftime("%Y-%m-%d %H:%M"))
     out.write_text(json.dumps(dict(meta=meta, rows=rows, records=records), indent=1))
     plot(rows, records, out.with_suffix(".png"))

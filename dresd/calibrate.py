@@ -80,7 +80,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure_verify_cost(
-    model, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int = 5, fingerprint: str = ""
+    model, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int = 15, fingerprint: str = ""
 ) -> Calibration:
     from transformers import DynamicCache
 
