@@ -12,7 +12,8 @@ the n that maximises this; ``FixedBudget`` always takes as many nodes as the cap
 
 Taking nodes best first by p keeps the chosen set a valid subtree (a child is never likelier
 than its parent), and for each size n it is the set with the largest expected acceptance, so
-maximising over n also maximises over all subtrees.
+maximising over n also maximises over all subtrees. That holds for any cost curve, monotone or
+not (on a CPU it is not: see dresd.calibrate).
 """
 
 from __future__ import annotations

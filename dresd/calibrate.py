@@ -6,10 +6,11 @@ a GPU. ``calibrate`` measures the cost of one forward of n new tokens over a KV 
 n = 1, and saves it per model and device so later runs reuse it.
 
 The curve is kept as measured, not forced to grow with n: on a CPU the matrix-multiply kernel
-changes with the number of rows, and on the AMD EPYC this was developed on MKL takes 1.6-1.9
-one-token passes for 2-3 rows but 1.3 for 4-16 (SmolLM2-135M, float32). A budget that saw a
-monotone curve would pay for the slow small trees and never learn that four tokens cost less
-than two. Sizes are measured round-robin, so a drift in the machine's speed hits all alike.
+changes with the number of rows, and on the AMD EPYC this was developed on MKL takes 1.7 and 2.0
+one-token passes for 2 and 3 rows but 1.4-1.8 for 4-16, with 7, 11 and 15 among the slow ones
+(SmolLM2-135M, float32). A budget that saw a monotone curve would pay for the slow small trees
+and never learn that four tokens cost less than two. Sizes are measured round-robin, so a drift
+in the machine's speed hits all alike.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,8 @@ class Calibration:
     def load(cls, path: str | os.PathLike) -> Calibration:
         d = json.loads(Path(path).read_text())
         d.setdefault("version", 1)
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}  # fields of a later version
         return cls(**{**d, "sizes": tuple(d["sizes"]), "seconds": tuple(d["seconds"])})
 
 
@@ -80,7 +84,8 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure_verify_cost(
-    model, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int = 15, fingerprint: str = ""
+    model, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int = 10, fingerprint: str = "",
+    progress: bool = True,
 ) -> Calibration:
     from transformers import DynamicCache
 
@@ -95,7 +100,10 @@ def measure_verify_cost(
         x = torch.randint(0, vocab, (1, n), generator=gen).to(device)
         inputs.append((x, torch.arange(past_len, past_len + n, device=device)[None]))
     times: list[list[float]] = [[] for _ in sizes]
-    for r in range(repeats + 1):
+    from tqdm import tqdm
+
+    for r in tqdm(range(repeats + 1), desc="calibrating verify cost", unit="round",
+                  disable=not progress, leave=False):
         for i, (x, pos) in enumerate(inputs):
             _sync(device)
             t0 = time.perf_counter()
@@ -113,8 +121,10 @@ def load_or_measure(model, fingerprint: str, refresh: bool = False, **kw) -> Cal
     path = calibration_path(fingerprint, device)
     if path.is_file() and not refresh:
         cal = Calibration.load(path)
-        if cal.version == VERSION:
+        if cal.version >= VERSION:
             return cal
+    print(f"measuring {device_name(device)}'s verify cost per tree size once (saved to {path}; "
+          "`dresd calibrate` shows it)", file=sys.stderr, flush=True)
     cal = measure_verify_cost(model, fingerprint=fingerprint, **kw)
     cal.save(path)
     return cal

@@ -78,8 +78,8 @@ def test_the_device_decides_the_size():
 
 def test_a_curve_that_is_not_monotone_is_followed():
     # One likely draft token, then unlikely ones. Verifying the root and that token alone (2
-    # rows) costs more here than 4 rows, so the policy pads the tree to 4 tokens: the same
-    # likely token, two more chances, a cheaper pass.
+    # rows) costs more here than 4 rows, so the policy extends the chain to 4 tokens: the same
+    # likely token, two unlikely ones on top, and a cheaper pass.
     parents = list(range(-1, 10))
     probs = [1.0, 0.9] + [0.9 * 0.05**d for d in range(1, 10)]
     assert len(select_nodes(parents, probs, CalibratedBudget(KERNELS))) == 3
@@ -159,9 +159,16 @@ def test_a_calibration_of_an_older_version_is_measured_again(tiny_llama_dir, tmp
     cal = load_or_measure(model, fp, sizes=(1, 4), past_len=32, repeats=1)
     assert cal.version == VERSION and cal.seconds != (1.0, 1.0)
     assert Calibration.load(path) == cal
+    # a file written by a later version (a field this one does not know) still loads
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "version": VERSION + 1, "new_field": 1}))
+    assert load_or_measure(model, fp, sizes=(1, 4), past_len=32, repeats=1) == Calibration(
+        **{**cal.__dict__, "version": VERSION + 1})
 
 
 def test_cli_calibrate_prints_and_reuses(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import json
+
     from dresd.cli import main
 
     monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
@@ -175,6 +182,14 @@ def test_cli_calibrate_prints_and_reuses(tiny_llama_dir, tmp_path, monkeypatch, 
     assert "reused" in capsys.readouterr().out
     assert main(["calibrate", "--model", str(tiny_llama_dir), "--force"]) == 0
     assert "measured now" in capsys.readouterr().out
+    # a file of an older version is measured again, and said so
+    path = next((tmp_path / "calibration").glob("*.json"))
+    saved = json.loads(path.read_text())
+    del saved["version"]
+    path.write_text(json.dumps(saved))
+    assert main(["calibrate", "--model", str(tiny_llama_dir)]) == 0
+    assert "measured now" in capsys.readouterr().out
+    assert Calibration.load(path).version == VERSION
 
 
 def test_calibrated_budget_is_measured_once_per_model_and_device(tiny_llama_dir, tmp_path,

@@ -22,7 +22,7 @@ def run(args) -> int:
     fingerprint = model_fingerprint(model, tokenizer)
     path = calibration_path(fingerprint, model.device)
     reused = (not args.force and path.is_file()
-              and Calibration.load(path).version == VERSION)
+              and Calibration.load(path).version >= VERSION)
     cal = load_or_measure(model, fingerprint, refresh=args.force)
     print(f"model:  {args.model} ({fingerprint[:16]})")
     print(f"device: {cal.device}, KV cache of {cal.past_len} tokens")
