@@ -73,7 +73,7 @@ class CalibratedBudget(BudgetPolicy):
         if m == 0:
             return 0
         expected = np.concatenate([[0.0], np.cumsum(np.asarray(gains[:m], np.float64))])
-        cost = np.interp(np.arange(1, m + 2), self.calibration.sizes, self.calibration.seconds)
+        cost = self.calibration.cost(np.arange(1, m + 2))
         rate = (1.0 + expected) / (cost + overhead_s)
         return int(np.argmax(rate))  # the first maximum: the smaller tree on ties
 

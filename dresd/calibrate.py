@@ -43,9 +43,11 @@ class Calibration:
     seconds: tuple[float, ...]  # median wall time of one verify forward of n tokens
     version: int = VERSION
 
-    def cost(self, n: int) -> float:
-        """Seconds for a forward of n new tokens, interpolated between measured sizes."""
-        return float(np.interp(n, self.sizes, self.seconds))
+    def cost(self, n: int | np.ndarray) -> float | np.ndarray:
+        """Seconds for a forward of n new tokens (elementwise for an array of sizes),
+        interpolated between measured sizes."""
+        c = np.interp(n, self.sizes, self.seconds)
+        return float(c) if np.ndim(c) == 0 else c
 
     def relative_cost(self, n: int) -> float:
         return self.cost(n) / self.seconds[0]
@@ -116,13 +118,21 @@ def measure_verify_cost(
     return Calibration(fingerprint, device_name(device), past_len, tuple(sizes), tuple(seconds))
 
 
+def saved_calibration(path: Path) -> Calibration | None:
+    """The calibration saved at ``path``, or None when there is none or it is of an older
+    version (to be measured again)."""
+    if not path.is_file():
+        return None
+    cal = Calibration.load(path)
+    return cal if cal.version >= VERSION else None
+
+
 def load_or_measure(model, fingerprint: str, refresh: bool = False, **kw) -> Calibration:
     device = next(model.parameters()).device
     path = calibration_path(fingerprint, device)
-    if path.is_file() and not refresh:
-        cal = Calibration.load(path)
-        if cal.version >= VERSION:
-            return cal
+    cal = None if refresh else saved_calibration(path)
+    if cal is not None:
+        return cal
     print(f"measuring {device_name(device)}'s verify cost per tree size once (saved to {path}; "
           "`dresd calibrate` shows it)", file=sys.stderr, flush=True)
     cal = measure_verify_cost(model, fingerprint=fingerprint, **kw)

@@ -15,14 +15,13 @@ def format_table(cal) -> str:
 
 
 def run(args) -> int:
-    from dresd.calibrate import VERSION, Calibration, calibration_path, load_or_measure
+    from dresd.calibrate import calibration_path, load_or_measure, saved_calibration
     from dresd.models import load_model, model_fingerprint
 
     model, tokenizer = load_model(args.model, device=args.device or None)
     fingerprint = model_fingerprint(model, tokenizer)
     path = calibration_path(fingerprint, model.device)
-    reused = (not args.force and path.is_file()
-              and Calibration.load(path).version >= VERSION)
+    reused = not args.force and saved_calibration(path) is not None
     cal = load_or_measure(model, fingerprint, refresh=args.force)
     print(f"model:  {args.model} ({fingerprint[:16]})")
     print(f"device: {cal.device}, KV cache of {cal.past_len} tokens")
