@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+from tiny_models import greedy_reference
 
 from dresd.decode import generate
 from dresd.drafters.base import DraftRequest
@@ -262,15 +263,9 @@ def test_from_store_indexes_exactly_the_store_documents(tiny_store, tmp_path, mo
     dr = DraftRetrieverDrafter.from_store(store)
     # A context taken from inside a document drafts its own continuation.
     doc = store.shards[0].tokens[store.shards[0].doc_starts[0]:].tolist()[:40]
-    n, conts = brute_rest([expected], doc[:20], 16, 2, 5)
+    n, _ = brute_rest([expected], doc[:20], 16, 2, 5)
     assert n > 0 and tuple(doc[20:25]) in {d.tokens for d in r.propose(request(doc[:20], 64, 5))}
     assert dr.propose(request(doc[:20], 64, 5))
-
-
-def greedy_reference(model, ids, max_new_tokens):
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 def test_lossless_greedy_with_each_baseline(tiny_llama_dir, tiny_store, tmp_path):

@@ -7,7 +7,7 @@ import torch
 # The real default model's store (an integration fixture), shared rather than rebuilt here.
 from test_runtime_integration import PROMPT as INTEGRATION_PROMPT
 from test_runtime_integration import default_store  # noqa: F401
-from tiny_models import save_flat_calibration
+from tiny_models import greedy_reference, save_flat_calibration
 
 from dresd.budget import CalibratedBudget, FixedBudget
 from dresd.calibrate import Calibration
@@ -18,7 +18,6 @@ from dresd.drafters.context import ContextDrafter
 from dresd.models import load_model
 from dresd.tree import DraftTree, TreeBudget
 
-PROMPT = "def parse_args(argv):\n    parser = "
 # Repeats itself, so drafts from the live context get accepted.
 LOOP_PROMPT = "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\ny = "
 CPU = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64), (0.062, 0.104, 0.134, 0.159, 0.229))
@@ -27,12 +26,6 @@ CPU = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64), (0.062, 0.104, 0.13
 def occurs_in(needle, hay) -> bool:
     n = len(needle)
     return any(tuple(hay[i : i + n]) == tuple(needle) for i in range(len(hay) - n + 1))
-
-
-def greedy_reference(model, ids, max_new_tokens):
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 # ------------------------------------------------------------------------------ context drafter
@@ -405,18 +398,10 @@ def test_default_model_hybrid_is_lossless(default_store, tmp_path, monkeypatch):
 
     model, tok = load_model("default")
     store = load_store(default_store, model, tok)
-    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))  # the calibration is measured here
-    # A saved calibration, not one measured now: a tiny model's forward costs are noise-level
-    # timings, and a noisy curve can rightly decide that drafting does not pay, which would
-    # make the acceptance check below depend on the machine's load.
-    from dresd import budget
-    from dresd.calibrate import Calibration, calibration_path, device_name
-
-    fp = store.manifest.model.fingerprint
-    sizes = (1, 2, 4, 8, 16, 32, 64)
-    Calibration(fp, device_name(model.device), 32, sizes, (1e-3,) * len(sizes)).save(
-        calibration_path(fp, model.device))
-    budget._CALIBRATIONS.pop(model, None)
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    # A saved flat calibration, not one measured now, so the acceptance check below does not
+    # depend on the machine's load.
+    save_flat_calibration(model, store.manifest.model.fingerprint)
     drafter = as_drafter(store, DecodeConfig(), model, tok)
     assert isinstance(drafter, CompositeDrafter) and len(drafter.drafters) == 3
     assert isinstance(drafter.policy, CalibratedBudget)
@@ -431,8 +416,7 @@ def test_default_model_hybrid_is_lossless(default_store, tmp_path, monkeypatch):
 def test_cli_generate_without_a_store(tiny_llama_dir, family_stores, calibration_cache, capsys):
     from dresd.cli import main
 
-    *_, ref = family_stores["llama"]
-    tok = family_stores["llama"][2]
+    _, _, tok, ref = family_stores["llama"]
     rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", FAMILY_PROMPT,
                "--max-new-tokens", "20", "--compare"])  # hybrid: context + prompt lookup
     out = capsys.readouterr().out

@@ -3,8 +3,7 @@
 from collections.abc import Sequence
 
 import pytest
-import torch
-from tiny_models import make_tiny_model
+from tiny_models import greedy_reference, make_tiny_model
 
 from dresd.decode import DecodeConfig, generate
 from dresd.drafters.base import Draft, Drafter, DraftRequest
@@ -53,12 +52,6 @@ class ReferenceDrafter(Drafter):
     def accept(self, tokens, hidden):
         assert hidden.shape[0] == len(tokens)
         self.accepted.extend(tokens)
-
-
-def greedy_reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("good", [0, 2, 5])

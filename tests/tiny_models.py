@@ -90,6 +90,13 @@ def save_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def greedy_reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The new tokens of ``model.generate(do_sample=False)``: what lossless decoding must equal."""
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
 def save_flat_calibration(model, fingerprint: str) -> None:
     """Save a verify-cost curve as flat as a GPU's for ``model`` (under DRESD_CACHE) and drop
     any calibration held in memory. Tests that check drafts get accepted under the default
