@@ -86,15 +86,15 @@ def _fresh(store: Path) -> None:
 
 def ood_store(model: str, max_tokens: int, root: Path = RUNS, **build) -> Path:
     """Store over ``max_tokens`` of standard-library sources."""
-    from dresd.models import load_model
     from pipelines.build import build_store
     from pipelines.config import BuildConfig
+    from pipelines.tokenize import load_tokenizer
 
     tag = model_tag(model)
     store = root / f"store-ood-{max_tokens // 1000}k{tag}{_options(build)}"
     if _built(store):
         return store
-    _, tokenizer = load_model(model, "cpu", "float32")
+    tokenizer, _ = load_tokenizer(model)
     corpus = stdlib_corpus(root / f"corpus-ood-{max_tokens // 1000}k{tag}", max_tokens, tokenizer)
     print(f"building the OOD store from {corpus} ...", file=sys.stderr, flush=True)
     _fresh(store)

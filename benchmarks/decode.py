@@ -43,7 +43,7 @@ from benchmarks.corpora import RUNS, id_store, ood_store  # noqa: E402
 from benchmarks.oracle import OracleDrafter  # noqa: E402
 from benchmarks.prompts import chat, humaneval_prompts  # noqa: E402
 from dresd.decode import DecodeConfig, encode_prompt, generate  # noqa: E402
-from dresd.models import load_model, model_fingerprint  # noqa: E402
+from dresd.models import load_model  # noqa: E402
 from dresd.store import load_store  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -287,9 +287,9 @@ def main(argv=None) -> int:
     runs = plan(methods, list(stores))
     cal = None
     if any(r.budget == CALIBRATED for r in runs):
-        from dresd.calibrate import load_or_measure
+        from dresd.budget import calibrated_budget
 
-        cal = load_or_measure(model, model_fingerprint(model, tokenizer))
+        cal = calibrated_budget(model, tokenizer).calibration
         print("verify cost relative to one token: " + ", ".join(
             f"{n}: {cal.relative_cost(n):.2f}" for n in cal.sizes), file=sys.stderr)
 
