@@ -276,6 +276,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="", help="JSON results (default benchmarks/results/"
                                               "decode-<device>.json, plot next to it)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    prompts = humaneval_prompts(args.prompts)  # a bad --prompts fails before any loading
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model, device=args.device or None)
@@ -301,7 +304,6 @@ def main(argv=None) -> int:
         print("verify cost relative to one token: " + ", ".join(
             f"{n}: {cal.relative_cost(n):.2f}" for n in cal.sizes), file=sys.stderr)
 
-    prompts = humaneval_prompts(args.prompts)
     # warm-up: first calls pay for lazy initialisation that later ones do not
     warm = encode_prompt(tokenizer, chat(prompts[0]))
     hf_generate(model, warm, 8)
@@ -315,18 +317,18 @@ def main(argv=None) -> int:
     for i, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, chat(prompt))
         reference, _ = hf_generate(model, ids, args.max_new_tokens)
-        best: dict[Run, dict] = {}
+        tries: dict[Run, list[dict]] = defaultdict(list)
         for _ in range(args.repeats):  # whole rounds, so a slow spell hits every method alike
             for run in runs:
-                rec = run_one(run, model, tokenizer, stores, ids, reference, args.max_new_tokens)
-                rec["identical"] &= best.get(run, rec)["identical"]
-                times = best.get(run, {}).get("all_seconds", []) + [rec["seconds"]]
-                if run not in best or rec["seconds"] < best[run]["seconds"]:
-                    best[run] = rec
-                best[run]["all_seconds"] = times
+                tries[run].append(run_one(run, model, tokenizer, stores, ids, reference,
+                                          args.max_new_tokens))
                 bar.set_postfix_str(run.label)
                 bar.update()
-        records += [dict(asdict(run), prompt=i, **rec) for run, rec in best.items()]
+        for run, recs in tries.items():
+            fastest = min(recs, key=lambda r: r["seconds"])
+            records.append({**asdict(run), "prompt": i, **fastest,
+                            "identical": all(r["identical"] for r in recs),
+                            "all_seconds": [r["seconds"] for r in recs]})
     bar.close()
 
     rows = summarize(records)
