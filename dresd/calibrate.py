@@ -2,15 +2,18 @@
 
 Speculative decoding pays only when the tokens a verify pass accepts outweigh how much more that
 pass costs than a one-token step, and that ratio differs by orders of magnitude between a CPU and
-a GPU. ``calibrate`` measures the cost of one forward of n new tokens over a KV cache, relative to
-n = 1, and saves it per model and device so later runs reuse it.
+a GPU. ``calibrate`` measures the cost of one verify pass of an n-token draft tree over a KV
+cache (the decoder's own ``verify_tree``: tree attention mask, position ids, final hidden states,
+logits for every node) and saves it per model and device so later runs reuse it.
 
-The curve is kept as measured, not forced to grow with n: on a CPU the matrix-multiply kernel
-changes with the number of rows, and on the AMD EPYC this was developed on MKL takes 1.7 and 2.0
-one-token passes for 2 and 3 rows but 1.4-1.8 for 4-16, with 7, 11 and 15 among the slow ones
-(SmolLM2-135M, float32). A budget that saw a monotone curve would pay for the slow small trees
-and never learn that four tokens cost less than two. Sizes are measured round-robin, so a drift
-in the machine's speed hits all alike.
+The budget reads a non-decreasing fit of the measured curve (isotonic regression), not the
+points themselves. The budget picks the tree size with the best expected tokens per second, so it
+seeks out any size whose cost was measured low by chance: with the raw points it verified 243 of
+466 steps at exactly 32 tokens, measured at 105 ms but costing 114 ms in decoding. A real
+non-monotone step (on an AMD EPYC MKL took longer for 2-3 rows than for 4-16) is averaged out by
+the fit, which costs little: a tree a node larger than needed. Every size up to 32 is measured,
+then sparser up to 64, round-robin, so a drift in the machine's speed hits all alike. The saved
+file keeps the raw medians.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import torch
 
 from dresd.models import cache_dir
 
-DEFAULT_SIZES = tuple(range(1, 17)) + (20, 24, 28, 32, 40, 48, 64)
-# Calibrations saved before version 2 were forced monotone (see above) and are measured again.
-VERSION = 2
+DEFAULT_SIZES = tuple(range(1, 33)) + (36, 40, 48, 56, 64)
+# Calibrations saved before version 2 were forced monotone (see above); before version 3 they
+# timed a plain causal forward at sparse sizes. Older ones are measured again.
+VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -40,17 +44,30 @@ class Calibration:
     device: str
     past_len: int
     sizes: tuple[int, ...]
-    seconds: tuple[float, ...]  # median wall time of one verify forward of n tokens
+    seconds: tuple[float, ...]  # median wall time of one verify pass of an n-token tree
     version: int = VERSION
 
     def cost(self, n: int | np.ndarray) -> float | np.ndarray:
-        """Seconds for a forward of n new tokens (elementwise for an array of sizes),
-        interpolated between measured sizes."""
-        c = np.interp(n, self.sizes, self.seconds)
+        """Seconds for a verify pass of n tree tokens (elementwise for an array of sizes): the
+        non-decreasing fit of the measured medians, interpolated between measured sizes."""
+        c = np.interp(n, self.sizes, self.fitted())
         return float(c) if np.ndim(c) == 0 else c
 
+    def fitted(self) -> np.ndarray:
+        """The measured medians made non-decreasing in size: isotonic regression, each pooled
+        block's mean placed at the block's central size and linearly interpolated between
+        blocks, so the curve also rises within a block (a flat block would send every tree to
+        its largest size, where the cost is above the block's mean)."""
+        sizes = np.asarray(self.sizes, np.float64)
+        centres, means, start = [], [], 0
+        for mean, count in _pooled_blocks(self.seconds):
+            centres.append(sizes[start:start + count].mean())
+            means.append(mean)
+            start += count
+        return np.interp(sizes, centres, means)
+
     def relative_cost(self, n: int) -> float:
-        return self.cost(n) / self.seconds[0]
+        return self.cost(n) / self.cost(1)
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -67,6 +84,25 @@ class Calibration:
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}  # fields of a later version
         return cls(**{**d, "sizes": tuple(d["sizes"]), "seconds": tuple(d["seconds"])})
+
+
+def _pooled_blocks(values) -> list[tuple[float, int]]:
+    """Pool adjacent violators: (mean, length) of the runs of ``values`` the non-decreasing
+    least-squares fit pools together."""
+    blocks: list[tuple[float, int]] = []
+    for v in values:
+        blocks.append((float(v), 1))
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, n2 = blocks.pop()
+            m1, n1 = blocks.pop()
+            blocks.append(((m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2))
+    return blocks
+
+
+def isotonic(values) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in least squares."""
+    blocks = _pooled_blocks(values)
+    return np.concatenate([np.full(n, m) for m, n in blocks]) if blocks else np.zeros(0)
 
 
 def device_name(device: torch.device) -> str:
@@ -89,7 +125,10 @@ def measure_verify_cost(
     model, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int = 10, fingerprint: str = "",
     progress: bool = True,
 ) -> Calibration:
+    from tqdm import tqdm
     from transformers import DynamicCache
+
+    from dresd.tree import verify_tree
 
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -97,25 +136,35 @@ def measure_verify_cost(
     past = torch.randint(0, vocab, (1, past_len), generator=gen).to(device)
     cache = DynamicCache()
     model(past, cache=cache, use_cache=True)
-    inputs = []
-    for n in sizes:
-        x = torch.randint(0, vocab, (1, n), generator=gen).to(device)
-        inputs.append((x, torch.arange(past_len, past_len + n, device=device)[None]))
+    trees = [_synthetic_tree(n, vocab, gen) for n in sizes]
     times: list[list[float]] = [[] for _ in sizes]
-    from tqdm import tqdm
-
     for r in tqdm(range(repeats + 1), desc="calibrating verify cost", unit="round",
                   disable=not progress, leave=False):
-        for i, (x, pos) in enumerate(inputs):
+        for i, tree in enumerate(trees):
             _sync(device)
             t0 = time.perf_counter()
-            model(x, cache=cache, position_ids=pos, use_cache=True)
+            verify_tree(model, tree, cache)
             _sync(device)
             if r:  # the first round warms up kernels and the allocator
                 times[i].append(time.perf_counter() - t0)
-            cache.crop(-x.shape[1])
+            cache.crop(-len(tree))
     seconds = [statistics.median(t) for t in times]
     return Calibration(fingerprint, device_name(device), past_len, tuple(sizes), tuple(seconds))
+
+
+def _synthetic_tree(n: int, vocab: int, gen: torch.Generator, draft_len: int = 8):
+    """An n-node tree of random tokens shaped like a composite's: branches of ``draft_len``
+    under the root."""
+    from dresd.drafters.base import Draft
+    from dresd.tree import DraftTree, TreeBudget
+
+    if vocab < n:
+        raise ValueError(f"cannot calibrate a {n}-token tree over a vocabulary of {vocab}")
+    toks = torch.randperm(vocab, generator=gen)[:n].tolist()  # distinct: no branches merge
+    rest = toks[1:]
+    drafts = [Draft(tuple(rest[i:i + draft_len]), 1.0) for i in range(0, len(rest), draft_len)]
+    tree = DraftTree.build(toks[0], drafts, TreeBudget(len(drafts), draft_len, n))
+    return tree
 
 
 def saved_calibration(path: Path) -> Calibration | None:

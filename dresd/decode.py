@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -242,7 +243,22 @@ def as_drafter(source, config: DecodeConfig, model=None, tokenizer=None) -> Draf
                              "measured on its device)")
         fingerprint = store.manifest.model.fingerprint if store is not None else None
         policy = calibrated_budget(model, tokenizer, fingerprint, config.max_tree_tokens)
-    return CompositeDrafter(sources, policy)
+    return CompositeDrafter(sources, policy, memory=_acceptance_memory(model, store, config))
+
+
+_MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _acceptance_memory(model, store, config: DecodeConfig) -> dict | None:
+    """Where a composite keeps its acceptance estimates between generate calls: one dict per
+    model object, store and drafting configuration (None without the model)."""
+    if model is None:
+        return None
+    key = (str(store.path) if store is not None else "",
+           store.manifest.generation if store is not None else 0,
+           config.drafter, config.budget, config.num_drafts, config.draft_len,
+           config.max_tree_tokens, config.k, config.nprobe)
+    return _MEMORIES.setdefault(model, {}).setdefault(key, {})
 
 
 def _make_source(name: str, store, config: DecodeConfig) -> Drafter:

@@ -305,6 +305,61 @@ def test_composite_estimates_match_what_is_accepted(copies):
     assert expected == pytest.approx(got, rel=0.2)
 
 
+def test_draft_scores_file_steps_into_bands_with_their_own_hit_rates():
+    """A source whose drafts are right when it scores them high and wrong when low: the band
+    estimates tell the two apart, while the pooled estimate sits between."""
+    rng = np.random.default_rng(7)
+    truth = rng.integers(0, 50, 3000).tolist()
+
+    def fn(i, req):
+        good = truth[i + 1 : i + 1 + req.draft_len]
+        if i % 2:
+            return [Draft(tuple(good), 0.95, "s")]
+        return [Draft(tuple((t + 1) % 50 for t in good), 0.3, "s")]
+
+    comp = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), mute_after=0)
+    simulate(comp, truth, 1, 8, 9, 300)
+    high = comp.band([Draft((1,), 0.95)])
+    low = comp.band([Draft((1,), 0.3)])
+    assert (low, high) == (0, 3)
+    assert set(comp.stats[0].bands) == {low, high}
+    rates = [comp.hit_rates(0, 1, b)[0] for b in (low, high)]
+    pooled = comp.hit_rates(0, 1)[0]
+    assert rates[0] < 0.2 < pooled < 0.8 < rates[1]
+    # with one band (no edges) the scores are ignored
+    flat = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), mute_after=0, score_bands=())
+    simulate(flat, truth, 1, 8, 9, 300)
+    assert flat.band([Draft((1,), 0.95)]) == flat.band([Draft((1,), 0.3)]) == 0
+
+
+def test_estimates_carry_over_to_the_next_generation():
+    """A second generation, by the same composite or by a new one sharing its memory, starts
+    from the estimates the first ended with; the per-generation counters start at 0."""
+    rng = np.random.default_rng(8)
+    truth = rng.integers(0, 50, 2000).tolist()
+
+    def fn(i, req):  # right for 2 tokens, then wrong
+        good = truth[i + 1 : i + 1 + req.draft_len]
+        return [Draft(tuple(good[:2]) + tuple((t + 1) % 50 for t in good[2:]), 1.0, "s")]
+
+    memory: dict = {}
+    first = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=memory)
+    simulate(first, truth, 1, 8, 9, 100)
+    learned = first.hit_rates(0, 3)
+    assert learned[0] > 0.9 and learned[2] < 0.2
+    fresh = CompositeDrafter([Scripted("s", fn)], FixedBudget(9))
+    fresh.begin([1], torch.zeros(1, 4))
+    assert np.allclose(fresh.hit_rates(0, 3), 0.5)  # the prior
+    for again in (first, CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=memory)):
+        again.begin([1], torch.zeros(1, 4))
+        assert np.allclose(again.hit_rates(0, 3), learned)
+        assert again.stats[0].calls == 0 and again.steps == 0
+    # other sources (another configuration) do not take them over
+    other = CompositeDrafter([Scripted("t", fn)], FixedBudget(9), memory=memory)
+    other.begin([1], torch.zeros(1, 4))
+    assert np.allclose(other.hit_rates(0, 3), 0.5)
+
+
 # ------------------------------------------------------------------------ lossless, end to end
 
 
@@ -358,6 +413,26 @@ def test_default_generate_is_the_lossless_hybrid(family, family_stores, calibrat
     res = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40)
     assert res.tokens == ref
     assert res.stats.accepted_tokens > 0 and res.stats.accepted_length > 1
+
+
+def test_generate_keeps_estimates_per_model_store_and_configuration(family_stores,
+                                                                    calibration_cache):
+    from dresd.store import load_store
+
+    path, model, tok, ref = family_stores["llama"]
+    store = load_store(path, model, tok)
+    save_flat_calibration(model, store.manifest.model.fingerprint)
+    first = as_drafter(store, DecodeConfig(), model, tok)
+    assert as_drafter(store, DecodeConfig(), model, tok).memory is first.memory
+    assert as_drafter(store, DecodeConfig(k=5), model, tok).memory is not first.memory
+    assert as_drafter(store, DecodeConfig(drafter="dense,context"), model,
+                      tok).memory is not first.memory
+    res = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40)
+    assert res.tokens == ref
+    learned = first.memory["stats"]  # what that generate call's composite learned
+    assert [st.name for st in learned] == first.names and sum(learned[0].tests) > 0
+    again = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40)
+    assert again.tokens == ref  # still lossless, starting from the learned estimates
 
 
 @pytest.mark.parametrize("spec,budget", [("context", "fixed"), ("rest,prompt_lookup", "fixed"),

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 
 def format_table(cal) -> str:
-    lines = [f"{'tree tokens':>11} {'ms':>9} {'x 1 token':>10}"]
-    for n, s in zip(cal.sizes, cal.seconds):
-        lines.append(f"{n:>11} {1000 * s:>9.2f} {cal.relative_cost(n):>10.2f}")
+    lines = [f"{'tree tokens':>11} {'ms':>9} {'fitted ms':>10} {'x 1 token':>10}"]
+    for n, s, f in zip(cal.sizes, cal.seconds, cal.fitted()):
+        lines.append(f"{n:>11} {1000 * s:>9.2f} {1000 * f:>10.2f} {cal.relative_cost(n):>10.2f}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,13 @@ where ``h_s(d)`` is how often, in this generation, source s's drafts that were s
 depth d - 1 had the model's token at depth d among them (a Beta prior, so a new source gets
 tried, and the prior of depth d is the estimate at depth d - 1, so rarely reached depths follow
 the ones that are measured; each scored step weighs ``decay`` times the one after it, so the
-estimate follows the last ten or so steps), and ``share_s`` is the fraction of s's
+estimate follows the last ten or so steps). The drafts' own scores sharpen it: steps are also
+filed by the score band of the source's best draft (``score_bands``: a dense draft's cosine
+similarity, prompt lookup's match length), and ``h_s(d)`` is the estimate of the current band,
+with the source's pooled estimate as its prior, so a band seen a few times already moves away
+from it. (Measured on HumanEval with the default model: the context drafter's steps whose best
+similarity is in the top quarter were right 4.5 tokens deep on average, those in the bottom
+quarter 0.4.) ``share_s`` is the fraction of s's
 rank-weighted drafts under the parent that go through the node. Sources proposing the same node
 take the larger estimate, not a noisy OR: prompt lookup and the context drafter often propose
 the same text, and counting them as independent evidence doubled the estimates. The estimates
@@ -56,12 +62,14 @@ class SourceStats:
     accepted: int = 0  # accepted tokens this source had proposed
     predicted: int = 0  # model tokens (accepted or the one after) this source had proposed
     seconds: float = 0.0
+    bands: dict[int, SourceStats] = field(default_factory=dict)  # score band -> its record
 
     def record(self, depth_hit: list[bool], decay: float,
-               weights: list[float] | None = None) -> None:
+               weights: list[float] | None = None, band: int | None = None) -> None:
         """One step's test: ``depth_hit[d]`` is whether the source was right at depth d + 1,
         given it was right before; the list stops at the first miss. A test counts 1, or
-        ``weights[d]`` (for the merged candidates: their estimated mass)."""
+        ``weights[d]`` (for the merged candidates: their estimated mass). With ``band`` (the
+        score band of the step's best draft) the band's own record is updated too."""
         n = len(depth_hit)
         if n > len(self.tests):
             self.hits = np.pad(self.hits, (0, n - len(self.hits)))
@@ -70,6 +78,13 @@ class SourceStats:
         self.tests *= decay
         self.tests[:n] += 1 if weights is None else np.asarray(weights, np.float64)
         self.hits[:n] += np.asarray(depth_hit, np.float64)
+        if band is not None:
+            self.bands.setdefault(band, SourceStats(f"{self.name}@{band}")).record(
+                depth_hit, decay, weights)
+
+    def carried_over(self) -> SourceStats:
+        """A record for the next generation: the estimates go on, the counts start at 0."""
+        return SourceStats(self.name, self.hits, self.tests, bands=self.bands)
 
 
 class CompositeDrafter(Drafter):
@@ -84,13 +99,22 @@ class CompositeDrafter(Drafter):
         decay: float = 0.9,
         mute_after: int = 16,
         probe_every: int = 8,
+        score_bands: Sequence[float] = (0.6, 0.75, 0.9),
+        band_strength: float = 2.0,
+        memory: dict | None = None,
     ):
         """``drafters``: the sources; ``policy``: the tree budget (FixedBudget() by default);
         ``prior_rate`` / ``prior_strength``: the Beta prior of a source's hit rate per depth;
         ``decay``: weight of a source's counts at each new scored step (adapts within a
         generation);
         ``mute_after`` / ``probe_every``: steps of misses before a source is only asked every
-        ``probe_every`` steps (0 never mutes)."""
+        ``probe_every`` steps (0 never mutes);
+        ``score_bands``: edges on a source's best draft score that file its steps into bands
+        with their own hit rates (empty: one band); ``band_strength``: the weight, in steps,
+        of the pooled estimate as a band's prior;
+        ``memory``: a dict that keeps the estimates from one generation to the next, also
+        across composites (``dresd.generate`` passes one per model and configuration); without
+        it a composite still carries its own estimates over from one generation to the next."""
         if not drafters:
             raise ValueError("a composite needs at least one drafter")
         if not 0 < prior_rate < 1 or prior_strength <= 0:
@@ -102,18 +126,32 @@ class CompositeDrafter(Drafter):
         self.decay = decay
         self.mute_after = mute_after
         self.probe_every = max(1, probe_every)
+        self.score_bands = np.sort(np.asarray(score_bands, np.float64))
+        self.band_strength = band_strength
+        self.memory = {} if memory is None else memory
         names = [d.name for d in self.drafters]
         self.names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
         self._reset()
 
     def _reset(self) -> None:
-        self.stats = [SourceStats(n) for n in self.names]
-        self.depth_fit = SourceStats("tree")  # per depth: accepted vs estimated, decayed
+        """A new generation: counters start at 0; the estimates go on from the last one with
+        these sources (a new generation of the same kind of text starts where the last left
+        off instead of at the prior, which overestimated the first ten steps' acceptance by
+        half)."""
+        carried = self.memory.get("stats")
+        if carried is not None and [st.name for st in carried] == self.names:
+            self.stats = [st.carried_over() for st in carried]
+            self.depth_fit = self.memory["depth_fit"].carried_over()
+        else:
+            self.stats = [SourceStats(n) for n in self.names]
+            self.depth_fit = SourceStats("tree")  # per depth: accepted vs estimated, decayed
+        self.memory["stats"], self.memory["depth_fit"] = self.stats, self.depth_fit
         self._estimated: list[float] | None = None  # last tree's raw estimate per depth
         self.steps = 0
         self.tree_sizes: list[int] = []  # nodes below the root of each step's tree
         self.expected: list[float] = []  # each step's estimated accepted tokens
         self._last: list[list[Draft] | None] = [None] * len(self.drafters)
+        self._last_bands: list[int | None] = [None] * len(self.drafters)
         self._last_accepted: list[int] | None = None
         self._overhead_s = 0.0
 
@@ -150,6 +188,7 @@ class CompositeDrafter(Drafter):
             st.drafts += len(drafts)
             proposals.append(drafts)
         self._last = proposals
+        self._last_bands = [self.band(p) for p in proposals]
         out = self._plan(proposals, request)
         dt = time.perf_counter() - t0
         self._overhead_s = dt if self.steps == 1 else 0.8 * self._overhead_s + 0.2 * dt
@@ -161,20 +200,36 @@ class CompositeDrafter(Drafter):
         return (self.mute_after > 0 and st.misses_in_a_row >= self.mute_after
                 and self.steps % self.probe_every != 0)
 
-    def hit_rates(self, i: int, depth: int) -> np.ndarray:
-        """Source i's estimated conditional hit rate at depths 1..depth."""
-        return self._estimate(self.stats[i], depth, self.prior_rate, self.prior_strength)
+    def band(self, drafts: list[Draft] | None) -> int | None:
+        """The score band of a proposal: where its best draft's score falls among the edges."""
+        if not drafts:
+            return None
+        return int(np.searchsorted(self.score_bands, max(x.score for x in drafts), "right"))
+
+    def hit_rates(self, i: int, depth: int, band: int | None = None) -> np.ndarray:
+        """Source i's estimated conditional hit rate at depths 1..depth; with ``band``, for a
+        proposal in that score band."""
+        st = self.stats[i]
+        pooled = self._estimate(st, depth, self.prior_rate, self.prior_strength)
+        record = st.bands.get(band) if band is not None else None
+        if record is None:
+            return pooled
+        return self._estimate(record, depth, pooled, self.band_strength)
 
     @staticmethod
-    def _estimate(st: SourceStats, depth: int, prior: float, k: float) -> np.ndarray:
-        """Per-depth posterior means of hits per test (prior weight ``k``); the prior of depth
-        d is the estimate at depth d - 1, so depths seldom reached follow the ones that are."""
+    def _estimate(st: SourceStats, depth: int, prior, k: float) -> np.ndarray:
+        """Per-depth posterior means of hits per test (prior weight ``k``). ``prior`` is the
+        prior of depth 1, whose estimate is the prior of depth 2 and so on, so depths seldom
+        reached follow the ones that are; or one prior per depth."""
         out = np.empty(depth)
         m = len(st.tests)
+        per_depth = np.ndim(prior) > 0
         for d in range(depth):
             hits, tests = (st.hits[d], st.tests[d]) if d < m else (0.0, 0.0)
-            prior = (hits + k * prior) / (tests + k)
-            out[d] = prior
+            p = prior[d] if per_depth else prior
+            out[d] = (hits + k * p) / (tests + k)
+            if not per_depth:
+                prior = out[d]
         return out
 
     def _score_last_step(self, truth: list[int]) -> None:
@@ -193,7 +248,7 @@ class CompositeDrafter(Drafter):
                 depth_hit.append(bool(alive))
                 if not alive:
                     break
-            st.record(depth_hit, self.decay)
+            st.record(depth_hit, self.decay, band=self._last_bands[i])
             right = sum(depth_hit)
             st.predicted += right
             st.accepted += min(right, len(truth) - 1)
@@ -243,7 +298,7 @@ class CompositeDrafter(Drafter):
             self.expected.append(0.0)
             return []
         max_depth = request.draft_len
-        rates = [self.hit_rates(s, max_depth).tolist() if p else None
+        rates = [self.hit_rates(s, max_depth, self.band(p)).tolist() if p else None
                  for s, p in enumerate(proposals)]
         calib = [1.0] + self.calibration(max_depth).tolist()
         raw = [1.0] * n  # products of the sources' conditional estimates
