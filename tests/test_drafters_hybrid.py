@@ -332,6 +332,29 @@ def test_draft_scores_file_steps_into_bands_with_their_own_hit_rates():
     assert flat.band([Draft((1,), 0.95)]) == flat.band([Draft((1,), 0.3)]) == 0
 
 
+def test_node_estimates_are_recalibrated_by_how_often_such_nodes_are_accepted():
+    """Two drafts per step, the first always right and the second always wrong: per depth the
+    estimates add up (one token accepted per depth), but the rank shares put 2/3 on the first
+    branch and 1/3 on the second. Scored against the verified nodes, the reliability map
+    raises the first branch to about 1 and sinks the second."""
+    rng = np.random.default_rng(9)
+    truth = rng.integers(0, 50, 3000).tolist()
+
+    def fn(i, req):
+        good = truth[i + 1 : i + 1 + req.draft_len]
+        return [Draft(tuple(good), 0.5, "s"), Draft(tuple((t + 1) % 50 for t in good), 0.4, "s")]
+
+    comp = CompositeDrafter([Scripted("s", fn)], FixedBudget(16), mute_after=0)
+    simulate(comp, truth, 2, 4, 16, 200)
+    ratios = comp.reliability_ratios()
+    top, second = (int(np.searchsorted(comp.reliability_bins, p, "right")) for p in (2 / 3, 1 / 3))
+    assert ratios[top] > 1.3 and ratios[second] < 0.15
+    # the next step's drafts carry the recalibrated estimates of their leaves
+    drafts = comp.propose(DraftRequest(truth[:11], torch.zeros(4), 2, 4))
+    scores = {d.tokens[0]: d.score for d in drafts}
+    assert scores[truth[11]] > 0.9 and scores[(truth[11] + 1) % 50] < 0.1
+
+
 def test_estimates_carry_over_to_the_next_generation():
     """A second generation, by the same composite or by a new one sharing its memory, starts
     from the estimates the first ended with; the per-generation counters start at 0."""
