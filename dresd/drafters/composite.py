@@ -6,11 +6,11 @@ accepted: its parent's, times
 
     q(node) = max_s h_s(depth) * share_s(node)
 
-where ``h_s(d)`` is how often, in this generation, source s's drafts that were still right at
+where ``h_s(d)`` is how often, over recent steps, source s's drafts that were still right at
 depth d - 1 had the model's token at depth d among them (a Beta prior, so a new source gets
 tried, and the prior of depth d is the estimate at depth d - 1, so rarely reached depths follow
 the ones that are measured; each scored step weighs ``decay`` times the one after it, so the
-estimate follows the last ten or so steps). The drafts' own scores sharpen it: steps are also
+estimate follows the last ten or so steps, carried over from one generation to the next). The drafts' own scores sharpen it: steps are also
 filed by the score band of the source's best draft (``score_bands``: a dense draft's cosine
 similarity, prompt lookup's match length), and ``h_s(d)`` is the estimate of the current band,
 with the source's pooled estimate as its prior, so a band seen a few times already moves away
@@ -27,10 +27,10 @@ estimate into bins (``reliability_bins``), and each bin's estimate is scaled by 
 nodes were accepted per one it expected. ``g(d)`` gets each depth's total right but not its
 split among branches (steps estimated at 5 or more tokens got 20% fewer, those at under 0.3
 twice as many); the map corrects the split. So what the policy maximises is calibrated against
-what was actually accepted. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
-this device, so the budget is split by acceptance: a source that stops being right stops
-getting nodes. A source that misses ``mute_after`` steps in a row is asked only every
-``probe_every`` steps, so it stops costing retrieval time too.
+what was actually accepted. The budget policy (dresd.budget) takes nodes best first and keeps
+as many as pay on this device, so the budget is split by acceptance: a source that stops being
+right stops getting nodes. A source that misses ``mute_after`` steps in a row is asked only
+every ``probe_every`` steps, so it stops costing retrieval time too.
 
 Every source is scored against the model's actual tokens (the accepted ones and the one the
 model chose after them) whether or not its drafts made it into the tree, so a source's estimate
@@ -326,7 +326,7 @@ class CompositeDrafter(Drafter):
                  for s, p in enumerate(proposals)]
         calib = [1.0] + self.calibration(max_depth).tolist()
         raw = [1.0] * n  # products of the sources' conditional estimates
-        probs = [1.0] * n  # raw, scaled by the depth's calibration, never above the parent
+        probs = [1.0] * n  # raw, scaled by g(d) and the reliability map, never above the parent
         depth = [0] * n
         ratios = self.reliability_ratios()
         bins = [0] * n
