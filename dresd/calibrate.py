@@ -18,6 +18,7 @@ file keeps the raw medians.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -50,8 +51,12 @@ class Calibration:
     def cost(self, n: int | np.ndarray) -> float | np.ndarray:
         """Seconds for a verify pass of n tree tokens (elementwise for an array of sizes): the
         non-decreasing fit of the measured medians, interpolated between measured sizes."""
-        c = np.interp(n, self.sizes, self.fitted())
+        c = np.interp(n, self.sizes, self._fit)
         return float(c) if np.ndim(c) == 0 else c
+
+    @functools.cached_property
+    def _fit(self) -> np.ndarray:  # the budget reads the cost every step: fit once
+        return self.fitted()
 
     def fitted(self) -> np.ndarray:
         """The measured medians made non-decreasing in size: isotonic regression, each pooled
@@ -97,12 +102,6 @@ def _pooled_blocks(values) -> list[tuple[float, int]]:
             m1, n1 = blocks.pop()
             blocks.append(((m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2))
     return blocks
-
-
-def isotonic(values) -> np.ndarray:
-    """The non-decreasing sequence closest to ``values`` in least squares."""
-    blocks = _pooled_blocks(values)
-    return np.concatenate([np.full(n, m) for m, n in blocks]) if blocks else np.zeros(0)
 
 
 def device_name(device: torch.device) -> str:
@@ -163,8 +162,7 @@ def _synthetic_tree(n: int, vocab: int, gen: torch.Generator, draft_len: int = 8
     toks = torch.randperm(vocab, generator=gen)[:n].tolist()  # distinct: no branches merge
     rest = toks[1:]
     drafts = [Draft(tuple(rest[i:i + draft_len]), 1.0) for i in range(0, len(rest), draft_len)]
-    tree = DraftTree.build(toks[0], drafts, TreeBudget(len(drafts), draft_len, n))
-    return tree
+    return DraftTree.build(toks[0], drafts, TreeBudget(len(drafts), draft_len, n))
 
 
 def saved_calibration(path: Path) -> Calibration | None:

@@ -10,13 +10,13 @@ where ``h_s(d)`` is how often, over recent steps, source s's drafts that were st
 depth d - 1 had the model's token at depth d among them (a Beta prior, so a new source gets
 tried, and the prior of depth d is the estimate at depth d - 1, so rarely reached depths follow
 the ones that are measured; each scored step weighs ``decay`` times the one after it, so the
-estimate follows the last ten or so steps, carried over from one generation to the next). The drafts' own scores sharpen it: steps are also
-filed by the score band of the source's best draft (``score_bands``: a dense draft's cosine
-similarity, prompt lookup's match length), and ``h_s(d)`` is the estimate of the current band,
-with the source's pooled estimate as its prior, so a band seen a few times already moves away
-from it. (Measured on HumanEval with the default model: the context drafter's steps whose best
-similarity is in the top quarter were right 4.5 tokens deep on average, those in the bottom
-quarter 0.4.) ``share_s`` is the fraction of s's
+estimate follows the last ten or so steps, carried over from one generation to the next). The
+drafts' own scores sharpen it: steps are also filed by the score band of the source's best draft
+(``score_bands``: a dense draft's cosine similarity, prompt lookup's match length), and
+``h_s(d)`` is the estimate of the current band, with the source's pooled estimate as its prior,
+so a band seen a few times already moves away from it. (Measured on HumanEval with the default
+model: the context drafter's steps whose best similarity is in the top quarter were right 4.5
+tokens deep on average, those in the bottom quarter 0.4.) ``share_s`` is the fraction of s's
 rank-weighted drafts under the parent that go through the node. Sources proposing the same node
 take the larger estimate, not a noisy OR: prompt lookup and the context drafter often propose
 the same text, and counting them as independent evidence doubled the estimates. The estimates
@@ -322,7 +322,7 @@ class CompositeDrafter(Drafter):
             self.expected.append(0.0)
             return []
         max_depth = request.draft_len
-        rates = [self.hit_rates(s, max_depth, self.band(p)).tolist() if p else None
+        rates = [self.hit_rates(s, max_depth, self._last_bands[s]).tolist() if p else None
                  for s, p in enumerate(proposals)]
         calib = [1.0] + self.calibration(max_depth).tolist()
         raw = [1.0] * n  # products of the sources' conditional estimates
@@ -356,13 +356,10 @@ class CompositeDrafter(Drafter):
         for c in chosen:
             estimated[depth[c] - 1] += raw[c]
         self._estimated = estimated
-        self._verified = []
+        path_to: dict[int, tuple[int, ...]] = {0: ()}  # chosen nodes follow their parents
         for c in chosen:
-            path, node = [], c
-            while node > 0:
-                path.append(tokens[node])
-                node = parents[node]
-            self._verified.append((bins[c], before[c], tuple(path[::-1])))
+            path_to[c] = path_to[parents[c]] + (tokens[c],)
+        self._verified = [(bins[c], before[c], path_to[c]) for c in chosen]
         self.tree_sizes.append(len(chosen))
         self.expected.append(sum(probs[c] for c in chosen))
         for c in chosen:
@@ -373,12 +370,8 @@ class CompositeDrafter(Drafter):
         for leaf in chosen:
             if leaf in has_child:
                 continue
-            path, node = [], leaf
-            while node > 0:
-                path.append(tokens[node])
-                node = parents[node]
             src = "+".join(self.names[s] for s in sorted(mass[leaf]))
-            drafts.append(Draft(tuple(path[::-1]), float(probs[leaf]), src))
+            drafts.append(Draft(path_to[leaf], float(probs[leaf]), src))
         drafts.sort(key=lambda x: -x.score)
         return drafts
 
