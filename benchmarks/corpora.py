@@ -91,15 +91,15 @@ def _fresh(store: Path) -> None:
 
 
 def ood_store(model: str, max_tokens: int, root: Path = RUNS, **build) -> Path:
-    """Store over ``max_tokens`` of standard-library sources."""
-    from pipelines.build import build_store
-    from pipelines.config import BuildConfig
-    from pipelines.tokenize import load_tokenizer
-
+    """Store over ``max_tokens`` of standard-library sources (Beam imported only to build)."""
     tag = model_tag(model)
     store = root / f"store-ood-{max_tokens // 1000}k{tag}{_options(build)}"
     if _built(store):
         return store
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig
+    from pipelines.tokenize import load_tokenizer
+
     tokenizer, _ = load_tokenizer(model)
     corpus = stdlib_corpus(root / f"corpus-ood-{max_tokens // 1000}k{tag}", max_tokens, tokenizer)
     print(f"building the OOD store from {corpus} ...", file=sys.stderr, flush=True)
@@ -127,16 +127,17 @@ def completions(prompts: list[str], dest: Path, model: str, max_new_tokens: int)
 def id_store(model: str, num_prompts: int, humaneval: bool = True, max_new_tokens: int = 256,
              root: Path = RUNS, **build) -> Path:
     """Store over the model's own completions of ``num_prompts`` stdlib signature prompts and,
-    with ``humaneval``, of HumanEval's held-out problems."""
-    from pipelines.build import build_store
-    from pipelines.config import BuildConfig
-
+    with ``humaneval``, of HumanEval's held-out problems. Beam is imported only to build, so a
+    built store can be reused where the pipelines' dependencies are not installed."""
     tag = model_tag(model)
     heldout = heldout_humaneval_prompts() if humaneval else []
     he = f"-he{len(heldout)}" if heldout else ""
     store = root / f"store-id-{num_prompts}{he}{tag}{_options(build)}"
     if _built(store):
         return store
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig
+
     corpus = root / f"corpus-id-{num_prompts}{he}{tag}"
     completions(stdlib_signature_prompts(num_prompts), corpus / "completions.jsonl", model,
                 max_new_tokens)

@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="", help="'' picks CUDA when present")
+    ap.add_argument("--dtype", default="", help="'' is bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--prompts", type=int, default=8,
                     help=f"HumanEval prompts (the first n, at most {EVAL_PROMPTS})")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -281,7 +282,8 @@ def main(argv=None) -> int:
     prompts = humaneval_prompts(args.prompts)  # a bad --prompts fails before any loading
 
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model, device=args.device or None)
+    model, tokenizer = load_model(args.model, device=args.device or None,
+                                  dtype=args.dtype or None)
     device = model.device.type
     stores_wanted = [s for s in args.stores.split(",") if s]
     paths = {}
@@ -310,9 +312,19 @@ def main(argv=None) -> int:
     generate(model, tokenizer, stores[next(iter(stores))] if stores else
              OracleDrafter(len(warm), [], 1), warm, DecodeConfig(max_new_tokens=8))
 
-    records = []
+    records: list[dict] = []
     from tqdm import tqdm
 
+    out = Path(args.out) if args.out else RESULTS / f"decode-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(machine=machine(), device=device, dtype=str(model.dtype).removeprefix("torch."),
+                torch_threads=torch.get_num_threads(), model=args.model,
+                prompts=len(prompts), max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                budgets=BUDGETS, stores={k: str(v.relative_to(RUNS.parent)) if v.is_relative_to(
+                    RUNS.parent) else str(v) for k, v in paths.items()},
+                store_stats={k: asdict(s.stats) for k, s in stores.items()},
+                calibration=asdict(cal) if cal else None,
+                date=time.strftime("%Y-%m-%d %H:%M"))
     bar = tqdm(total=len(prompts) * len(runs) * args.repeats, desc="decoding", unit="run")
     for i, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, chat(prompt))
@@ -329,29 +341,26 @@ def main(argv=None) -> int:
             records.append({**asdict(run), "prompt": i, **fastest,
                             "identical": all(r["identical"] for r in recs),
                             "all_seconds": [r["seconds"] for r in recs]})
+        # after every prompt, so a run stopped early keeps the prompts it finished
+        rows = write_results(out, {**meta, "prompts": i + 1}, records)
     bar.close()
+    print(f"\nresults: {out}, {out.with_suffix('.png')} and {out.with_suffix('.txt')}\n")
+    print(out.with_suffix(".txt").read_text())
+    return 0 if all(r["identical"] for r in rows) else 1
 
+
+def write_results(out: Path, meta: dict, records: list[dict]) -> list[dict]:
+    """The JSON, the plot and the tables (.txt) of the records so far; the summary rows."""
     rows = summarize(records)
-    out = Path(args.out) if args.out else RESULTS / f"decode-{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(machine=machine(), device=device, torch_threads=torch.get_num_threads(),
-                model=args.model, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
-                repeats=args.repeats,
-                budgets=BUDGETS, stores={k: str(v.relative_to(RUNS.parent)) if v.is_relative_to(
-                    RUNS.parent) else str(v) for k, v in paths.items()},
-                store_stats={k: asdict(s.stats) for k, s in stores.items()},
-                calibration=asdict(cal) if cal else None,
-                date=time.strftime("%Y-%m-%d %H:%M"))
     out.write_text(json.dumps(dict(meta=meta, rows=rows, records=records), indent=1))
     plot(rows, records, out.with_suffix(".png"))
-    print(f"\nresults: {out} and {out.with_suffix('.png')}")
-    print(f"machine: {meta['machine']}; {len(prompts)} HumanEval prompts, "
-          f"{args.max_new_tokens} new tokens; speedup = TPS / TPS of ar on the same prompts\n")
-    print("all runs:")
-    print(format_table(sorted(rows, key=lambda r: (r["store"], r["method"], r["budget"]))))
-    print("\nbest budget per method:")
-    print(format_table(best_rows(rows)))
-    return 0 if all(r["identical"] for r in rows) else 1
+    out.with_suffix(".txt").write_text(
+        f"machine: {meta['machine']} ({meta['dtype']}); {meta['prompts']} HumanEval prompts, "
+        f"{meta['max_new_tokens']} new tokens, fastest of {meta['repeats']}; "
+        "speedup = TPS / TPS of ar on the same prompts\n\nall runs:\n"
+        + format_table(sorted(rows, key=lambda r: (r["store"], r["method"], r["budget"])))
+        + "\n\nbest budget per method:\n" + format_table(best_rows(rows)) + "\n")
+    return rows
 
 
 if __name__ == "__main__":
