@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="", help="'' picks CUDA when present")
-    ap.add_argument("--dtype", default="", help="'' is bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--dtype", default="", help="'' is float32 (see dresd.models.pick_dtype)")
     ap.add_argument("--prompts", type=int, default=8,
                     help=f"HumanEval prompts (the first n, at most {EVAL_PROMPTS})")
     ap.add_argument("--max-new-tokens", type=int, default=128)

@@ -110,8 +110,11 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores-{torch.get_num_threads()}threads"
 
 
-def calibration_path(model_fingerprint: str, device: torch.device) -> Path:
-    return cache_dir() / "calibration" / f"{model_fingerprint[:16]}-{device_name(device)}.json"
+def calibration_path(model_fingerprint: str, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Per model, device and (when not float32) weights dtype: each has its own costs."""
+    suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    return cache_dir() / "calibration" / f"{model_fingerprint[:16]}-{device_name(device)}{suffix}.json"
 
 
 def _sync(device: torch.device) -> None:
@@ -175,8 +178,9 @@ def saved_calibration(path: Path) -> Calibration | None:
 
 
 def load_or_measure(model, fingerprint: str, refresh: bool = False, **kw) -> Calibration:
-    device = next(model.parameters()).device
-    path = calibration_path(fingerprint, device)
+    param = next(model.parameters())
+    device = param.device
+    path = calibration_path(fingerprint, device, param.dtype)
     cal = None if refresh else saved_calibration(path)
     if cal is not None:
         return cal

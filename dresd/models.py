@@ -117,9 +117,20 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """``dtype`` by name, float32 when empty, on every device.
+
+    float32 because lossless needs the tree verify and one-token decoding to round alike. In
+    bfloat16 they round differently, greedy near-ties break differently and the output drifts
+    from ``model.generate``: on an H200 it did on 3 of 5 HumanEval prompts, for transformers'
+    own prompt lookup too (benchmarks/results/decode-cuda-h200-bf16-id.txt). Ask for bfloat16
+    explicitly where speed matters more; the encode pipeline runs its forward passes under
+    bfloat16 autocast on CUDA whatever the weights' dtype.
+    """
     if dtype:
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown torch dtype {dtype!r} (e.g. float32, bfloat16, float16)")
         return getattr(torch, dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.float32
 
 
 def load_model(

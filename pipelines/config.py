@@ -13,7 +13,8 @@ INDEX_KINDS = ("ivf_flat", "ivf_pq")
 class BuildConfig:
     model: str = option("default", "target model: a local Hugging Face directory or 'default'")
     device: str = option("", "torch device for the encoder ('' picks CUDA when present)")
-    dtype: str = option("", "model weights dtype ('' = bfloat16 on CUDA, float32 on CPU)")
+    dtype: str = option("", "model weights dtype ('' = float32; the encoder's forward runs "
+                            "under bfloat16 autocast on CUDA)")
     dim: int = option(64, "key dimension after PCA")
     value_len: int = option(20, "N, tokens per value (the runtime slices them from the stream)")
     index_kind: str = option("ivf_flat", "faiss index kind", choices=INDEX_KINDS)
@@ -61,7 +62,8 @@ class BuildConfig:
 class GenerateConfig:
     model: str = option("default", "target model: a local Hugging Face directory or 'default'")
     device: str = option("", "torch device ('' picks CUDA when present)")
-    dtype: str = option("", "model weights dtype ('' = bfloat16 on CUDA, float32 on CPU)")
+    dtype: str = option("", "model weights dtype ('' = float32, the dtype the runtime decodes "
+                            "in, so the completions are the greedy outputs it reproduces)")
     prompt_field: str = option("prompt", "field of the prompt in the input JSONL/Parquet records")
     response_field: str = option("response", "field the response is written to")
     max_new_tokens: int = option(256, "longest response in tokens")

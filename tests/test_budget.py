@@ -151,6 +151,25 @@ def test_load_or_measure_saves_per_model_and_device(tiny_llama_dir, tmp_path, mo
     assert Calibration.load(path) == fresh
 
 
+
+def test_a_bfloat16_model_keeps_its_own_calibration(tiny_llama_dir, tmp_path, monkeypatch):
+    import torch
+
+    from dresd.models import load_model, model_fingerprint
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    kw = dict(sizes=(1, 4), past_len=32, repeats=1, progress=False)
+    f32, tok = load_model(tiny_llama_dir)
+    bf16, _ = load_model(tiny_llama_dir, dtype="bfloat16")
+    fp = model_fingerprint(f32, tok)
+    assert model_fingerprint(bf16, tok) == fp  # the same weights, so the same store key
+    load_or_measure(f32, fp, **kw)
+    load_or_measure(bf16, fp, **kw)
+    names = sorted(p.name for p in (tmp_path / "calibration").iterdir())
+    assert names == sorted([calibration_path(fp, f32.device).name,
+                            calibration_path(fp, f32.device, torch.bfloat16).name])
+    assert names[0] != names[1] and any(n.endswith("-bfloat16.json") for n in names)
+
 def test_a_calibration_of_an_older_version_is_measured_again(tiny_llama_dir, tmp_path,
                                                             monkeypatch):
     import json

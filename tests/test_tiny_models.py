@@ -11,3 +11,19 @@ def test_tiny_models_load_from_disk_and_fingerprint_differs(tiny_model_dirs):
         assert len(ids) > 3
         prints.add(model_fingerprint(model, tok))
     assert len(prints) == 3
+
+
+def test_models_load_in_float32_on_every_device_unless_asked(tiny_llama_dir):
+    import pytest
+    import torch
+
+    from dresd.models import pick_dtype
+
+    # float32 on CUDA too: bfloat16 tree verification can break greedy ties differently
+    assert pick_dtype(torch.device("cuda")) == torch.float32
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("cuda"), "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown torch dtype 'float33'"):
+        pick_dtype(torch.device("cpu"), "float33")
+    assert load_model(tiny_llama_dir)[0].dtype == torch.float32
+    assert load_model(tiny_llama_dir, dtype="bfloat16")[0].dtype == torch.bfloat16

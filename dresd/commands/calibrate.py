@@ -6,6 +6,8 @@ reused by every later run of the calibrated budget; ``--force`` measures again.
 
 from __future__ import annotations
 
+from dresd.commands.generate import DTYPE_HELP
+
 
 def format_table(cal) -> str:
     lines = [f"{'tree tokens':>11} {'ms':>9} {'fitted ms':>10} {'x 1 token':>10}"]
@@ -18,9 +20,10 @@ def run(args) -> int:
     from dresd.calibrate import calibration_path, load_or_measure, saved_calibration
     from dresd.models import load_model, model_fingerprint
 
-    model, tokenizer = load_model(args.model, device=args.device or None)
+    model, tokenizer = load_model(args.model, device=args.device or None,
+                                  dtype=args.dtype or None)
     fingerprint = model_fingerprint(model, tokenizer)
-    path = calibration_path(fingerprint, model.device)
+    path = calibration_path(fingerprint, model.device, model.dtype)
     reused = not args.force and saved_calibration(path) is not None
     cal = load_or_measure(model, fingerprint, refresh=args.force)
     print(f"model:  {args.model} ({fingerprint[:16]})")
@@ -35,5 +38,6 @@ def register(sub) -> None:
                                          "(saved per model and device)")
     p.add_argument("--model", default="default", help="model directory or 'default'")
     p.add_argument("--device", default="", help="torch device ('' picks CUDA when present)")
+    p.add_argument("--dtype", default="", help=DTYPE_HELP)
     p.add_argument("--force", action="store_true", help="measure again even if saved")
     p.set_defaults(func=run)

@@ -14,6 +14,9 @@ import sys
 from dresd.config import add_arguments, from_arguments
 from dresd.decode import DecodeConfig
 
+DTYPE_HELP = ("model weights dtype ('' = float32: bfloat16 verification can break greedy ties "
+              "differently from one-token decoding, so the output may differ from plain decoding)")
+
 
 def run(args) -> int:
     import torch
@@ -23,7 +26,8 @@ def run(args) -> int:
     from dresd.store import load_store
 
     config = from_arguments(DecodeConfig, args)
-    model, tokenizer = load_model(args.model, device=args.device or None)
+    model, tokenizer = load_model(args.model, device=args.device or None,
+                                  dtype=args.dtype or None)
     store = (load_store(args.store, model, tokenizer, verify=not args.no_verify)
              if args.store else None)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
@@ -66,6 +70,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--model", default="default", help="model directory or 'default'")
     p.add_argument("--device", default="", help="torch device ('' picks CUDA when present)")
+    p.add_argument("--dtype", default="", help=DTYPE_HELP)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
     p.add_argument("--no-verify", action="store_true", help="skip the store's checksums")
