@@ -246,6 +246,7 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)  # drawn after every prompt: pyplot keeps open figures alive
 
 
 def machine() -> str:
