@@ -20,8 +20,10 @@ Methods:
 Two stores: OOD (standard-library sources) and ID (the model's completions of HumanEval's
 held-out problems and of standard-library signature prompts; benchmarks/corpora.py). Each prompt
 is decoded ``--repeats`` times by every method, in whole rounds, and the fastest time is kept
-(outputs are deterministic; only the clock varies). Results go to JSON, two plots and a table
-printed last.
+(outputs are deterministic; only the clock varies). Results go to JSON, a PNG of two plots and
+a .txt of the tables (also printed last). While the run goes they are kept up to date after
+every prompt under ``<name>.partial.*``, so a run stopped early keeps the prompts it finished
+and never overwrites the results of a finished one.
 
     python benchmarks/decode.py                      # the full run (make bench)
     python benchmarks/decode.py --prompts 2 --max-new-tokens 32 --stores ood --methods ar,dense
@@ -31,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -245,7 +249,7 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
     ax.set_xlabel("accepted draft tokens + 1")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)  # drawn after every prompt: pyplot keeps open figures alive
 
 
@@ -276,7 +280,8 @@ def main(argv=None) -> int:
                          "HumanEval's held-out problems (552: every one Python 3.11's standard "
                          "library yields)")
     ap.add_argument("--out", default="", help="JSON results (default benchmarks/results/"
-                                              "decode-<device>.json, plot next to it)")
+                                              "decode-<device>[-<dtype>].json; .png and .txt "
+                                              "next to it)")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -316,16 +321,20 @@ def main(argv=None) -> int:
     records: list[dict] = []
     from tqdm import tqdm
 
-    out = Path(args.out) if args.out else RESULTS / f"decode-{device}.json"
+    dtype = str(model.dtype).removeprefix("torch.")
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    out = Path(args.out) if args.out else RESULTS / f"decode-{device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(machine=machine(), device=device, dtype=str(model.dtype).removeprefix("torch."),
+    partial = out.with_name(out.stem + ".partial.json")
+    meta = dict(machine=machine(), device=device, dtype=dtype,
                 torch_threads=torch.get_num_threads(), model=args.model,
-                prompts=len(prompts), max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                prompts=0, prompts_planned=len(prompts), max_new_tokens=args.max_new_tokens,
+                repeats=args.repeats,
                 budgets=BUDGETS, stores={k: str(v.relative_to(RUNS.parent)) if v.is_relative_to(
                     RUNS.parent) else str(v) for k, v in paths.items()},
                 store_stats={k: asdict(s.stats) for k, s in stores.items()},
                 calibration=asdict(cal) if cal else None,
-                date=time.strftime("%Y-%m-%d %H:%M"))
+                started=time.strftime("%Y-%m-%d %H:%M"))
     bar = tqdm(total=len(prompts) * len(runs) * args.repeats, desc="decoding", unit="run")
     for i, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, chat(prompt))
@@ -342,25 +351,43 @@ def main(argv=None) -> int:
             records.append({**asdict(run), "prompt": i, **fastest,
                             "identical": all(r["identical"] for r in recs),
                             "all_seconds": [r["seconds"] for r in recs]})
-        # after every prompt, so a run stopped early keeps the prompts it finished
-        rows = write_results(out, {**meta, "prompts": i + 1}, records)
+        meta["prompts"] = i + 1
+        write_results(partial, meta, records)  # a run stopped early keeps what it finished
     bar.close()
+    rows = write_results(out, {**meta, "finished": time.strftime("%Y-%m-%d %H:%M")}, records)
+    for suffix in (".json", ".png", ".txt"):
+        partial.with_suffix(suffix).unlink(missing_ok=True)
     print(f"\nresults: {out}, {out.with_suffix('.png')} and {out.with_suffix('.txt')}\n")
     print(out.with_suffix(".txt").read_text())
     return 0 if all(r["identical"] for r in rows) else 1
 
 
+@contextmanager
+def _replacing(path: Path):
+    """A temporary path beside ``path`` to write to; it replaces ``path`` on success."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_results(out: Path, meta: dict, records: list[dict]) -> list[dict]:
-    """The JSON, the plot and the tables (.txt) of the records so far; the summary rows."""
+    """The JSON, the plot and the tables (.txt) of the records so far; the summary rows. Each
+    file is replaced atomically, so one stopped mid-write is never left truncated."""
     rows = summarize(records)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows, records=records), indent=1))
-    plot(rows, records, out.with_suffix(".png"))
-    out.with_suffix(".txt").write_text(
-        f"machine: {meta['machine']} ({meta['dtype']}); {meta['prompts']} HumanEval prompts, "
-        f"{meta['max_new_tokens']} new tokens, fastest of {meta['repeats']}; "
-        "speedup = TPS / TPS of ar on the same prompts\n\nall runs:\n"
-        + format_table(sorted(rows, key=lambda r: (r["store"], r["method"], r["budget"])))
-        + "\n\nbest budget per method:\n" + format_table(best_rows(rows)) + "\n")
+    with _replacing(out) as tmp:
+        tmp.write_text(json.dumps(dict(meta=meta, rows=rows, records=records), indent=1))
+    with _replacing(out.with_suffix(".png")) as tmp:
+        plot(rows, records, tmp)
+    with _replacing(out.with_suffix(".txt")) as tmp:
+        tmp.write_text(
+            f"machine: {meta['machine']} ({meta['dtype']}); {meta['prompts']} HumanEval "
+            f"prompts, {meta['max_new_tokens']} new tokens, fastest of {meta['repeats']}; "
+            "speedup = TPS / TPS of ar on the same prompts\n\nall runs:\n"
+            + format_table(sorted(rows, key=lambda r: (r["store"], r["method"], r["budget"])))
+            + "\n\nbest budget per method:\n" + format_table(best_rows(rows)) + "\n")
     return rows
 
 

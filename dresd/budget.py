@@ -133,10 +133,11 @@ def calibrated_budget(model, tokenizer=None, fingerprint: str | None = None,
                       max_tree_tokens: int = 64, refresh: bool = False) -> CalibratedBudget:
     """The budget for ``model`` on its device: its saved calibration (``dresd calibrate``),
     measured and saved on first use. ``fingerprint`` (a store's records it) saves computing the
-    model's; the calibration is also kept in memory per model object and device."""
+    model's; the calibration is also kept in memory per model object, device and dtype."""
     from dresd.calibrate import load_or_measure
 
-    device = str(next(model.parameters()).device)
+    param = next(model.parameters())
+    device = (str(param.device), param.dtype)
     cached = _CALIBRATIONS.get(model)
     if cached is None or cached[0] != device or refresh:
         if fingerprint is None:

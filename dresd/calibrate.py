@@ -4,7 +4,7 @@ Speculative decoding pays only when the tokens a verify pass accepts outweigh ho
 pass costs than a one-token step, and that ratio differs by orders of magnitude between a CPU and
 a GPU. ``calibrate`` measures the cost of one verify pass of an n-token draft tree over a KV
 cache (the decoder's own ``verify_tree``: tree attention mask, position ids, final hidden states,
-logits for every node) and saves it per model and device so later runs reuse it.
+logits for every node) and saves it per model, device and weights dtype so later runs reuse it.
 
 The budget reads a non-decreasing fit of the measured curve (isotonic regression), not the
 points themselves. The budget picks the tree size with the best expected tokens per second, so it
@@ -114,7 +114,8 @@ def calibration_path(model_fingerprint: str, device: torch.device,
                      dtype: torch.dtype = torch.float32) -> Path:
     """Per model, device and (when not float32) weights dtype: each has its own costs."""
     suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    return cache_dir() / "calibration" / f"{model_fingerprint[:16]}-{device_name(device)}{suffix}.json"
+    name = f"{model_fingerprint[:16]}-{device_name(device)}{suffix}.json"
+    return cache_dir() / "calibration" / name
 
 
 def _sync(device: torch.device) -> None:

@@ -117,20 +117,29 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
-    """``dtype`` by name, float32 when empty, on every device.
+    """``dtype`` by name (a floating-point torch dtype), float32 when empty, on every device.
 
-    float32 because lossless needs the tree verify and one-token decoding to round alike. In
-    bfloat16 they round differently, greedy near-ties break differently and the output drifts
-    from ``model.generate``: on an H200 it did on 3 of 5 HumanEval prompts, for transformers'
-    own prompt lookup too (benchmarks/results/decode-cuda-h200-bf16-id.txt). Ask for bfloat16
-    explicitly where speed matters more; the encode pipeline runs its forward passes under
-    bfloat16 autocast on CUDA whatever the weights' dtype.
+    A tree verify (n rows) and a one-token step run different kernels and round differently.
+    In float32 the difference is far below the gap between a greedy argmax and the runner-up
+    almost always: every output of the CPU tests and benchmarks matched ``model.generate``
+    (not yet checked on a GPU). In bfloat16 near-ties break differently and the output drifts
+    from ``model.generate``: on an H200 each method's output, transformers' own prompt lookup's
+    too, differed on 3 or 4 of 5 HumanEval prompts, not always the same ones
+    (benchmarks/results/decode-cuda-h200-bf16-id.txt). Ask for bfloat16 explicitly where speed
+    matters more than that.
     """
     if dtype:
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown torch dtype {dtype!r} (e.g. float32, bfloat16, float16)")
-        return getattr(torch, dtype)
+        found = getattr(torch, dtype, None)
+        if not isinstance(found, torch.dtype) or not found.is_floating_point:
+            raise ValueError(f"unknown floating-point torch dtype {dtype!r} "
+                             "(e.g. float32, bfloat16, float16)")
+        return found
     return torch.float32
+
+
+DTYPE_HELP = ("model weights dtype ('' = float32: in bfloat16 a tree verify can break greedy "
+              "near-ties differently from one-token decoding, so the output may differ from "
+              "plain decoding)")
 
 
 def load_model(

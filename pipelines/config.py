@@ -13,8 +13,8 @@ INDEX_KINDS = ("ivf_flat", "ivf_pq")
 class BuildConfig:
     model: str = option("default", "target model: a local Hugging Face directory or 'default'")
     device: str = option("", "torch device for the encoder ('' picks CUDA when present)")
-    dtype: str = option("", "model weights dtype ('' = float32; the encoder's forward runs "
-                            "under bfloat16 autocast on CUDA)")
+    dtype: str = option("", "encoder weights dtype ('' = bfloat16 on CUDA, where the forward "
+                            "runs under bfloat16 autocast, float32 on CPU)")
     dim: int = option(64, "key dimension after PCA")
     value_len: int = option(20, "N, tokens per value (the runtime slices them from the stream)")
     index_kind: str = option("ivf_flat", "faiss index kind", choices=INDEX_KINDS)

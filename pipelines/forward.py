@@ -49,8 +49,12 @@ class HiddenStateModel:
     """A causal LM without its head, on the best device, run in inference mode."""
 
     def __init__(self, model: str, device: str = "", dtype: str = ""):
-        from dresd.models import load_model
+        from dresd.models import load_model, pick_device
 
+        # Keys need no bit-exactness, so on a GPU the encoder defaults to bfloat16 weights
+        # (half the memory; the forward runs under bfloat16 autocast anyway).
+        if not dtype and pick_device(device or None).type == "cuda":
+            dtype = "bfloat16"
         self.model, self.tokenizer = load_model(model, device or None, dtype or None)
         self.base = self.model.base_model
         self.device = next(self.model.parameters()).device

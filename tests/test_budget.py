@@ -151,7 +151,6 @@ def test_load_or_measure_saves_per_model_and_device(tiny_llama_dir, tmp_path, mo
     assert Calibration.load(path) == fresh
 
 
-
 def test_a_bfloat16_model_keeps_its_own_calibration(tiny_llama_dir, tmp_path, monkeypatch):
     import torch
 
@@ -163,12 +162,15 @@ def test_a_bfloat16_model_keeps_its_own_calibration(tiny_llama_dir, tmp_path, mo
     bf16, _ = load_model(tiny_llama_dir, dtype="bfloat16")
     fp = model_fingerprint(f32, tok)
     assert model_fingerprint(bf16, tok) == fp  # the same weights, so the same store key
-    load_or_measure(f32, fp, **kw)
-    load_or_measure(bf16, fp, **kw)
+    cal32 = load_or_measure(f32, fp, **kw)
+    cal16 = load_or_measure(bf16, fp, **kw)
     names = sorted(p.name for p in (tmp_path / "calibration").iterdir())
     assert names == sorted([calibration_path(fp, f32.device).name,
                             calibration_path(fp, f32.device, torch.bfloat16).name])
-    assert names[0] != names[1] and any(n.endswith("-bfloat16.json") for n in names)
+    assert any(n.endswith("-bfloat16.json") for n in names)
+    # each is reused from its own file (a new measurement would not reproduce the timings)
+    assert load_or_measure(bf16, fp, **kw) == cal16 and load_or_measure(f32, fp, **kw) == cal32
+
 
 def test_a_calibration_of_an_older_version_is_measured_again(tiny_llama_dir, tmp_path,
                                                             monkeypatch):
@@ -220,6 +222,12 @@ def test_cli_calibrate_prints_and_reuses(tiny_llama_dir, tmp_path, monkeypatch, 
     assert main(["calibrate", "--model", str(tiny_llama_dir)]) == 0
     assert "measured now" in capsys.readouterr().out
     assert Calibration.load(path).version == VERSION
+    # --dtype: its own file, said in the output; a dtype that is not a float one is refused
+    assert main(["calibrate", "--model", str(tiny_llama_dir), "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "(bfloat16)" in out and "measured now" in out and "-bfloat16.json" in out
+    assert main(["calibrate", "--model", str(tiny_llama_dir), "--dtype", "int8"]) == 2
+    assert "unknown floating-point torch dtype 'int8'" in capsys.readouterr().err
 
 
 def test_calibrated_budget_is_measured_once_per_model_and_device(tiny_llama_dir, tmp_path,

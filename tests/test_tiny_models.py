@@ -23,7 +23,8 @@ def test_models_load_in_float32_on_every_device_unless_asked(tiny_llama_dir):
     assert pick_dtype(torch.device("cuda")) == torch.float32
     assert pick_dtype(torch.device("cpu")) == torch.float32
     assert pick_dtype(torch.device("cuda"), "bfloat16") == torch.bfloat16
-    with pytest.raises(ValueError, match="unknown torch dtype 'float33'"):
-        pick_dtype(torch.device("cpu"), "float33")
+    for bad in ("float33", "int8", "Tensor"):
+        with pytest.raises(ValueError, match=f"unknown floating-point torch dtype '{bad}'"):
+            pick_dtype(torch.device("cpu"), bad)
     assert load_model(tiny_llama_dir)[0].dtype == torch.float32
     assert load_model(tiny_llama_dir, dtype="bfloat16")[0].dtype == torch.bfloat16

@@ -1,12 +1,13 @@
 """``dresd calibrate``: measure the target model's verify cost per tree size on this device.
 
-The table is saved per model fingerprint and device (``dresd.calibrate.calibration_path``) and
+The table is saved per model fingerprint, device and weights dtype
+(``dresd.calibrate.calibration_path``) and
 reused by every later run of the calibrated budget; ``--force`` measures again.
 """
 
 from __future__ import annotations
 
-from dresd.commands.generate import DTYPE_HELP
+from dresd.models import DTYPE_HELP
 
 
 def format_table(cal) -> str:
@@ -27,7 +28,8 @@ def run(args) -> int:
     reused = not args.force and saved_calibration(path) is not None
     cal = load_or_measure(model, fingerprint, refresh=args.force)
     print(f"model:  {args.model} ({fingerprint[:16]})")
-    print(f"device: {cal.device}, KV cache of {cal.past_len} tokens")
+    dtype = str(model.dtype).removeprefix("torch.")
+    print(f"device: {cal.device} ({dtype}), KV cache of {cal.past_len} tokens")
     print(f"file:   {path} ({'reused; --force measures again' if reused else 'measured now'})")
     print(format_table(cal))
     return 0
@@ -35,7 +37,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="measure verify cost per tree size on this device "
-                                         "(saved per model and device)")
+                                         "(saved per model, device and dtype)")
     p.add_argument("--model", default="default", help="model directory or 'default'")
     p.add_argument("--device", default="", help="torch device ('' picks CUDA when present)")
     p.add_argument("--dtype", default="", help=DTYPE_HELP)

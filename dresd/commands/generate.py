@@ -13,9 +13,7 @@ import sys
 
 from dresd.config import add_arguments, from_arguments
 from dresd.decode import DecodeConfig
-
-DTYPE_HELP = ("model weights dtype ('' = float32: bfloat16 verification can break greedy ties "
-              "differently from one-token decoding, so the output may differ from plain decoding)")
+from dresd.models import DTYPE_HELP
 
 
 def run(args) -> int:
