@@ -50,7 +50,7 @@ from benchmarks.corpora import RUNS, id_store, ood_store  # noqa: E402
 from benchmarks.oracle import OracleDrafter  # noqa: E402
 from benchmarks.prompts import EVAL_PROMPTS, chat, humaneval_prompts  # noqa: E402
 from dresd.decode import DecodeConfig, encode_prompt, generate  # noqa: E402
-from dresd.models import load_model  # noqa: E402
+from dresd.models import dtype_name, load_model  # noqa: E402
 from dresd.store import load_store  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     records: list[dict] = []
     from tqdm import tqdm
 
-    dtype = str(model.dtype).removeprefix("torch.")
+    dtype = dtype_name(model.dtype)
     suffix = "" if dtype == "float32" else f"-{dtype}"
     out = Path(args.out) if args.out else RESULTS / f"decode-{device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -137,15 +137,15 @@ def calibrated_budget(model, tokenizer=None, fingerprint: str | None = None,
     from dresd.calibrate import load_or_measure
 
     param = next(model.parameters())
-    device = (str(param.device), param.dtype)
+    key = (str(param.device), param.dtype)
     cached = _CALIBRATIONS.get(model)
-    if cached is None or cached[0] != device or refresh:
+    if cached is None or cached[0] != key or refresh:
         if fingerprint is None:
             if tokenizer is None:
                 raise ValueError("calibrated_budget needs the tokenizer or the fingerprint")
             from dresd.models import model_fingerprint
 
             fingerprint = model_fingerprint(model, tokenizer)
-        cached = (device, load_or_measure(model, fingerprint, refresh=refresh))
+        cached = (key, load_or_measure(model, fingerprint, refresh=refresh))
         _CALIBRATIONS[model] = cached
     return CalibratedBudget(cached[1], max_tree_tokens)

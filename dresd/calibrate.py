@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dresd.models import cache_dir
+from dresd.models import cache_dir, dtype_name
 
 DEFAULT_SIZES = tuple(range(1, 33)) + (36, 40, 48, 56, 64)
 # Calibrations saved before version 2 were forced monotone (see above); before version 3 they
@@ -113,7 +113,7 @@ def device_name(device: torch.device) -> str:
 def calibration_path(model_fingerprint: str, device: torch.device,
                      dtype: torch.dtype = torch.float32) -> Path:
     """Per model, device and (when not float32) weights dtype: each has its own costs."""
-    suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    suffix = "" if dtype == torch.float32 else f"-{dtype_name(dtype)}"
     name = f"{model_fingerprint[:16]}-{device_name(device)}{suffix}.json"
     return cache_dir() / "calibration" / name
 

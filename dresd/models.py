@@ -116,8 +116,8 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
-    """``dtype`` by name (a floating-point torch dtype), float32 when empty, on every device.
+def pick_dtype(dtype: str | None = None) -> torch.dtype:
+    """``dtype`` by name (a floating-point torch dtype), float32 when empty, whatever the device.
 
     A tree verify (n rows) and a one-token step run different kernels and round differently.
     In float32 the difference is far below the gap between a greedy argmax and the runner-up
@@ -137,6 +137,10 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 DTYPE_HELP = ("model weights dtype ('' = float32: in bfloat16 a tree verify can break greedy "
               "near-ties differently from one-token decoding, so the output may differ from "
               "plain decoding)")
@@ -153,7 +157,7 @@ def load_model(
     path = resolve_model_path(name_or_path)
     dev = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dev, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
     model.to(dev).eval()
     model.name_or_path_for_store = str(name_or_path)
     return model, tokenizer

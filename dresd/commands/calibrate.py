@@ -1,8 +1,8 @@
 """``dresd calibrate``: measure the target model's verify cost per tree size on this device.
 
 The table is saved per model fingerprint, device and weights dtype
-(``dresd.calibrate.calibration_path``) and
-reused by every later run of the calibrated budget; ``--force`` measures again.
+(``dresd.calibrate.calibration_path``) and reused by every later run of the calibrated budget;
+``--force`` measures again.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def format_table(cal) -> str:
 
 def run(args) -> int:
     from dresd.calibrate import calibration_path, load_or_measure, saved_calibration
-    from dresd.models import load_model, model_fingerprint
+    from dresd.models import dtype_name, load_model, model_fingerprint
 
     model, tokenizer = load_model(args.model, device=args.device or None,
                                   dtype=args.dtype or None)
@@ -28,8 +28,7 @@ def run(args) -> int:
     reused = not args.force and saved_calibration(path) is not None
     cal = load_or_measure(model, fingerprint, refresh=args.force)
     print(f"model:  {args.model} ({fingerprint[:16]})")
-    dtype = str(model.dtype).removeprefix("torch.")
-    print(f"device: {cal.device} ({dtype}), KV cache of {cal.past_len} tokens")
+    print(f"device: {cal.device} ({dtype_name(model.dtype)}), KV cache of {cal.past_len} tokens")
     print(f"file:   {path} ({'reused; --force measures again' if reused else 'measured now'})")
     print(format_table(cal))
     return 0
