@@ -35,7 +35,6 @@ from pipelines.journal import (
     JOURNAL_DIR,
     RunJournal,
     config_settings,
-    is_live,
     recorded_shards,
     run_dirs,
     run_info,
@@ -241,7 +240,7 @@ def _completed_earlier(store: str, kind: str, parent: int, key: str) -> Manifest
     named = {s.shard_id for s in manifest.shards}
     for d in run_dirs(store):
         info = run_info(d)
-        if not info or info.get("key") != key or info.get("parent") != parent or is_live(d):
+        if not info or info.get("key") != key or info.get("parent") != parent:
             continue
         recorded = {r["shard"].shard_id for r in recorded_shards(d)}
         if recorded and recorded <= named:

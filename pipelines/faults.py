@@ -4,7 +4,9 @@ Every step of build, update, compact, publish and gc calls ``maybe_fail(point)``
 happens unless ``DRESD_FAULT`` names the point (``DRESD_FAULT=after_manifest``), optionally
 with the occurrence to fail at (``after_shard_write:2`` fails at the second shard written in
 this process; default the first). The failure is an ``InjectedFault`` raised at that instant,
-which stops the run as a crash or a write error would (Beam workers inherit the environment).
+which stops the run as a write error would (Beam workers inherit the environment); with a third
+field ``exit`` (``after_manifest:1:exit``) the process is killed on the spot instead, as by
+``kill -9``: no exception handler or cleanup runs.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ def maybe_fail(point: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    name, _, nth = spec.partition(":")
+    name, _, rest = spec.partition(":")
     if name != point:
         return
+    nth, _, mode = rest.partition(":")
     _seen[point] += 1
     if _seen[point] == int(nth or 1):
+        if mode == "exit":
+            os._exit(137)
         raise InjectedFault(f"injected fault at {point}")
 
 

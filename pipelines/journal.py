@@ -103,14 +103,29 @@ class Adopted:
     index: IndexSpec | None = None
 
 
+def _process_gone(info: dict | None) -> bool:
+    """The run's launcher ran on this host and its process no longer exists."""
+    if not info or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def is_live(run_dir: Path, now: float | None = None) -> bool:
+    """A run is live while its heartbeat is fresh, it has not ended, and (on this host) its
+    launcher process exists."""
     try:
         if (run_dir / ENDED_FILE).exists():
             return False
         beat = (run_dir / RUN_FILE).stat().st_mtime
     except OSError:
         return False
-    return (now or time.time()) - beat < LIVE_S
+    return (now or time.time()) - beat < LIVE_S and not _process_gone(run_info(run_dir))
 
 
 def run_dirs(store: str | os.PathLike) -> list[Path]:
@@ -220,7 +235,8 @@ class RunJournal:
                 continue
             if out.transform is None:
                 fitted = self._verified_fitted(d)
-                if fitted is None:
+                if fitted is None:  # nothing reusable: its files are garbage for gc
+                    shutil.rmtree(d, ignore_errors=True)
                     continue
                 out.transform, out.index = fitted
                 _write_json(self.dir / FITTED_FILE, _read_json(d / FITTED_FILE))
