@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from pipelines.journal import (
 )
 from pipelines.options import pipeline_options
 from pipelines.publish import RecordResult, commit_generation
-from pipelines.readers import DEAD, ReadCorpus, list_corpus_files
+from pipelines.readers import DEAD, ReadCorpus, describe_kind, list_corpus_files
 from pipelines.sample import SampleStates
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
@@ -75,16 +74,6 @@ def describe_model(config: BuildConfig) -> ModelSpec:
 # Everything a store directory holds at its top level (a failed build may leave some of it).
 STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, DEAD_LETTER_DIR,
                  JOURNAL_DIR}
-
-
-def describe_kind(path: str | os.PathLike) -> str:
-    """What a path that is neither a regular file nor a directory is, in words."""
-    mode = os.stat(path).st_mode
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def _check_store_path(store: str, exists: bool = False) -> None:
