@@ -291,8 +291,11 @@ class RunJournal:
             shutil.rmtree(Path(self.store) / shard_relpath(sid), ignore_errors=True)
             if i == 0:
                 maybe_fail("during_cleanup")
+        # The shard records and run.json go last: until then a rerun of a build can tell that
+        # this run's commit happened (pipelines.build._completed_earlier).
         files = sorted(self.dir.iterdir()) if self.dir.is_dir() else []
-        for i, p in enumerate(f for f in files if f.name != RUN_FILE):
+        for i, p in enumerate(f for f in files if f.name != RUN_FILE
+                              and not f.name.startswith("shard-")):
             p.unlink(missing_ok=True)
             if i == 0:
                 maybe_fail("during_cleanup")
