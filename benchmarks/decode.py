@@ -21,7 +21,14 @@ Two stores: OOD (standard-library sources) and ID (the model's completions of Hu
 held-out problems and of standard-library signature prompts; benchmarks/corpora.py). Each prompt
 is decoded ``--repeats`` times by every method, in whole rounds, and the fastest time is kept
 (outputs are deterministic; only the clock varies). Results go to JSON, a PNG of two plots and
-a .txt of the tables (also printed last). While the run goes they are kept up to date after
+a .txt of the tables (also printed last).
+
+Warm-up (``--warmup``): a server or notebook has usually answered other requests before, and the
+composite carries its estimates (and the budget its measured verify costs) from one call to the
+next. So by default each drafting method first decodes a short unrelated request
+(``WARMUP_REQUEST``) before it is timed; ``--warmup both`` also runs every composite "cold", with
+estimates of its own that no warm-up touched (label ``.../cold``), to show whether the warm-up
+changed anything; ``--warmup off`` skips it. While the run goes they are kept up to date after
 every prompt under ``<name>.partial.*``, so a run stopped early keeps the prompts it finished
 and never overwrites the results of a finished one.
 
@@ -62,6 +69,9 @@ BUDGETS = {
     "10x10": dict(num_drafts=10, draft_len=10, max_tree_tokens=32),
 }
 CALIBRATED = "calibrated"
+COLD = "cold"  # a run whose composite keeps estimates of its own, untouched by the warm-up
+WARMUP_REQUEST = [{"role": "user", "content": "Say hi in one short sentence."}]
+WARMUP_TOKENS = 16
 
 ALL = list(BUDGETS)
 # method -> (needs a store, budgets it runs at)
@@ -69,7 +79,7 @@ METHODS = {
     "ar": (False, [""]),
     "hf_prompt_lookup": (False, [""]),
     "oracle": (False, ALL),
-    "prompt_lookup": (False, ALL),
+    "prompt_lookup": (False, ALL + [CALIBRATED]),
     "context": (False, ALL),
     "rest": (True, ALL),
     "draftretriever": (True, ["4x8"]),
@@ -94,19 +104,33 @@ DRAFTERS = {
 class Run:
     method: str
     store: str  # "ood", "id" or "" when the method reads no store
-    budget: str  # a key of BUDGETS, "calibrated", or "" (plain generate)
+    budget: str  # a key of BUDGETS, "calibrated", or "" (plain generate); "<budget>/cold"
 
     @property
     def label(self) -> str:
         return "/".join(x for x in (self.method, self.store, self.budget) if x)
 
+    @property
+    def cold(self) -> bool:
+        return self.budget.endswith("/" + COLD)
 
-def plan(methods: list[str], stores: list[str]) -> list[Run]:
+    @property
+    def drafts(self) -> bool:
+        return self.method not in ("ar", "hf_prompt_lookup")
+
+
+def plan(methods: list[str], stores: list[str], budgets: list[str] | None = None,
+         cold: bool = False) -> list[Run]:
+    """The runs: each method at each of its budgets (only those in ``budgets`` when given),
+    per store; with ``cold``, each composite (calibrated) run also without the warm-up."""
     runs = []
     for m in methods:
-        needs_store, budgets = METHODS[m]
+        needs_store, kept = METHODS[m]
+        kept = [b for b in kept if not budgets or not b or b in budgets]
         for s in stores if needs_store else [""]:
-            runs += [Run(m, s, b) for b in budgets]
+            runs += [Run(m, s, b) for b in kept]
+            if cold:
+                runs += [Run(m, s, f"{b}/{COLD}") for b in kept if b == CALIBRATED]
     return runs
 
 
@@ -121,6 +145,9 @@ def hf_generate(model, ids: list[int], max_new_tokens: int, **kw) -> tuple[list[
     return out[0, len(ids):].tolist(), time.perf_counter() - t
 
 
+_COLD_MEMORIES: dict[Run, dict] = {}
+
+
 def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference: list[int],
             max_new_tokens: int) -> dict:
     """Decode one prompt with one method; a JSON-ready record."""
@@ -129,7 +156,7 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         tokens, seconds = hf_generate(model, ids, max_new_tokens, **kw)
         return dict(tokens=len(tokens), seconds=seconds, identical=tokens == reference,
                     accepted_lengths=[])
-    budget = BUDGETS.get(run.budget, {})
+    budget = BUDGETS.get(run.budget.split("/")[0], {})
     store = stores.get(run.store)
     if run.method == "oracle":
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -141,10 +168,17 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         source = DraftRetrieverDrafter.from_store(store)
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
     else:
-        policy = "calibrated" if run.budget == CALIBRATED else "fixed"
+        policy = "calibrated" if run.budget.startswith(CALIBRATED) else "fixed"
         config = DecodeConfig(max_new_tokens=max_new_tokens, drafter=DRAFTERS[run.method],
                               budget=policy, **budget)
         source = store  # None for the store-free sources
+        if run.cold:  # the same composite, with estimates of its own
+            from dresd.decode import as_drafter
+            from dresd.drafters.composite import CompositeDrafter
+
+            default = as_drafter(store, config, model, tokenizer)
+            source = CompositeDrafter(default.drafters, default.policy,
+                                      memory=_COLD_MEMORIES.setdefault(run, {}))
     lengths: list[int] = []
     result = generate(model, tokenizer, source, ids, config,
                       on_token=lambda new, text: lengths.append(len(new)))
@@ -194,12 +228,12 @@ def best_rows(rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'method':<17}{'store':<6}{'budget':<11}{'AL':>6}{'AR':>6}{'TPS':>7}"
+    head = (f"{'method':<17}{'store':<6}{'budget':<16}{'AL':>6}{'AR':>6}{'TPS':>7}"
             f"{'speedup':>9}{'retr%':>7}{'verify%':>9}{'tree':>6}  identical")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<17}{r['store'] or '-':<6}{r['budget'] or '-':<11}{r['AL']:>6.2f}"
+            f"{r['method']:<17}{r['store'] or '-':<6}{r['budget'] or '-':<16}{r['AL']:>6.2f}"
             f"{r['AR']:>6.2f}{r['TPS']:>7.1f}{r['speedup']:>8.2f}x{100 * r['retrieval_share']:>6.1f}"
             f"{100 * r['verify_share']:>8.1f}{r['mean_tree']:>7.1f}  "
             f"{'yes' if r['identical'] else 'NO'}"
@@ -273,6 +307,12 @@ def main(argv=None) -> int:
                     help="decode each prompt this many times per method and keep the fastest: "
                          "on a shared machine one timing can be 10-15%% off")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--budgets", default="",
+                    help="keep only these budgets (comma-separated: " + ", ".join(BUDGETS)
+                         + f", {CALIBRATED}); default all")
+    ap.add_argument("--warmup", choices=("on", "off", "both"), default="on",
+                    help="decode a short unrelated request with each method before timing it "
+                         "(both: also run each composite cold, to compare)")
     ap.add_argument("--stores", default="ood,id")
     ap.add_argument("--ood-tokens", type=int, default=130_000, help="size of the OOD corpus")
     ap.add_argument("--id-prompts", type=int, default=552,
@@ -303,7 +343,8 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     if "ar" not in methods:
         methods.insert(0, "ar")
-    runs = plan(methods, list(stores))
+    runs = plan(methods, list(stores), [b for b in args.budgets.split(",") if b],
+                cold=args.warmup == "both")
     cal = None
     if any(r.budget == CALIBRATED for r in runs):
         from dresd.budget import calibrated_budget
@@ -318,6 +359,12 @@ def main(argv=None) -> int:
     generate(model, tokenizer, stores[next(iter(stores))] if stores else
              OracleDrafter(len(warm), [], 1), warm, DecodeConfig(max_new_tokens=8))
 
+    if args.warmup != "off":  # as a long-running process would have been
+        short = encode_prompt(tokenizer, WARMUP_REQUEST)
+        for run in runs:
+            if run.drafts and not run.cold:
+                run_one(run, model, tokenizer, stores, short, [], WARMUP_TOKENS)
+
     records: list[dict] = []
     from tqdm import tqdm
 
@@ -329,7 +376,8 @@ def main(argv=None) -> int:
     meta = dict(machine=machine(), device=device, dtype=dtype,
                 torch_threads=torch.get_num_threads(), model=args.model,
                 prompts=0, prompts_planned=len(prompts), max_new_tokens=args.max_new_tokens,
-                repeats=args.repeats,
+                repeats=args.repeats, warmup=args.warmup,
+                warmup_request=WARMUP_REQUEST if args.warmup != "off" else None,
                 budgets=BUDGETS, stores={k: str(v.relative_to(RUNS.parent)) if v.is_relative_to(
                     RUNS.parent) else str(v) for k, v in paths.items()},
                 store_stats={k: asdict(s.stats) for k, s in stores.items()},

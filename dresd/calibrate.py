@@ -14,6 +14,14 @@ non-monotone step (on an AMD EPYC MKL took longer for 2-3 rows than for 4-16) is
 the fit, which costs little: a tree a node larger than needed. Every size up to 32 is measured,
 then sparser up to 64, round-robin, so a drift in the machine's speed hits all alike. The saved
 file keeps the raw medians.
+
+A curve measured while another process competes for the cores is wrong (on 2 cores a second
+torch process slowed calibration rounds from 4.5 s to 111 s), so every round's total time is
+kept and compared: when the rounds' spread, (slowest - fastest) / median, exceeds ``TOLERANCE``
+the curve is marked provisional. ``dresd calibrate`` then measures again and refuses to save one
+that stays provisional; a provisional curve measured on first use is saved as such, used (the
+budget corrects it with the passes it measures while decoding, see dresd.budget) and measured
+again by the next process.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +45,12 @@ DEFAULT_SIZES = tuple(range(1, 33)) + (36, 40, 48, 56, 64)
 # Calibrations saved before version 2 were forced monotone (see above); before version 3 they
 # timed a plain causal forward at sparse sizes. Older ones are measured again.
 VERSION = 3
+# The rounds of a reliable calibration agree within this spread: (slowest - fastest) / median
+# of the round totals. Quiet 2-core machines give 2-10%; a competing process gives 100% and up.
+TOLERANCE = 0.3
+# ... unless the slowest and fastest rounds differ by less than this (a tiny model's rounds
+# take milliseconds, where scheduling jitter alone is tens of percent and costs nothing).
+MIN_SPREAD_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,23 @@ class Calibration:
     sizes: tuple[int, ...]
     seconds: tuple[float, ...]  # median wall time of one verify pass of an n-token tree
     version: int = VERSION
+    round_seconds: tuple[float, ...] = ()  # each measured round's total, in order
+    provisional: bool = False  # the rounds disagreed beyond TOLERANCE
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median of the round totals (0 when not recorded)."""
+        if len(self.round_seconds) < 2:
+            return 0.0
+        r = self.round_seconds
+        return (max(r) - min(r)) / statistics.median(r)
+
+    def describe_rounds(self) -> str:
+        if not self.round_seconds:
+            return "rounds not recorded"
+        r = self.round_seconds
+        return (f"{len(r)} rounds of {min(r):.2f}-{max(r):.2f} s, spread {100 * self.spread:.0f}% "
+                f"(tolerance {100 * TOLERANCE:.0f}%)")
 
     def cost(self, n: int | np.ndarray) -> float | np.ndarray:
         """Seconds for a verify pass of n tree tokens (elementwise for an array of sizes): the
@@ -88,7 +119,8 @@ class Calibration:
         d.setdefault("version", 1)
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}  # fields of a later version
-        return cls(**{**d, "sizes": tuple(d["sizes"]), "seconds": tuple(d["seconds"])})
+        return cls(**{**d, "sizes": tuple(d["sizes"]), "seconds": tuple(d["seconds"]),
+                      "round_seconds": tuple(d.get("round_seconds", ()))})
 
 
 def _pooled_blocks(values) -> list[tuple[float, int]]:
@@ -152,7 +184,11 @@ def measure_verify_cost(
                 times[i].append(time.perf_counter() - t0)
             cache.crop(-len(tree))
     seconds = [statistics.median(t) for t in times]
-    return Calibration(fingerprint, device_name(device), past_len, tuple(sizes), tuple(seconds))
+    rounds = tuple(float(sum(t[r] for t in times)) for r in range(repeats))
+    cal = Calibration(fingerprint, device_name(device), past_len, tuple(sizes), tuple(seconds),
+                      round_seconds=rounds)
+    unreliable = cal.spread > TOLERANCE and max(rounds) - min(rounds) > MIN_SPREAD_S
+    return replace(cal, provisional=unreliable)
 
 
 def _synthetic_tree(n: int, vocab: int, gen: torch.Generator, draft_len: int = 8):
@@ -179,14 +215,23 @@ def saved_calibration(path: Path) -> Calibration | None:
 
 
 def load_or_measure(model, fingerprint: str, refresh: bool = False, **kw) -> Calibration:
+    """The saved calibration, or one measured now and saved. A provisional one (its rounds
+    disagreed) is measured again, and the new one saved unless it is provisional too while the
+    old one was not."""
     param = next(model.parameters())
     device = param.device
     path = calibration_path(fingerprint, device, param.dtype)
-    cal = None if refresh else saved_calibration(path)
-    if cal is not None:
-        return cal
-    print(f"measuring {device_name(device)}'s verify cost per tree size once (saved to {path}; "
+    old = None if refresh else saved_calibration(path)
+    if old is not None and not old.provisional:
+        return old
+    again = "again (the saved one is provisional) " if old is not None else ""
+    print(f"measuring {device_name(device)}'s verify cost per tree size {again}(saved to {path}; "
           "`dresd calibrate` shows it)", file=sys.stderr, flush=True)
     cal = measure_verify_cost(model, fingerprint=fingerprint, **kw)
+    if cal.provisional:
+        print(f"warning: the calibration is unreliable ({cal.describe_rounds()}): another process "
+              "is probably using the cores. It is saved as provisional, corrected by the verify "
+              "passes measured while decoding, and measured again next time.",
+              file=sys.stderr, flush=True)
     cal.save(path)
     return cal

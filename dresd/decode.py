@@ -428,7 +428,8 @@ def generate(
         path, next_token = _walk(tree, result.logits, params, generator)
         prune_cache(cache, past, len(tree), path)
         _sync(device)
-        stats.verify_s += time.perf_counter() - t
+        verify_s = time.perf_counter() - t
+        stats.verify_s += verify_s
 
         accepted = [tree.tokens[i] for i in path[1:]]
         stats.steps += 1
@@ -439,6 +440,7 @@ def generate(
 
         t = time.perf_counter()
         drafter.accept([y] + accepted, result.hidden[path])
+        drafter.verified(len(tree), verify_s)
         stats.retrieval_s += time.perf_counter() - t
 
         emitted = accepted + [next_token]

@@ -247,3 +247,120 @@ def test_calibrated_budget_is_measured_once_per_model_and_device(tiny_llama_dir,
     assert path.exists() and Calibration.load(path) == fresh.calibration
     with pytest.raises(ValueError, match="tokenizer or the fingerprint"):
         calibrated_budget(load_model(tiny_llama_dir)[0])
+
+
+# ------------------------------------------------------------ a cost curve that heals
+
+
+def drive(policy, true_cost, gains, steps):
+    """Steps of a decoder that offers ``gains`` and reports each verify pass at its true cost;
+    the node counts the policy chose."""
+    chosen = []
+    for _ in range(steps):
+        k = policy.size(gains)
+        policy.observe(k + 1, true_cost(k + 1))
+        chosen.append(k)
+    return chosen
+
+
+def test_a_curve_ten_times_too_slow_at_one_token_is_corrected():
+    """Saved while the machine was busy: one token measured at 10x its cost. Weak candidates
+    then look worth verifying; once a one-token pass is measured (the budget makes one after
+    ``explore_every`` steps if no step without candidates did), the budget stops."""
+    skewed = Calibration("fp", "cpu-test", 300, CPU.sizes, (10 * CPU.seconds[0],) + CPU.seconds[1:])
+    gains = [0.1] * 3
+    assert CalibratedBudget(CPU).size(gains) == 0  # on the true curve they do not pay
+    policy = CalibratedBudget(skewed, explore_every=8)
+    chosen = drive(policy, CPU.cost, gains, 20)
+    assert all(k > 0 for k in chosen[:7])  # misled at first
+    # then it verifies the root alone, but for one exploring pass per explore_every steps
+    assert chosen[7:15] == [0] * 8 and chosen[15] == 3 and chosen[16:] == [0] * 4
+    assert policy.explored == 2
+    assert policy.cost(1) == pytest.approx(CPU.cost(1), rel=0.05)
+
+
+def test_a_curve_that_overstates_drafting_is_explored_and_corrected():
+    """Every tree above one token saved at 10x its cost: the budget verifies only the root, so
+    it never measures a tree; after ``explore_every`` such steps it verifies one anyway, and
+    from then on it drafts."""
+    skewed = Calibration("fp", "cpu-test", 300, CPU.sizes,
+                         (CPU.seconds[0],) + tuple(10 * s for s in CPU.seconds[1:]))
+    gains = [0.9 ** (i + 1) for i in range(20)]
+    best = CalibratedBudget(CPU).size(gains)
+    assert best > 4
+    policy = CalibratedBudget(skewed, explore_every=16)
+    chosen = drive(policy, CPU.cost, gains, 40)
+    assert chosen[:15] == [0] * 15
+    assert chosen[15] > 0 and policy.explored == 1
+    assert all(k > 0 for k in chosen[16:]) and chosen[-1] == best
+    # weak candidates on a curve measured right: one exploring pass per 16 steps, no more
+    right = CalibratedBudget(CPU, explore_every=16)
+    chosen = drive(right, CPU.cost, [0.01] * 20, 48)
+    assert right.explored == 3 and sum(k > 0 for k in chosen) == 3
+
+
+def test_measured_costs_stay_monotone_and_follow_a_slower_machine():
+    policy = CalibratedBudget(CPU)
+    for n in (1, 8, 16):
+        for _ in range(20):
+            policy.observe(n, 3 * CPU.cost(n))  # the machine became 3x slower
+    sizes = np.arange(1, 64)
+    cost = policy.cost(sizes)
+    assert np.all(np.diff(cost) >= -1e-12)
+    assert cost[0] == pytest.approx(3 * CPU.cost(1), rel=0.02)
+    assert policy.cost(12) == pytest.approx(3 * CPU.cost(12), rel=0.05)  # interpolated
+    # nonsense timings are ignored
+    policy.observe(4, float("nan"))
+    policy.observe(0, 1.0)
+    assert policy.cost(4) == pytest.approx(3 * CPU.cost(4), rel=0.05)
+
+
+def test_calibration_rounds_that_disagree_are_provisional():
+    steady = Calibration("fp", "d", 1, (1,), (0.05,), round_seconds=(4.5, 4.6, 4.4))
+    busy = Calibration("fp", "d", 1, (1,), (0.05,), round_seconds=(4.5, 30.0, 111.0))
+    assert steady.spread < 0.1 < 1 < busy.spread
+    assert "spread" in busy.describe_rounds()
+
+
+def slowing_model(model, step_s):
+    """The model on a machine that gets busier every round: each forward sleeps longer."""
+    import time
+
+    forward = model.forward
+    calls = [0]
+
+    def slow(*a, **kw):
+        calls[0] += 1
+        time.sleep(step_s * calls[0] / 40)
+        return forward(*a, **kw)
+
+    model.forward = slow
+    return model
+
+
+def test_cli_calibrate_refuses_a_noisy_curve(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import dresd.models
+    from dresd.cli import main
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    load = dresd.models.load_model
+    monkeypatch.setattr(dresd.models, "load_model",
+                        lambda *a, **kw: (slowing_model(load(*a, **kw)[0], 0.0015), load(*a, **kw)[1]))
+    assert main(["calibrate", "--model", str(tiny_llama_dir), "--attempts", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "attempt 1/2: unreliable" in err and "NOT saved" in err
+    assert not list((tmp_path / "calibration").glob("*.json"))
+
+
+def test_a_provisional_calibration_is_measured_again(tiny_llama_dir, tmp_path, monkeypatch):
+    from dresd.models import load_model, model_fingerprint
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    model, tok = load_model(str(tiny_llama_dir))
+    fp = model_fingerprint(model, tok)
+    path = calibration_path(fp, model.device)
+    busy = Calibration(fp, "d", 32, (1, 4), (0.5, 0.6), round_seconds=(1, 9), provisional=True)
+    busy.save(path)
+    again = load_or_measure(model, fp, sizes=(1, 4), past_len=32, repeats=2)
+    assert again.seconds != busy.seconds and Calibration.load(path) == again
+    assert len(again.round_seconds) == 2

@@ -13,7 +13,7 @@ from dresd.budget import CalibratedBudget, FixedBudget
 from dresd.calibrate import Calibration
 from dresd.decode import DecodeConfig, as_drafter, generate
 from dresd.drafters.base import Draft, Drafter, DraftRequest
-from dresd.drafters.composite import CompositeDrafter
+from dresd.drafters.composite import CompositeDrafter, SourceStats
 from dresd.drafters.context import ContextDrafter
 from dresd.models import load_model
 from dresd.tree import DraftTree, TreeBudget
@@ -370,17 +370,80 @@ def test_estimates_carry_over_to_the_next_generation():
     simulate(first, truth, 1, 8, 9, 100)
     learned = first.hit_rates(0, 3)
     assert learned[0] > 0.9 and learned[2] < 0.2
+    whole = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=dict(memory),
+                             carry_over=1.0)
+    whole.begin([1], torch.zeros(1, 4))
+    assert np.allclose(whole.hit_rates(0, 3), learned, atol=0.02)
     fresh = CompositeDrafter([Scripted("s", fn)], FixedBudget(9))
     fresh.begin([1], torch.zeros(1, 4))
     assert np.allclose(fresh.hit_rates(0, 3), 0.5)  # the prior
     for again in (first, CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=memory)):
+        before = again.hit_rates(0, 3)
         again.begin([1], torch.zeros(1, 4))
-        assert np.allclose(again.hit_rates(0, 3), learned)
+        # the evidence goes on at half weight (carry_over), so each generation moves the
+        # estimates toward the prior without losing what was learned
+        now = again.hit_rates(0, 3)
+        assert np.all(np.abs(now - 0.5) < np.abs(before - 0.5))
+        assert now[0] > 0.7 and now[2] < 0.45  # (the second loop is a third generation)
         assert again.stats[0].calls == 0 and again.steps == 0
     # other sources (another configuration) do not take them over
     other = CompositeDrafter([Scripted("t", fn)], FixedBudget(9), memory=memory)
     other.begin([1], torch.zeros(1, 4))
     assert np.allclose(other.hit_rates(0, 3), 0.5)
+
+
+def chain_source(truth, rate, rng, cache):
+    """Drafts right at each depth with probability ``rate``, given right so far (one per step)."""
+
+    def fn(i, req):
+        if (i, rate[0]) not in cache:
+            toks, ok = [], True
+            for t in truth[i + 1 : i + 1 + req.draft_len]:
+                ok = ok and rng.random() < rate[0]
+                toks.append(t if ok else (t + 1) % 50)
+            cache[(i, rate[0])] = [Draft(tuple(toks), 1.0, "s")]
+        return cache[(i, rate[0])]
+
+    return fn
+
+
+def test_a_source_written_off_by_failed_requests_drafts_again():
+    """Two requests on which the source is always wrong (its trees verified and rejected), then
+    requests on which it is right 70% per depth: under the calibrated budget it gets nodes
+    again within a few steps, and keeps them."""
+    rng = np.random.default_rng(11)
+    truth = rng.integers(0, 50, 3000).tolist()
+    rate = [0.0]
+    fn = chain_source(truth, rate, rng, {})
+    memory: dict = {}
+    for _ in range(2):
+        simulate(CompositeDrafter([Scripted("s", fn)], FixedBudget(16), memory=memory),
+                 truth, 4, 6, 16, 16)
+    rate[0] = 0.7
+    comp = CompositeDrafter([Scripted("s", fn)], CalibratedBudget(CPU, 32), memory=memory)
+    nodes = simulate(comp, truth, 4, 6, 32, 60)[:, 0]
+    assert nodes[:8].max() > 0  # within 8 steps
+    assert nodes[8:].mean() > 4
+
+
+def test_estimates_written_down_by_verified_trees_heal():
+    """The state a run of rejected trees leaves behind: every depth and every reliability bin
+    saying a node is accepted at a twentieth of its estimate, low enough that the calibrated
+    budget verifies nothing. Learning from verified trees alone, nothing would ever change it;
+    scored against the text, the source's drafts bring it back within a bounded number of
+    steps."""
+    rng = np.random.default_rng(11)
+    truth = rng.integers(0, 50, 3000).tolist()
+    right = Scripted("s", lambda i, req: [Draft(tuple(truth[i + 1 : i + 1 + req.draft_len]))])
+    memory: dict = {}
+    comp = CompositeDrafter([right], CalibratedBudget(CPU, 32), memory=memory)
+    comp.begin([1], torch.zeros(1, 4))
+    memory["depth_fit"] = SourceStats("tree", np.full(6, 0.5), np.full(6, 10.0))
+    memory["reliability"][:] = [[0.5] * 9, [10.0] * 9]
+    comp = CompositeDrafter([right], CalibratedBudget(CPU, 32), memory=memory, carry_over=1.0)
+    nodes = simulate(comp, truth, 4, 6, 32, 40)[:, 0]
+    assert nodes[:3].sum() == 0  # locked at first
+    assert nodes[:16].max() > 0 and nodes[16:].min() == 6  # drafting again, the whole draft
 
 
 # ------------------------------------------------------------------------ lossless, end to end
@@ -436,6 +499,24 @@ def test_default_generate_is_the_lossless_hybrid(family, family_stores, calibrat
     res = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40)
     assert res.tokens == ref
     assert res.stats.accepted_tokens > 0 and res.stats.accepted_length > 1
+
+
+def test_the_decoder_reports_every_verify_pass_to_the_budget(family_stores, calibration_cache):
+    from dresd.store import load_store
+
+    path, model, tok, ref = family_stores["llama"]
+    store = load_store(path, model, tok)
+    save_flat_calibration(model, store.manifest.model.fingerprint)
+    drafter = as_drafter(store, DecodeConfig(), model, tok)
+    seen = []
+    observe = drafter.policy.observe
+    drafter.policy.observe = lambda n, s: seen.append((n, s)) or observe(n, s)
+    res = generate(model, tok, drafter, FAMILY_PROMPT, max_new_tokens=40)
+    assert res.tokens == ref
+    assert len(seen) == res.stats.steps and sum(n for n, _ in seen) == res.stats.tree_tokens
+    assert 0 < sum(s for _, s in seen) <= res.stats.verify_s * 1.0001
+    measured = drafter.policy.costs.measured
+    assert set(measured) == {n for n, _ in seen} and all(v > 0 for v in measured.values())
 
 
 def test_generate_keeps_estimates_per_model_store_and_configuration(family_stores,

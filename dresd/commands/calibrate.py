@@ -2,7 +2,9 @@
 
 The table is saved per model fingerprint, device and weights dtype
 (``dresd.calibrate.calibration_path``) and reused by every later run of the calibrated budget;
-``--force`` measures again.
+``--force`` measures again. A measurement whose rounds disagree beyond the tolerance (the machine
+was busy) is repeated up to ``--attempts`` times and never saved: the command says so and exits
+with status 1.
 """
 
 from __future__ import annotations
@@ -18,19 +20,42 @@ def format_table(cal) -> str:
 
 
 def run(args) -> int:
-    from dresd.calibrate import calibration_path, load_or_measure, saved_calibration
+    import sys
+
+    from dresd.calibrate import calibration_path, measure_verify_cost, saved_calibration
     from dresd.models import dtype_name, load_model, model_fingerprint
 
+    if args.attempts < 1:
+        print("error: --attempts must be >= 1", file=sys.stderr)
+        return 2
     model, tokenizer = load_model(args.model, device=args.device or None,
                                   dtype=args.dtype or None)
     fingerprint = model_fingerprint(model, tokenizer)
     path = calibration_path(fingerprint, model.device, model.dtype)
-    reused = not args.force and saved_calibration(path) is not None
-    cal = load_or_measure(model, fingerprint, refresh=args.force)
+    cal = None if args.force else saved_calibration(path)
+    status = "reused; --force measures again"
+    if cal is not None and cal.provisional:
+        cal = None  # a provisional curve is measured again
+    if cal is None:
+        for attempt in range(1, args.attempts + 1):
+            cal = measure_verify_cost(model, fingerprint=fingerprint)
+            if not cal.provisional:
+                break
+            print(f"attempt {attempt}/{args.attempts}: unreliable, {cal.describe_rounds()}",
+                  file=sys.stderr, flush=True)
+        status = "measured now"
     print(f"model:  {args.model} ({fingerprint[:16]})")
     print(f"device: {cal.device} ({dtype_name(model.dtype)}), KV cache of {cal.past_len} tokens")
-    print(f"file:   {path} ({'reused; --force measures again' if reused else 'measured now'})")
     print(format_table(cal))
+    print(f"rounds: {cal.describe_rounds()}")
+    if cal.provisional:
+        print(f"unreliable: the rounds disagree beyond the tolerance in {args.attempts} "
+              f"attempt(s), so the machine was busy; NOT saved to {path}. Run it again on a quiet "
+              "machine.", file=sys.stderr)
+        return 1
+    if status == "measured now":
+        cal.save(path)
+    print(f"file:   {path} ({status})")
     return 0
 
 
@@ -41,4 +66,6 @@ def register(sub) -> None:
     p.add_argument("--device", default="", help="torch device ('' picks CUDA when present)")
     p.add_argument("--dtype", default="", help=DTYPE_HELP)
     p.add_argument("--force", action="store_true", help="measure again even if saved")
+    p.add_argument("--attempts", type=int, default=3,
+                   help="measurements to try while the rounds disagree (a busy machine)")
     p.set_defaults(func=run)

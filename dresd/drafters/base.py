@@ -7,7 +7,8 @@ The decoder drives a drafter through one generation:
    in the KV cache) and the hidden state that predicted it; the drafter returns continuations
    that would follow ``y``;
 3. ``accept(tokens, hidden)`` with the tokens committed to the cache this step (``y`` and the
-   accepted draft tokens, in order) and their final hidden states.
+   accepted draft tokens, in order) and their final hidden states;
+4. ``verified(tree_tokens, seconds)``: what that step's verify pass cost (optional).
 
 Hidden states are final-layer states (after the final norm), one row per token position; the row
 for token t is the state from which the model predicted token t + 1.
@@ -49,3 +50,7 @@ class Drafter(ABC):
 
     def accept(self, tokens: Sequence[int], hidden: torch.Tensor) -> None:
         """Tokens committed this step (y first) and their hidden states [len(tokens), H]."""
+
+    def verified(self, tree_tokens: int, seconds: float) -> None:
+        """The wall time the decoder measured for this step's verify pass over ``tree_tokens``
+        tokens (root included); drafters that size their trees to the device learn from it."""

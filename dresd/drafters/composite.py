@@ -21,10 +21,10 @@ rank-weighted drafts under the parent that go through the node. Sources proposin
 take the larger estimate, not a noisy OR: prompt lookup and the context drafter often propose
 the same text, and counting them as independent evidence doubled the estimates. The estimates
 under one parent are scaled to sum to at most 1. Finally the path products at depth d are
-scaled by ``g(d)``, the accepted tokens at depth d of recent verified trees per token the raw
-estimates expected there, and then by a reliability map: verified nodes are filed by that
+scaled by ``g(d)``, the right tokens at depth d of recent candidate tries per token the raw
+estimates expected there, and then by a reliability map: candidate nodes are filed by that
 estimate into bins (``reliability_bins``), and each bin's estimate is scaled by how many of its
-nodes were accepted per one it expected. ``g(d)`` gets each depth's total right but not its
+nodes were right per one it expected. ``g(d)`` gets each depth's total right but not its
 split among branches (steps estimated at 5 or more tokens got 20% fewer, those at under 0.3
 twice as many); the map corrects the split. So what the policy maximises is calibrated against
 what was actually accepted. The budget policy (dresd.budget) takes nodes best first and keeps
@@ -32,9 +32,23 @@ as many as pay on this device, so the budget is split by acceptance: a source th
 right stops getting nodes. A source that misses ``mute_after`` steps in a row is asked only
 every ``probe_every`` steps, so it stops costing retrieval time too.
 
-Every source is scored against the model's actual tokens (the accepted ones and the one the
-model chose after them) whether or not its drafts made it into the tree, so a source's estimate
-keeps learning even while it gets no budget.
+Shadow scoring: every source's drafts, and every node of the candidate trie, are scored against
+the tokens the model actually produced, whether or not they were verified (it costs no forward
+pass). A step stays pending until the generated text reaches ``draft_len`` tokens past it, so a
+draft that was never verified is still tested at every depth it guessed. (Steps are scored in
+order and all at the same distance: scoring each as soon as its outcome is known scored misses
+before hits, and the decay, which weighs recent steps more, then doubled the estimates.) ``h_s``, ``g(d)`` and the reliability map
+all learn from these scores, so nothing that stops getting budget stops learning: a source, or a
+band of estimates, that was written off by a run of misses comes back as soon as its drafts
+would be accepted. (Learning ``g`` and the map only from verified trees locked a source out for
+good: once its nodes were scaled below the point where the budget pays for them, no verified
+tree could show that they had become right.) Estimates carried over to the next generation keep
+``carry_over`` of their evidence, so old requests fade toward the prior.
+
+The prior is optimistic enough to try (``prior_rate`` at depth 1, each deeper depth's prior the
+estimate of the one above): with no evidence a source's best chain of drafts is worth verifying
+on a CPU whose 8-token pass costs under twice a one-token pass; one step later the shadow scores
+take over.
 
 The composite returns one draft per leaf of the chosen subtree, scored by its probability, so
 ``DraftTree.build`` rebuilds exactly that subtree.
@@ -50,6 +64,24 @@ import numpy as np
 
 from dresd.budget import BudgetPolicy, FixedBudget, select_nodes
 from dresd.drafters.base import Draft, Drafter, DraftRequest
+
+
+@dataclass
+class _PendingStep:
+    """A step's guesses, kept until the generated text decides them (shadow scoring)."""
+
+    y_index: int  # where y is in the sequence: the guesses are of the tokens after it
+    guesses: list[list[tuple[int, ...]] | None]  # per source: its drafts' tokens, or None
+    bands: list[int | None]  # per source: the score band of its best draft
+    nodes: list[tuple[tuple[int, ...], float, float, int]] = field(default_factory=list)
+    # ^ every candidate node: path below y, raw estimate, depth-calibrated estimate, its bin
+    draft_len: int = 0  # the longest guess: the step is decided this many tokens after y
+    accepted: int | None = None  # draft tokens the verified tree accepted
+
+    @property
+    def scored(self) -> list[int]:
+        """The sources that offered something this step."""
+        return [s for s, g in enumerate(self.guesses) if g]
 
 
 @dataclass
@@ -86,9 +118,11 @@ class SourceStats:
             self.bands.setdefault(band, SourceStats(f"{self.name}@{band}")).record(
                 depth_hit, decay, weights)
 
-    def carried_over(self) -> SourceStats:
-        """A record for the next generation: the estimates go on, the counts start at 0."""
-        return SourceStats(self.name, self.hits, self.tests, bands=self.bands)
+    def carried_over(self, weight: float = 1.0) -> SourceStats:
+        """A record for the next generation: the evidence goes on, weighed by ``weight`` (so
+        the estimates move back toward their prior), and the counts start at 0."""
+        bands = {b: r.carried_over(weight) for b, r in self.bands.items()}
+        return SourceStats(self.name, self.hits * weight, self.tests * weight, bands=bands)
 
 
 class CompositeDrafter(Drafter):
@@ -107,6 +141,7 @@ class CompositeDrafter(Drafter):
         band_strength: float = 2.0,
         memory: dict | None = None,
         reliability_bins: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9),
+        carry_over: float = 0.5,
     ):
         """``drafters``: the sources; ``policy``: the tree budget (FixedBudget() by default);
         ``prior_rate`` / ``prior_strength``: the Beta prior of a source's hit rate per depth;
@@ -119,11 +154,16 @@ class CompositeDrafter(Drafter):
         of the pooled estimate as a band's prior;
         ``memory``: a dict that keeps the estimates from one generation to the next, also
         across composites (``dresd.generate`` passes one per model and configuration); without
-        it a composite still carries its own estimates over from one generation to the next."""
+        it a composite still carries its own estimates over from one generation to the next;
+        ``carry_over``: the weight the evidence of past generations keeps at each new one
+        (1 keeps it whole, 0 starts every generation from the prior)."""
         if not drafters:
             raise ValueError("a composite needs at least one drafter")
         if not 0 < prior_rate < 1 or prior_strength <= 0:
             raise ValueError("prior_rate must be in (0, 1) and prior_strength > 0")
+        if not 0 <= carry_over <= 1:
+            raise ValueError(f"carry_over must be in [0, 1], got {carry_over}")
+        self.carry_over = carry_over
         self.drafters = list(drafters)
         self.policy = policy or FixedBudget()
         self.prior_rate = prior_rate
@@ -137,17 +177,19 @@ class CompositeDrafter(Drafter):
         self.reliability_bins = np.sort(np.asarray(reliability_bins, np.float64))
         names = [d.name for d in self.drafters]
         self.names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
-        self._reset()
+        self._pending: list[_PendingStep] = []
+        self._seq: list[int] = []
+        self._reset(carry=1.0)
 
-    def _reset(self) -> None:
+    def _reset(self, carry: float) -> None:
         """A new generation: counters start at 0; the estimates go on from the last one with
         these sources (a new generation of the same kind of text starts where the last left
         off instead of at the prior, which overestimated the first ten steps' acceptance by
         half)."""
         carried = self.memory.get("stats")
         if carried is not None and [st.name for st in carried] == self.names:
-            self.stats = [st.carried_over() for st in carried]
-            self.depth_fit = self.memory["depth_fit"].carried_over()
+            self.stats = [st.carried_over(carry) for st in carried]
+            self.depth_fit = self.memory["depth_fit"].carried_over(carry)
         else:
             self.stats = [SourceStats(n) for n in self.names]
             self.depth_fit = SourceStats("tree")  # per depth: accepted vs estimated, decayed
@@ -157,35 +199,38 @@ class CompositeDrafter(Drafter):
         self.reliability = self.memory.setdefault("reliability", np.zeros((2, nbins)))
         if self.reliability.shape[1] != nbins:
             self.reliability = self.memory["reliability"] = np.zeros((2, nbins))
-        self._verified: list[tuple[int, float, tuple[int, ...]]] = []
-        self._estimated: list[float] | None = None  # last tree's raw estimate per depth
+        self.reliability *= carry  # in place: the memory holds this array
+        self._pending = []
+        self._open: _PendingStep | None = None  # the step whose tree is being verified
         self.steps = 0
         self.tree_sizes: list[int] = []  # nodes below the root of each step's tree
         self.expected: list[float] = []  # each step's estimated accepted tokens
-        self._last: list[list[Draft] | None] = [None] * len(self.drafters)
-        self._last_bands: list[int | None] = [None] * len(self.drafters)
-        self._last_accepted: list[int] | None = None
         self._overhead_s = 0.0
 
     # -- the drafter protocol ------------------------------------------------------------------
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
-        self._reset()
+        self._settle(self._seq, final=True)  # the last generation's steps, on what it produced
+        self._reset(self.carry_over)
+        self._seq = [int(t) for t in prompt_tokens]
         for d in self.drafters:
             d.begin(prompt_tokens, prompt_hidden)
 
     def accept(self, tokens, hidden) -> None:
         for d in self.drafters:
             d.accept(tokens, hidden)
-        if self._last_accepted is not None:  # a step without drafting came in between
-            self._score_last_step(self._last_accepted + [int(tokens[0])])
-        self._last_accepted = [int(t) for t in tokens[1:]]
+        self._seq.extend(int(t) for t in tokens)
+        if self._open is not None:
+            self._open.accepted = len(tokens) - 1
+            self._open = None
+
+    def verified(self, tree_tokens: int, seconds: float) -> None:
+        self.policy.observe(tree_tokens, seconds)
 
     def propose(self, request: DraftRequest) -> list[Draft]:
         t0 = time.perf_counter()
-        if self._last_accepted is not None:
-            self._score_last_step(self._last_accepted + [int(request.tokens[-1])])
-            self._last_accepted = None
+        self._seq = [int(t) for t in request.tokens[:-1]]
+        self._settle(list(request.tokens))
         self.steps += 1
         proposals: list[list[Draft] | None] = []
         for i, d in enumerate(self.drafters):
@@ -199,9 +244,16 @@ class CompositeDrafter(Drafter):
             st.calls += 1
             st.drafts += len(drafts)
             proposals.append(drafts)
-        self._last = proposals
-        self._last_bands = [self.band(p) for p in proposals]
-        out = self._plan(proposals, request)
+        step = _PendingStep(
+            y_index=len(request.tokens) - 1,
+            guesses=[None if not p else [tuple(int(t) for t in x.tokens[: request.draft_len])
+                                         for x in p] for p in proposals],
+            bands=[self.band(p) for p in proposals],
+            draft_len=request.draft_len,
+        )
+        out = self._plan(proposals, request, step)
+        self._pending.append(step)
+        self._open = step
         dt = time.perf_counter() - t0
         self._overhead_s = dt if self.steps == 1 else 0.8 * self._overhead_s + 0.2 * dt
         return out
@@ -244,40 +296,60 @@ class CompositeDrafter(Drafter):
                 prior = out[d]
         return out
 
-    def _score_last_step(self, truth: list[int]) -> None:
-        """Score every source's last drafts against the model's tokens after y."""
-        for i, drafts in enumerate(self._last):
-            if not drafts:  # not asked, or nothing to offer: no test, no cost
-                continue
-            st = self.stats[i]
-            alive = drafts
-            depth_hit: list[bool] = []
-            for d, tok in enumerate(truth):
-                alive = [x for x in alive if len(x.tokens) > d]
-                if not alive:
-                    break
-                alive = [x for x in alive if x.tokens[d] == tok]
-                depth_hit.append(bool(alive))
-                if not alive:
-                    break
-            st.record(depth_hit, self.decay, band=self._last_bands[i])
-            right = sum(depth_hit)
-            st.predicted += right
-            st.accepted += min(right, len(truth) - 1)
-            st.misses_in_a_row = 0 if right else st.misses_in_a_row + 1
-        self._last = [None] * len(self.drafters)
-        if self._estimated:  # the verified tree: one accepted node per depth up to len - 1
-            accepted = len(truth) - 1
-            hits = [d < accepted for d in range(len(self._estimated))]
-            self.depth_fit.record(hits, self.decay, self._estimated)
-        self._estimated = None
-        if self._verified:
-            got = tuple(truth[:-1])  # the accepted path
-            self.reliability *= self.decay
-            for b, p, path in self._verified:
-                self.reliability[0, b] += got[: len(path)] == path
-                self.reliability[1, b] += p
-        self._verified = []
+    def _settle(self, known: list[int], final: bool = False) -> None:
+        """Score what the text generated so far (``known``) decides of the pending steps; with
+        ``final`` the generation is over and what it did not reach stays untested."""
+        done = 0
+        for step in self._pending:  # in step order, so the decay weighs them in that order
+            truth = tuple(known[step.y_index + 1:])
+            if not final and len(truth) < step.draft_len:
+                break
+            for s in step.scored:
+                self._score_source(s, step, truth)
+            self._score_tree(step, truth)
+            done += 1
+        del self._pending[:done]
+
+    def _score_source(self, s: int, step: _PendingStep, truth: tuple[int, ...]) -> None:
+        """Source s's test: per depth, whether one of its drafts still right so far had the
+        model's token (the list stops at the first miss)."""
+        if not truth:
+            return
+        alive = step.guesses[s]
+        depth_hit: list[bool] = []
+        for d, tok in enumerate(truth):
+            alive = [x for x in alive if len(x) > d]
+            if not alive:
+                break
+            alive = [x for x in alive if x[d] == tok]
+            depth_hit.append(bool(alive))
+            if not alive:
+                break
+        st = self.stats[s]
+        st.record(depth_hit, self.decay, band=step.bands[s])
+        right = sum(depth_hit)
+        st.predicted += right
+        st.accepted += min(right, step.accepted or 0)
+        st.misses_in_a_row = 0 if right else st.misses_in_a_row + 1
+
+    def _score_tree(self, step: _PendingStep, truth: tuple[int, ...]) -> None:
+        """Every candidate node, verified or not, against the text: per depth the raw estimates
+        against whether the text's prefix was a candidate there (``g``), per reliability bin the
+        depth-calibrated estimates against the nodes that were right (the map)."""
+        nodes = [n for n in step.nodes if len(n[0]) <= len(truth)]  # decided ones
+        if not nodes:
+            return
+        depth = max(len(n[0]) for n in nodes)
+        estimated = np.zeros(depth)
+        hits = [False] * depth
+        self.reliability *= self.decay
+        for path, raw, before, b in nodes:
+            right = path == truth[: len(path)]
+            estimated[len(path) - 1] += raw
+            hits[len(path) - 1] |= right
+            self.reliability[0, b] += right
+            self.reliability[1, b] += before
+        self.depth_fit.record(hits, self.decay, estimated.tolist())
 
     def reliability_ratios(self) -> np.ndarray:
         """Per bin of depth-calibrated node estimates: accepted nodes per expected one, over
@@ -293,7 +365,8 @@ class CompositeDrafter(Drafter):
 
     # -- the tree ------------------------------------------------------------------------------
 
-    def _plan(self, proposals: list[list[Draft] | None], request: DraftRequest) -> list[Draft]:
+    def _plan(self, proposals: list[list[Draft] | None], request: DraftRequest,
+              step: _PendingStep) -> list[Draft]:
         """Merge the proposals into a candidate trie, estimate each node, let the policy choose,
         and return one draft per leaf of the chosen subtree."""
         parents, tokens = [-1], [int(request.tokens[-1])]
@@ -322,7 +395,7 @@ class CompositeDrafter(Drafter):
             self.expected.append(0.0)
             return []
         max_depth = request.draft_len
-        rates = [self.hit_rates(s, max_depth, self._last_bands[s]).tolist() if p else None
+        rates = [self.hit_rates(s, max_depth, step.bands[s]).tolist() if p else None
                  for s, p in enumerate(proposals)]
         calib = [1.0] + self.calibration(max_depth).tolist()
         raw = [1.0] * n  # products of the sources' conditional estimates
@@ -352,14 +425,10 @@ class CompositeDrafter(Drafter):
                 depth[c] = d
         chosen = select_nodes(parents, probs, self.policy, max_leaves=request.num_drafts,
                               max_depth=max_depth, overhead_s=self._overhead_s)
-        estimated = [0.0] * (max((depth[c] for c in chosen), default=0))
-        for c in chosen:
-            estimated[depth[c] - 1] += raw[c]
-        self._estimated = estimated
-        path_to: dict[int, tuple[int, ...]] = {0: ()}  # chosen nodes follow their parents
-        for c in chosen:
-            path_to[c] = path_to[parents[c]] + (tokens[c],)
-        self._verified = [(bins[c], before[c], path_to[c]) for c in chosen]
+        path_to: list[tuple[int, ...]] = [()]  # parents precede children
+        for c in range(1, n):
+            path_to.append(path_to[parents[c]] + (tokens[c],))
+        step.nodes = [(path_to[c], raw[c], before[c], bins[c]) for c in range(1, n)]
         self.tree_sizes.append(len(chosen))
         self.expected.append(sum(probs[c] for c in chosen))
         for c in chosen:
