@@ -24,7 +24,7 @@ from benchmarks.prompts import (
     stdlib_sources,
     write_prompt_jsonl,
 )
-from schemas.manifest import CURRENT_FILE
+from schemas.commit import newest_generation
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"
 T = TypeVar("T")
@@ -82,7 +82,8 @@ def _options(build: dict) -> str:
 
 
 def _built(store: Path) -> bool:
-    return (store / CURRENT_FILE).exists()
+    """A generation is committed (CURRENT is only a hint: a crash may have left it behind)."""
+    return store.is_dir() and newest_generation(store) > 0
 
 
 def _fresh(store: Path) -> None:

@@ -74,6 +74,8 @@ class DecodeConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.nprobe < 0:
+            raise ValueError(f"nprobe must be >= 0 (0: the store's default), got {self.nprobe}")
         if self.budget not in BUDGET_POLICIES:
             raise ValueError(f"budget must be one of {BUDGET_POLICIES}, not {self.budget!r}")
         drafter_names(self.drafter, has_store=True)  # validates the names
@@ -146,6 +148,16 @@ class GenerationResult:
 
 Prompt = str | Sequence[int] | Sequence[dict]
 TokenCallback = Callable[[list[int], str], None]
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's positions allow (None when its config names none)."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
@@ -343,6 +355,10 @@ def generate(
     bad = [t for t in prompt_ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"prompt token ids outside the model's vocabulary of {vocab}: {bad[:5]}")
+    context = context_length(model)
+    if context and len(prompt_ids) >= context:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens, the model's context is "
+                         f"{context} tokens: no room to generate (shorten the prompt)")
 
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     stream = _TextStream(tokenizer)

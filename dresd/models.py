@@ -110,9 +110,27 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     return p
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device that exists here; ValueError (one line) otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown torch device {device!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch finds no CUDA device on "
+                             "this machine (use --device cpu or leave it empty)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here")
+    return dev
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device:
-        return torch.device(device)
+        return check_device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -16,6 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+# A tiny temperature overflows logits / temperature in float32 (1e-40 gives inf and NaN
+# probabilities); at 0.01 sampling is already greedy in all but name, so below it ask for 0.
+# Far above the maximum the distribution is uniform to float precision.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 1e4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,8 +30,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1 disables
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and "
+                             f"{MAX_TEMPERATURE:g}, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

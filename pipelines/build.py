@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,15 +28,25 @@ from pipelines.dead_letter import (
 )
 from pipelines.dedupe import NAMESPACE, DropKnownDocuments
 from pipelines.encode import ENCODED_TOKENS, EncodeShards, EncodeTiming
-from pipelines.fit import INDEX_DIR, TRANSFORM_DIR, FitTransform, load_fitted
+from pipelines.fit import INDEX_DIR, TRANSFORM_DIR, FitTransform, fitted_from_specs, load_fitted
 from pipelines.index import FillShardIndex
+from pipelines.journal import (
+    JOURNAL_DIR,
+    RunJournal,
+    config_settings,
+    recorded_shards,
+    run_dirs,
+    run_info,
+    run_key,
+)
 from pipelines.options import pipeline_options
-from pipelines.publish import Publish
-from pipelines.readers import DEAD, ReadCorpus, list_corpus_files
+from pipelines.publish import RecordResult, commit_generation
+from pipelines.readers import DEAD, ReadCorpus, describe_kind, list_corpus_files
 from pipelines.sample import SampleStates
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
-from schemas.manifest import CURRENT_FILE, MANIFEST_DIR
+from schemas.commit import newest_generation, update_current
+from schemas.manifest import CURRENT_FILE, MANIFEST_DIR, generation_path
 from schemas.shard_io import SHARDS_DIR
 
 log = logging.getLogger(__name__)
@@ -61,16 +72,32 @@ def describe_model(config: BuildConfig) -> ModelSpec:
 
 
 # Everything a store directory holds at its top level (a failed build may leave some of it).
-STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, DEAD_LETTER_DIR}
+STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, DEAD_LETTER_DIR,
+                 JOURNAL_DIR}
+
+
+def _check_store_path(store: str, exists: bool = False) -> None:
+    """The store path is a directory (or, for a new store, absent) that this user can write:
+    checked before anything is written, so a bad path leaves nothing half-way."""
+    root = Path(store)
+    if root.exists() and not root.is_dir():
+        kind = "a file" if root.is_file() else describe_kind(root)
+        raise ValueError(f"{store} is {kind}, not a store directory")
+    if exists and not root.is_dir():
+        raise FileNotFoundError(f"no store at {store}")
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "store directory" if probe == root else "directory"
+        raise PermissionError(f"{where} {probe} is not writable: the store cannot be written")
 
 
 def _check_new_store(store: str) -> None:
     """A new store goes into a new or empty directory, or one a failed build left behind."""
     root = Path(store)
-    if (root / CURRENT_FILE).exists():
+    if root.is_dir() and newest_generation(store) > 0:
         raise ValueError(f"{store} is already a store; use update to add documents")
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"{store} is a file, not a store directory")
     foreign = sorted(p.name for p in root.iterdir() if p.name not in STORE_ENTRIES
                      and not p.name.startswith(".")) if root.is_dir() else []
     if foreign:
@@ -155,56 +182,146 @@ def _report(store: str, generation: int, metrics: RunMetrics,
         out["metrics"] = metrics
 
 
-def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
-                beam_args: Sequence[str] | None = None, stats: dict | None = None) -> Manifest:
-    """Build a new store from a corpus: sample, fit, encode, index, publish generation 1.
+def _local_runner(beam_args: Sequence[str] | None) -> bool:
+    runner = ""
+    for i, a in enumerate(beam_args or []):
+        if a.startswith("--runner="):
+            runner = a.split("=", 1)[1]
+        elif a == "--runner" and i + 1 < len(beam_args):
+            runner = beam_args[i + 1]
+    return runner.rsplit(".", 1)[-1] in ("", "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
 
-    ``stats``, when given, receives the run's ``RunMetrics`` under ``"metrics"`` (its
-    ``encode`` timing included).
-    """
-    config = config or BuildConfig()
-    store = str(store)
-    _check_new_store(store)
-    files = _corpus_files(corpus, config.glob, store)
-    model = describe_model(config)
-    Path(store).mkdir(parents=True, exist_ok=True)
-    generation = 1
 
-    p = beam.Pipeline(options=pipeline_options(beam_args))
-    docs = _read_documents(p, files, config, store, [], generation)
-    num_keys = (
-        docs
-        | "KeysPerDoc" >> beam.Map(lambda d: len(d) - 1)
-        | "TotalKeys" >> beam.CombineGlobally(sum)
-    )
-    fitted = (
-        docs
-        | "SampleStates" >> SampleStates(config)
-        | "FitTransform" >> FitTransform(config, store, num_keys)
-    )
+def _check_device(config: BuildConfig, beam_args: Sequence[str] | None) -> None:
+    """On a local runner the encoder runs here: a CUDA device must exist (on a cluster the
+    workers have the GPUs, not the launcher)."""
+    if config.device.startswith("cuda") and _local_runner(beam_args):
+        from dresd.models import check_device
+
+        check_device(config.device)
+
+
+def _start_journal(store: str, kind: str, parent: int, files: list[str], settings: dict,
+                   model: str) -> RunJournal:
+    journal = RunJournal(store, kind, parent, run_key(kind, parent, files, settings, model))
+    try:
+        return journal.start()
+    except PermissionError:
+        raise PermissionError(f"store directory {store} is not writable") from None
+
+
+def _commit(journal: RunJournal, generation: int, model: ModelSpec, value_len: int,
+            transform, index, shards: tuple, parent: int | None, note: str) -> Manifest:
+    manifest = commit_generation(journal.store, generation, model, value_len, transform, index,
+                                 shards, parent, note)
+    journal.finish(manifest.shards)
+    return manifest
+
+
+def _completed_earlier(store: str, kind: str, parent: int, key: str) -> Manifest | None:
+    """The generation a crashed run of this very command committed before it could finish
+    (its recorded shards are all in the generation after ``parent``), CURRENT repaired and the
+    run's journal removed; None otherwise."""
+    generation = parent + 1
+    if not generation_path(store, generation).is_file():
+        return None
+    manifest = read_manifest(store, generation)
+    named = {s.shard_id for s in manifest.shards}
+    for d in run_dirs(store):
+        info = run_info(d)
+        if not info or info.get("key") != key or info.get("parent") != parent:
+            continue
+        recorded = {r["shard"].shard_id for r in recorded_shards(d)}
+        if recorded and recorded <= named:
+            update_current(store, newest_generation(store))
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("generation %d was committed by an earlier run of this command; "
+                     "completed it", generation)
+            return read_manifest(store)
+    return None
+
+
+def _encode_and_run(p, docs, config: BuildConfig, fitted, journal: RunJournal, generation: int,
+                    stats: dict | None) -> None:
+    """Encode, index and record the new documents' shards; run the pipeline and report."""
+    store = journal.store
     _ = (
         docs
         | "EncodeShards" >> EncodeShards(config, store, fitted)
         | "FillShardIndex" >> FillShardIndex(store, generation, fitted)
-        | "Publish" >> Publish(store, generation, model, config.value_len, fitted,
-                               note=config.note)
+        | "Record" >> RecordResult(journal, fitted)
     )
     _report(store, generation, _run(p), stats)
-    if not (Path(store) / CURRENT_FILE).exists():
-        letters = read_dead_letters(store, generation)
-        raise ValueError(f"no usable documents in the corpus ({len(files)} file(s)); "
-                         f"{len(letters)} input(s) skipped: {summarize(letters) or 'none'}")
-    return read_manifest(store)
+
+
+def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
+                beam_args: Sequence[str] | None = None, stats: dict | None = None) -> Manifest:
+    """Build a new store from a corpus: sample, fit, encode, index, commit generation 1.
+
+    A rerun after a crash completes the build: shards (and the fitted transform) that the
+    crashed run wrote and checksummed are reused (pipelines.journal). ``stats``, when given,
+    receives the run's ``RunMetrics`` under ``"metrics"`` (its ``encode`` timing included).
+    """
+    config = config or BuildConfig()
+    store = str(store)
+    _check_store_path(store)
+    files = _corpus_files(corpus, config.glob, store)
+    _check_device(config, beam_args)
+    model = describe_model(config)
+    key = run_key("build", 0, files, config_settings(config), model.fingerprint)
+    if Path(store).is_dir() and (done := _completed_earlier(store, "build", 0, key)):
+        return done
+    _check_new_store(store)
+    Path(store).mkdir(parents=True, exist_ok=True)
+    generation = 1
+    journal = _start_journal(store, "build", 0, files, config_settings(config),
+                             model.fingerprint)
+    committed = False
+    try:
+        adopted = journal.adopt()
+        p = beam.Pipeline(options=pipeline_options(beam_args))
+        docs = _read_documents(p, files, config, store, [s.shard_id for s in adopted.shards],
+                               generation)
+        if adopted.transform is not None:
+            fitted = p | "FittedKeys" >> beam.Create(
+                [fitted_from_specs(store, adopted.transform, adopted.index)])
+        else:
+            num_keys = (
+                docs
+                | "KeysPerDoc" >> beam.Map(lambda d: len(d) - 1)
+                | "TotalKeys" >> beam.CombineGlobally(sum)
+            )
+            fitted = (
+                docs
+                | "SampleStates" >> SampleStates(config)
+                | "FitTransform" >> FitTransform(config, store, num_keys)
+            )
+        _encode_and_run(p, docs, config, fitted, journal, generation, stats)
+        result = journal.read_result()
+        shards = tuple(adopted.shards) + result.shards
+        if not shards:
+            letters = read_dead_letters(store, generation)
+            raise ValueError(f"no usable documents in the corpus ({len(files)} file(s)); "
+                             f"{len(letters)} input(s) skipped: {summarize(letters) or 'none'}")
+        manifest = _commit(journal, generation, model, config.value_len,
+                           result.transform or adopted.transform, result.index or adopted.index,
+                           shards, None, config.note)
+        committed = True
+        return manifest
+    finally:
+        journal.stop(ended=not committed)
 
 
 def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
                  beam_args: Sequence[str] | None = None, stats: dict | None = None) -> Manifest:
-    """Encode only documents new to the store into new shards and publish the next generation.
+    """Encode only documents new to the store into new shards and commit the next generation.
 
     The store's transform, quantizer, d and N are reused (``config``'s are ignored); the model
-    must be the one the store was built with. ``stats`` as for ``build_store``.
+    must be the one the store was built with. A rerun after a crash reuses the shards the
+    crashed run wrote and checksummed. ``stats`` as for ``build_store``.
     """
     store = str(store)
+    _check_store_path(store, exists=True)
     current = read_manifest(store)
     config = dataclasses.replace(
         config or BuildConfig(model=current.model.name),
@@ -213,6 +330,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
         **({"pq_m": current.index.pq_m, "pq_nbits": current.index.pq_nbits}
            if current.index.kind == "ivf_pq" else {}),
     )
+    _check_device(config, beam_args)
     model = describe_model(config)
     if model.fingerprint != current.model.fingerprint:
         raise StoreFormatError(
@@ -222,21 +340,29 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     files = _corpus_files(corpus, config.glob, store)
     fitted_value = load_fitted(store, current)
     generation = current.generation + 1
-
-    p = beam.Pipeline(options=pipeline_options(beam_args))
-    fitted = p | "FittedKeys" >> beam.Create([fitted_value])
-    docs = _read_documents(p, files, config, store, [s.shard_id for s in current.shards],
-                           generation)
-    _ = (
-        docs
-        | "EncodeShards" >> EncodeShards(config, store, fitted)
-        | "FillShardIndex" >> FillShardIndex(store, generation, fitted)
-        | "Publish" >> Publish(store, generation, model, current.value_len, fitted,
-                               base_shards=current.shards, parent=current.generation,
-                               note=config.note or "update")
-    )
-    _report(store, generation, _run(p), stats)
-    return read_manifest(store)
+    journal = _start_journal(store, "update", current.generation, files,
+                             config_settings(config), model.fingerprint)
+    committed = False
+    try:
+        adopted = journal.adopt(current.transform, current.index)
+        known = [s.shard_id for s in current.shards] + [s.shard_id for s in adopted.shards]
+        p = beam.Pipeline(options=pipeline_options(beam_args))
+        fitted = p | "FittedKeys" >> beam.Create([fitted_value])
+        docs = _read_documents(p, files, config, store, known, generation)
+        _encode_and_run(p, docs, config, fitted, journal, generation, stats)
+        new = tuple(adopted.shards) + journal.read_result().shards
+        if not new:
+            log.info("no new shards: nothing published")
+            journal.finish(())
+            committed = True
+            return current
+        manifest = _commit(journal, generation, model, current.value_len, current.transform,
+                           current.index, current.shards + new, current.generation,
+                           config.note or "update")
+        committed = True
+        return manifest
+    finally:
+        journal.stop(ended=not committed)
 
 
 def compact_store(store: str | os.PathLike, shard_tokens: int | None = None,
@@ -245,12 +371,26 @@ def compact_store(store: str | os.PathLike, shard_tokens: int | None = None,
     from pipelines.compact import plan_merges, run_compaction
 
     store = str(store)
+    _check_store_path(store, exists=True)
     current = read_manifest(store)
     groups = plan_merges(current.shards, shard_tokens or BuildConfig().shard_tokens)
     if not any(len(g) > 1 for g in groups):
         log.info("nothing to compact: generation %d stays current", current.generation)
         return current
-    p = beam.Pipeline(options=pipeline_options(beam_args))
-    run_compaction(p, store, current, groups)
-    _run(p)
-    return read_manifest(store)
+    plan = [[s.shard_id for s in g] for g in groups]
+    journal = _start_journal(store, "compact", current.generation, [], {"groups": plan},
+                             current.model.fingerprint)
+    committed = False
+    try:
+        p = beam.Pipeline(options=pipeline_options(beam_args))
+        run_compaction(p, store, current, groups, journal)
+        _run(p)
+        merged = journal.read_result().shards
+        kept = tuple(g[0] for g in groups if len(g) == 1)
+        manifest = _commit(journal, current.generation + 1, current.model, current.value_len,
+                           current.transform, current.index, kept + merged,
+                           current.generation, "compact")
+        committed = True
+        return manifest
+    finally:
+        journal.stop(ended=not committed)

@@ -3,6 +3,7 @@
     dresd build STORE CORPUS... [build options] [Beam pipeline options]
     dresd update STORE CORPUS... [options]
     dresd compact STORE [--shard-tokens N]
+    dresd gc STORE [--keep N] [--dry-run] [--grace SECONDS]
     dresd generate-corpus OUTPUT.jsonl PROMPTS... [generation options]
 
 Arguments these commands do not know (``--runner=...``, ``--direct_num_workers=2``, ...) are
@@ -87,6 +88,17 @@ def run_compact(args) -> int:
     return 0
 
 
+def run_gc(args) -> int:
+    from pipelines.gc import collect_garbage
+
+    report = collect_garbage(args.store, args.keep, args.dry_run, args.grace)
+    if args.dry_run:
+        for path in report.removed:
+            print(f"would remove {path}")
+    print(report.summary(args.dry_run))
+    return 0
+
+
 def run_generate(args) -> int:
     _quiet_beam(args)  # before Beam is imported
     from pipelines.generate import generate_corpus
@@ -122,6 +134,17 @@ def register(subparsers) -> None:
     p.add_argument("--shard-tokens", type=int, default=BuildConfig().shard_tokens,
                    help="largest merged shard in tokens (default: %(default)s)")
     p.set_defaults(func=run_compact, accepts_extra=True)
+
+    p = subparsers.add_parser("gc", help="remove temporary files, unreferenced shards and, with "
+                              "--keep, old generations")
+    p.add_argument("store")
+    p.add_argument("--keep", type=int, default=None,
+                   help="keep the newest N generations (default: all); the current one always")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    p.add_argument("--grace", type=float, default=3600.0,
+                   help="leave garbage modified within this many seconds (a run may be starting; "
+                        "default: %(default)s)")
+    p.set_defaults(func=run_gc)
 
     p = subparsers.add_parser("generate-corpus", help="generate the model's own responses to "
                               "prompts, as a JSONL corpus for build")

@@ -10,9 +10,11 @@ import apache_beam as beam
 import numpy as np
 
 from pipelines.documents import WrittenShard
+from pipelines.faults import maybe_fail
 from pipelines.fit import load_fitted
 from pipelines.index import FillShardIndex
-from pipelines.publish import Publish
+from pipelines.journal import RunJournal
+from pipelines.publish import RecordResult
 from schemas import Manifest, ShardInfo
 from schemas.shard_io import ShardData, read_docs, read_keys, read_tokens, write_shard
 
@@ -55,13 +57,14 @@ def merge_shards(shard_ids: list[str], store: str) -> WrittenShard:
         next_token=np.concatenate(next_token),
     )
     shard_id = write_shard(store, data)
+    maybe_fail("after_shard_write")
     return WrittenShard(shard_id, len(doc_ids), len(data.tokens), len(data.pos))
 
 
 def run_compaction(p: beam.Pipeline, store: str, current: Manifest,
-                   groups: list[list[ShardInfo]]) -> None:
+                   groups: list[list[ShardInfo]], journal: RunJournal) -> None:
+    """Merge the groups of more than one shard; the merged shards go to the run's result."""
     generation = current.generation + 1
-    kept = tuple(g[0] for g in groups if len(g) == 1)
     merges = [[s.shard_id for s in g] for g in groups if len(g) > 1]
     fitted = p | "FittedKeys" >> beam.Create([load_fitted(store, current)])
     _ = (
@@ -69,6 +72,5 @@ def run_compaction(p: beam.Pipeline, store: str, current: Manifest,
         | "Groups" >> beam.Create(merges)
         | "Merge" >> beam.Map(merge_shards, store)
         | "FillShardIndex" >> FillShardIndex(store, generation, fitted)
-        | "Publish" >> Publish(store, generation, current.model, current.value_len, fitted,
-                               base_shards=kept, parent=current.generation, note="compact")
+        | "Record" >> RecordResult(journal, fitted)
     )

@@ -77,5 +77,6 @@ class GenerateConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be positive")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        if not 1e-2 <= self.temperature <= 1e4 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be between 0.01 and 10000 and top_p in (0, 1], "
+                             f"got {self.temperature} and {self.top_p}")

@@ -22,6 +22,7 @@ from apache_beam.metrics import Metrics
 from pipelines.config import BuildConfig
 from pipelines.dedupe import NAMESPACE
 from pipelines.documents import TokenizedDoc, WrittenShard
+from pipelines.faults import maybe_fail
 
 # Distributions hold ints: wall-clock instants in epoch milliseconds, durations in milliseconds.
 ENCODED_TOKENS = "encoded_tokens"
@@ -156,6 +157,7 @@ class EncodeShardsFn(beam.DoFn):
             int((time.perf_counter() - start) * 1000))
         data = shard_keys(docs, states)
         shard_id = write_shard(self.store, data)
+        maybe_fail("after_shard_write")
         Metrics.counter(NAMESPACE, ENCODED_TOKENS).inc(len(data.tokens))
         Metrics.distribution(NAMESPACE, ENCODE_DONE_MS).update(_now_ms())
         cpu, self.cpu_mark = self.cpu_mark, time.process_time()

@@ -16,6 +16,7 @@ import numpy as np
 
 from dresd.transform import KeyTransform, fit_transform
 from pipelines.config import BuildConfig
+from pipelines.faults import maybe_fail
 from pipelines.index import auto_nlist, index_to_bytes, train_quantizer, write_index
 from schemas import IndexSpec, Manifest, StoreFormatError, TransformSpec
 from schemas.manifest import make_file_ref
@@ -59,6 +60,7 @@ def fit_keys(states: np.ndarray, config: BuildConfig, num_keys: int, store: str)
     transform.save(root / t_rel)
     (root / INDEX_DIR).mkdir(parents=True, exist_ok=True)
     write_index(quantizer, root / q_rel)
+    maybe_fail("after_fit")
     log.info("transform: %d states, %d -> %d dims, explained variance %.3f; index %s nlist=%d",
              len(states), states.shape[1], config.dim, explained, config.index_kind, nlist)
     pq = config.index_kind == "ivf_pq"
@@ -79,15 +81,20 @@ def fit_keys(states: np.ndarray, config: BuildConfig, num_keys: int, store: str)
 
 def load_fitted(store: str, manifest: Manifest) -> FittedKeys:
     """The transform and quantizer a store was built with, checked against their digests."""
-    for ref in (manifest.transform.file, manifest.index.quantizer):
+    return fitted_from_specs(store, manifest.transform, manifest.index)
+
+
+def fitted_from_specs(store: str, transform: TransformSpec, index: IndexSpec) -> FittedKeys:
+    """FittedKeys from the files the specs name, checked against their digests."""
+    for ref in (transform.file, index.quantizer):
         if make_file_ref(store, ref.path) != ref:
             raise StoreFormatError(f"{Path(store) / ref.path} does not match its manifest digest")
-    quantizer = (Path(store) / manifest.index.quantizer.path).read_bytes()
+    quantizer = (Path(store) / index.quantizer.path).read_bytes()
     return FittedKeys(
-        transform=KeyTransform.load(Path(store) / manifest.transform.file.path),
+        transform=KeyTransform.load(Path(store) / transform.file.path),
         quantizer=quantizer,
-        transform_spec=manifest.transform,
-        index_spec=manifest.index,
+        transform_spec=transform,
+        index_spec=index,
     )
 
 

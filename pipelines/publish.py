@@ -1,4 +1,10 @@
-"""Publish a manifest generation: the last step, after every shard and index is complete."""
+"""Publishing a generation: the pipeline records its result, the launcher commits it.
+
+The pipeline's last steps record every finished shard in the run journal and write the run's
+result once (``RecordResult``); after the pipeline the launcher creates the manifest of
+generation parent + 1 only if absent, the commit point (``commit_generation``, protocol in
+schemas.commit), then updates the ``CURRENT`` hint and cleans up the run's own files.
+"""
 
 from __future__ import annotations
 
@@ -6,55 +12,54 @@ import logging
 
 import apache_beam as beam
 
-from schemas import Manifest, ModelSpec, ShardInfo, write_manifest
+from pipelines.faults import maybe_fail
+from pipelines.journal import RunJournal
+from schemas import IndexSpec, Manifest, ModelSpec, ShardInfo, TransformSpec
+from schemas.commit import commit_manifest, update_current
+from schemas.manifest import manifest_bytes
 
 log = logging.getLogger(__name__)
 
 LAYER = -1  # keys are final-layer states after the final norm
 
 
-def publish_manifest(new_shards: list[ShardInfo], fitted, store: str, generation: int,
-                     model: ModelSpec, value_len: int, base_shards: tuple[ShardInfo, ...],
-                     parent: int | None, note: str) -> int:
-    """Write generation ``generation`` naming ``base_shards`` plus the new ones; 0 if no change.
-
-    Nothing new is not an error here, so the rest of the pipeline (the dead-letter report)
-    completes; the launcher turns an empty first build into one.
-    """
-    if not new_shards:
-        log.info("no new shards: nothing published")
-        return 0
-    manifest = Manifest(
-        generation=generation,
-        model=model,
-        layer=LAYER,
-        value_len=value_len,
-        transform=fitted.transform_spec,
-        index=fitted.index_spec,
-        shards=tuple(base_shards) + tuple(sorted(new_shards, key=lambda s: s.shard_id)),
-        parent_generation=parent,
-        note=note,
-    )
-    write_manifest(store, manifest)
-    return generation
+def commit_generation(store: str, generation: int, model: ModelSpec, value_len: int,
+                      transform: TransformSpec, index: IndexSpec, shards: tuple[ShardInfo, ...],
+                      parent: int | None, note: str) -> Manifest:
+    """Commit ``generation`` (CommitConflictError if another writer did), then the hint."""
+    manifest = Manifest(generation=generation, model=model, layer=LAYER, value_len=value_len,
+                        transform=transform, index=index, shards=tuple(shards),
+                        parent_generation=parent, note=note)
+    data = manifest_bytes(manifest)
+    maybe_fail("before_manifest")
+    commit_manifest(store, generation, data)
+    maybe_fail("after_manifest")
+    update_current(store, generation)
+    maybe_fail("after_current")
+    return manifest
 
 
-class Publish(beam.PTransform):
-    """ShardInfos -> the new generation number (0 when nothing changed), manifest written."""
+def _write_result(shards: list[ShardInfo], fitted, journal: RunJournal) -> int:
+    return journal.write_result(shards, fitted)
 
-    def __init__(self, store: str, generation: int, model: ModelSpec, value_len: int, fitted,
-                 base_shards: tuple[ShardInfo, ...] = (), parent: int | None = None,
-                 note: str = ""):
+
+class RecordResult(beam.PTransform):
+    """ShardInfos -> recorded one by one in the run journal, then the run's result written once
+    (the shards of every successful bundle and the fitted keys)."""
+
+    def __init__(self, journal: RunJournal, fitted):
         super().__init__()
-        self.args = dict(store=str(store), generation=generation, model=model,
-                         value_len=value_len, base_shards=tuple(base_shards), parent=parent,
-                         note=note)
-        self.fitted = fitted
+        self.journal = journal
+        self.fitted = fitted  # singleton PCollection of FittedKeys (None: no documents)
 
     def expand(self, shards):
+        fitted = beam.pvalue.AsSingleton(self.fitted)
+        recorded = shards | "RecordShard" >> beam.Map(
+            lambda info, f, j: j.record_shard(info, f), fitted, self.journal)
+        _ = self.fitted | "RecordFitted" >> beam.Map(lambda f, j: j.record_fitted(f),
+                                                     self.journal)
         return (
-            shards
+            recorded
             | "Collect" >> beam.combiners.ToList()
-            | "WriteManifest" >> beam.Map(publish_manifest, beam.pvalue.AsSingleton(self.fitted),
-                                          **self.args)
+            | "WriteResult" >> beam.Map(_write_result, fitted, self.journal)
         )

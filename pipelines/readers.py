@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -30,9 +31,21 @@ def list_corpus_files(corpus: str | os.PathLike | Iterable, glob: str) -> list[s
             files.extend(str(f) for f in found)
         elif p.is_file():
             files.append(str(p))
+        elif p.exists():
+            raise ValueError(f"corpus path {p} is {describe_kind(p)}, not a file or a directory")
         else:
             raise FileNotFoundError(f"corpus path {p} does not exist")
     return files
+
+
+def describe_kind(path: str | os.PathLike) -> str:
+    """What a path that is neither a regular file nor a directory is, in words."""
+    mode = os.stat(path).st_mode
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def utf8_error(text: str) -> str:
@@ -63,6 +76,9 @@ def _chat(source: str, record, prompt_field: str, response_field: str) -> Docume
         bad = utf8_error(record[name])
         if bad:
             return DeadLetter.of(source, f"field {name!r} is not UTF-8 text: {bad}",
+                                 json.dumps(record))
+        if "\x00" in record[name]:
+            return DeadLetter.of(source, f"field {name!r} holds binary content (NUL byte)",
                                  json.dumps(record))
     prompt, response = record[prompt_field], record[response_field]
     if not response.strip():
@@ -119,6 +135,9 @@ def read_text_file(path: str, max_bytes: int) -> Iterator[Document | DeadLetter]
         return
     if not text.strip():
         yield DeadLetter.of(path, "empty document")
+        return
+    if "\x00" in text:
+        yield DeadLetter.of(path, f"binary content: NUL byte at offset {text.index(chr(0))}")
         return
     yield TextDocument(source=path, text=text)
 

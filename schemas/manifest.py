@@ -1,8 +1,8 @@
 """The store manifest: what a store is, generation by generation.
 
-A manifest is written last, after every file it names is complete, and published by an atomic
-rename of ``CURRENT``; a reader that resolved an older generation keeps reading files that no
-writer ever modifies.
+A manifest is written last, after every file it names is complete; creating it (only if absent)
+is the commit (schemas.commit), and ``CURRENT`` is a hint updated after it. A reader that resolved
+an older generation keeps reading files that no writer ever modifies.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -195,21 +194,17 @@ def generation_path(store: str | os.PathLike, generation: int) -> Path:
 
 
 def list_generations(store: str | os.PathLike) -> list[int]:
-    d = Path(store) / MANIFEST_DIR
-    if not d.is_dir():
-        return []
-    return sorted(int(p.stem.split("-")[1]) for p in d.glob("gen-*.json"))
+    """Committed generations, oldest first (manifest files named ``gen-NNNNNN.json``)."""
+    from schemas.commit import listed_generations, store_io
+
+    return listed_generations(store_io(store))
 
 
 def current_generation(store: str | os.PathLike) -> int:
-    current = Path(store) / CURRENT_FILE
-    if not current.is_file():
-        raise StoreFormatError(f"{store} is not a dresd store: {CURRENT_FILE} is missing")
-    name = current.read_text().strip()
-    try:
-        return int(Path(name).stem.split("-")[1])
-    except (IndexError, ValueError):
-        raise StoreFormatError(f"{current} names {name!r}, not a manifest generation") from None
+    """The newest committed generation: ``CURRENT`` is a hint (see schemas.commit)."""
+    from schemas.commit import resolve_generation
+
+    return resolve_generation(store)
 
 
 def read_manifest(store: str | os.PathLike, generation: int | None = None) -> Manifest:
@@ -218,48 +213,33 @@ def read_manifest(store: str | os.PathLike, generation: int | None = None) -> Ma
         generation = current_generation(store)
     path = generation_path(store, generation)
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise StoreFormatError(f"manifest generation {generation} is missing: {path}") from None
+    except UnicodeDecodeError as e:
+        raise StoreFormatError(f"manifest {path} is not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise StoreFormatError(f"manifest {path} is not valid JSON: {e}") from None
+        raise StoreFormatError(f"manifest {path} is not valid JSON: {e.msg} at line {e.lineno} "
+                               f"column {e.colno}") from None
+    except IsADirectoryError:
+        raise StoreFormatError(f"manifest {path} is a directory, not a file") from None
     return Manifest.from_dict(d)
 
 
-def _atomic_write_text(path: Path, text: str, exclusive: bool = False) -> None:
-    """Write to a temporary file, then move it into place in one step. With ``exclusive``,
-    the move is a hard link, which fails if ``path`` exists, so of two racing writers exactly
-    one wins (a check-then-rename would let both succeed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def manifest_bytes(manifest: Manifest) -> bytes:
+    d = manifest.to_dict()
+    validate_manifest_dict(d)
+    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
 
 def write_manifest(store: str | os.PathLike, manifest: Manifest) -> Path:
-    """Write a new generation and make it current. Both steps are atomic renames.
+    """Commit a new generation, then point ``CURRENT`` at it (schemas.commit).
 
-    Refuses to overwrite an existing generation: two writers racing for the same generation
-    number get an error instead of silently replacing each other's work.
+    The manifest is created only if absent: of two writers racing for the same generation
+    number exactly one wins; the other gets ``CommitConflictError`` and nothing is replaced.
     """
-    d = manifest.to_dict()
-    validate_manifest_dict(d)
-    path = generation_path(store, manifest.generation)
-    try:
-        _atomic_write_text(path, json.dumps(d, indent=2, sort_keys=True) + "\n", exclusive=True)
-    except FileExistsError:
-        raise StoreFormatError(
-            f"generation {manifest.generation} already exists in {store}") from None
-    _atomic_write_text(Path(store) / CURRENT_FILE, f"{MANIFEST_DIR}/{path.name}\n")
-    return path
+    from schemas.commit import commit_manifest, update_current
+
+    commit_manifest(store, manifest.generation, manifest_bytes(manifest))
+    update_current(store, manifest.generation)
+    return generation_path(store, manifest.generation)

@@ -20,8 +20,9 @@ from pipelines.encode import EncodeShards
 from pipelines.fit import FitTransform, fit_keys
 from pipelines.forward import split_windows, token_budget_batches
 from pipelines.index import FillShardIndex
+from pipelines.journal import RunJournal
 from pipelines.options import pipeline_options
-from pipelines.publish import Publish
+from pipelines.publish import RecordResult, commit_generation
 from pipelines.readers import DEAD, ReadCorpus
 from pipelines.sample import SampleStates, SmallestHashDocs
 from pipelines.tokenize import Tokenize, load_tokenizer
@@ -269,12 +270,18 @@ def test_fill_shard_index_and_publish(tmp_path, tiny_llama_dir):
         next_token=np.r_[1:21, 22:42]))
     spec = ModelSpec(name="tiny", fingerprint="f" * 64, tokenizer_fingerprint="t" * 64,
                      model_type="llama", hidden_size=64, vocab_size=384, eos_token_id=2)
+    journal = RunJournal(str(tmp_path), "build", 0, "k").start()
     with beam_test_pipeline() as p:
         fitted = p | "Fitted" >> beam.Create([fitted_value])
-        gen = (p | beam.Create([WrittenShard(sid, 2, 42, 40)])
-               | FillShardIndex(str(tmp_path), 1, fitted)
-               | Publish(str(tmp_path), 1, spec, 20, fitted, note="test"))
-        assert_that(gen, equal_to([1]))
+        recorded = (p | beam.Create([WrittenShard(sid, 2, 42, 40)])
+                    | FillShardIndex(str(tmp_path), 1, fitted)
+                    | RecordResult(journal, fitted))
+        assert_that(recorded, equal_to([1]))
+    result = journal.read_result()
+    journal.stop(ended=False)
+    assert result.transform == fitted_value.transform_spec
+    commit_generation(str(tmp_path), 1, spec, 20, result.transform, result.index, result.shards,
+                      None, "test")
     manifest = read_manifest(tmp_path)
     assert manifest.generation == 1 and manifest.note == "test" and manifest.layer == -1
     [shard] = manifest.shards
@@ -285,14 +292,15 @@ def test_fill_shard_index_and_publish(tmp_path, tiny_llama_dir):
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
-def test_publish_with_no_shards_writes_nothing(tmp_path, tiny_llama_dir):
+def test_record_with_no_shards_commits_nothing(tmp_path, tiny_llama_dir):
     config = _config(tiny_llama_dir)
     fitted_value = _fitted(tmp_path, tiny_llama_dir, config)
-    spec = ModelSpec(name="tiny", fingerprint="f" * 64, tokenizer_fingerprint="t" * 64,
-                     model_type="llama", hidden_size=64, vocab_size=384, eos_token_id=2)
+    journal = RunJournal(str(tmp_path), "build", 0, "k").start()
     with beam_test_pipeline() as p:
         fitted = p | "Fitted" >> beam.Create([fitted_value])
-        gen = p | beam.Create([]) | Publish(str(tmp_path), 1, spec, 20, fitted)
-        assert_that(gen, equal_to([0]))
+        recorded = p | beam.Create([]) | RecordResult(journal, fitted)
+        assert_that(recorded, equal_to([0]))
+    journal.stop(ended=False)
+    assert journal.read_result().shards == ()
     with pytest.raises(StoreFormatError, match="not a dresd store"):
         read_manifest(tmp_path)

@@ -11,6 +11,7 @@ from dresd.decode import generate
 from dresd.models import load_model
 from dresd.store import StoreMismatchError, load_store
 from schemas import StoreFormatError, read_manifest, write_manifest
+from schemas.commit import CommitConflictError
 from schemas.shard_io import read_keys
 
 PROMPT = "def parse_args(argv):\n    parser = "
@@ -130,7 +131,8 @@ def test_a_published_generation_is_never_overwritten(built, tmp_path):
     path = _copy(built[0], tmp_path)
     m = read_manifest(path)
     before = (path / "manifests" / f"gen-{m.generation:06d}.json").read_bytes()
-    with pytest.raises(StoreFormatError, match=f"generation {m.generation} already exists"):
+    with pytest.raises(CommitConflictError, match=f"generation {m.generation} already exists"
+                       ".*rerun the command"):
         write_manifest(path, dataclasses.replace(m, note="a racing writer"))
     assert (path / "manifests" / f"gen-{m.generation:06d}.json").read_bytes() == before
     assert read_manifest(path).note == m.note
