@@ -82,7 +82,8 @@ class VerifyCost:
         self.rate = rate
         self._log_ratio: dict[int, float] = {}
         self._count: dict[int, int] = {}
-        self._table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # measured sizes, their log ratios, and the lower / upper bounds at each of them
+        self._table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def measured_size(self, n: int) -> bool:
         return n in self._count

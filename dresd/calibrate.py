@@ -215,9 +215,9 @@ def saved_calibration(path: Path) -> Calibration | None:
 
 
 def load_or_measure(model, fingerprint: str, refresh: bool = False, **kw) -> Calibration:
-    """The saved calibration, or one measured now and saved. A provisional one (its rounds
-    disagreed) is measured again, and the new one saved unless it is provisional too while the
-    old one was not."""
+    """The saved calibration, or one measured now and saved. A saved provisional one (its
+    rounds disagreed) is measured again; the new one is saved either way, provisional if its
+    rounds disagree too."""
     param = next(model.parameters())
     device = param.device
     path = calibration_path(fingerprint, device, param.dtype)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from pipelines.faults import maybe_fail
 from schemas import FileRef, IndexSpec, ShardInfo, TransformSpec
+from schemas.commit import LocalStoreIO
 from schemas.manifest import make_file_ref
 from schemas.shard_io import read_docs, shard_relpath
 
@@ -58,9 +59,8 @@ def _refs(cls, d: dict):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Whole or not at all: the commit protocol's own replace (temp file, fsync, rename)."""
+    LocalStoreIO(path.parent).replace(path.name, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def _read_json(path: Path):

@@ -344,8 +344,12 @@ def test_cli_calibrate_refuses_a_noisy_curve(tiny_llama_dir, tmp_path, monkeypat
 
     monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
     load = dresd.models.load_model
-    monkeypatch.setattr(dresd.models, "load_model",
-                        lambda *a, **kw: (slowing_model(load(*a, **kw)[0], 0.0015), load(*a, **kw)[1]))
+
+    def load_slowing(*a, **kw):
+        model, tokenizer = load(*a, **kw)
+        return slowing_model(model, 0.0015), tokenizer
+
+    monkeypatch.setattr(dresd.models, "load_model", load_slowing)
     assert main(["calibrate", "--model", str(tiny_llama_dir), "--attempts", "2"]) == 1
     err = capsys.readouterr().err
     assert "attempt 1/2: unreliable" in err and "NOT saved" in err

@@ -33,17 +33,16 @@ def run(args) -> int:
     fingerprint = model_fingerprint(model, tokenizer)
     path = calibration_path(fingerprint, model.device, model.dtype)
     cal = None if args.force else saved_calibration(path)
-    status = "reused; --force measures again"
     if cal is not None and cal.provisional:
         cal = None  # a provisional curve is measured again
-    if cal is None:
+    measured = cal is None
+    if measured:
         for attempt in range(1, args.attempts + 1):
             cal = measure_verify_cost(model, fingerprint=fingerprint)
             if not cal.provisional:
                 break
             print(f"attempt {attempt}/{args.attempts}: unreliable, {cal.describe_rounds()}",
                   file=sys.stderr, flush=True)
-        status = "measured now"
     print(f"model:  {args.model} ({fingerprint[:16]})")
     print(f"device: {cal.device} ({dtype_name(model.dtype)}), KV cache of {cal.past_len} tokens")
     print(format_table(cal))
@@ -53,9 +52,9 @@ def run(args) -> int:
               f"attempt(s), so the machine was busy; NOT saved to {path}. Run it again on a quiet "
               "machine.", file=sys.stderr)
         return 1
-    if status == "measured now":
+    if measured:
         cal.save(path)
-    print(f"file:   {path} ({status})")
+    print(f"file:   {path} ({'measured now' if measured else 'reused; --force measures again'})")
     return 0
 
 

@@ -37,10 +37,10 @@ the tokens the model actually produced, whether or not they were verified (it co
 pass). A step stays pending until the generated text reaches ``draft_len`` tokens past it, so a
 draft that was never verified is still tested at every depth it guessed. (Steps are scored in
 order and all at the same distance: scoring each as soon as its outcome is known scored misses
-before hits, and the decay, which weighs recent steps more, then doubled the estimates.) ``h_s``, ``g(d)`` and the reliability map
-all learn from these scores, so nothing that stops getting budget stops learning: a source, or a
-band of estimates, that was written off by a run of misses comes back as soon as its drafts
-would be accepted. (Learning ``g`` and the map only from verified trees locked a source out for
+before hits, and the decay, which weighs recent steps more, then doubled the estimates.)
+``h_s``, ``g(d)`` and the reliability map all learn from these scores, so nothing that stops
+getting budget stops learning: a source, or a band of estimates, that was written off by a run
+of misses comes back as soon as its drafts would be accepted. (Learning ``g`` and the map only from verified trees locked a source out for
 good: once its nodes were scaled below the point where the budget pays for them, no verified
 tree could show that they had become right.) Estimates carried over to the next generation keep
 ``carry_over`` of their evidence, so old requests fade toward the prior.
@@ -183,9 +183,9 @@ class CompositeDrafter(Drafter):
 
     def _reset(self, carry: float) -> None:
         """A new generation: counters start at 0; the estimates go on from the last one with
-        these sources (a new generation of the same kind of text starts where the last left
-        off instead of at the prior, which overestimated the first ten steps' acceptance by
-        half)."""
+        these sources, their evidence weighed by ``carry`` (a new generation of the same kind
+        of text starts near where the last left off instead of at the prior, which
+        overestimated the first ten steps' acceptance by half)."""
         carried = self.memory.get("stats")
         if carried is not None and [st.name for st in carried] == self.names:
             self.stats = [st.carried_over(carry) for st in carried]
@@ -229,8 +229,7 @@ class CompositeDrafter(Drafter):
 
     def propose(self, request: DraftRequest) -> list[Draft]:
         t0 = time.perf_counter()
-        self._seq = [int(t) for t in request.tokens[:-1]]
-        self._settle(list(request.tokens))
+        self._settle(request.tokens)  # the committed tokens (``_seq``, kept by accept) and y
         self.steps += 1
         proposals: list[list[Draft] | None] = []
         for i, d in enumerate(self.drafters):
@@ -296,12 +295,13 @@ class CompositeDrafter(Drafter):
                 prior = out[d]
         return out
 
-    def _settle(self, known: list[int], final: bool = False) -> None:
+    def _settle(self, known: Sequence[int], final: bool = False) -> None:
         """Score what the text generated so far (``known``) decides of the pending steps; with
         ``final`` the generation is over and what it did not reach stays untested."""
         done = 0
         for step in self._pending:  # in step order, so the decay weighs them in that order
-            truth = tuple(known[step.y_index + 1:])
+            start = step.y_index + 1
+            truth = tuple(known[start : start + step.draft_len])
             if not final and len(truth) < step.draft_len:
                 break
             for s in step.scored:
