@@ -27,7 +27,7 @@ from pipelines.dead_letter import (
 )
 from pipelines.dedupe import NAMESPACE, DropKnownDocuments
 from pipelines.encode import ENCODED_TOKENS, EncodeShards, EncodeTiming
-from pipelines.fit import INDEX_DIR, TRANSFORM_DIR, FitTransform, load_fitted
+from pipelines.fit import INDEX_DIR, TRANSFORM_DIR, FitTransform, TrainIndex, load_fitted
 from pipelines.index import FillShardIndex
 from pipelines.options import pipeline_options
 from pipelines.publish import Publish
@@ -35,6 +35,7 @@ from pipelines.readers import DEAD, ReadCorpus, list_corpus_files
 from pipelines.sample import SampleStates
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
+from schemas.integrity import VERIFIED_DIR
 from schemas.manifest import CURRENT_FILE, MANIFEST_DIR
 from schemas.shard_io import SHARDS_DIR
 
@@ -61,7 +62,8 @@ def describe_model(config: BuildConfig) -> ModelSpec:
 
 
 # Everything a store directory holds at its top level (a failed build may leave some of it).
-STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, DEAD_LETTER_DIR}
+STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, DEAD_LETTER_DIR,
+                 VERIFIED_DIR}
 
 
 def _check_new_store(store: str) -> None:
@@ -157,7 +159,8 @@ def _report(store: str, generation: int, metrics: RunMetrics,
 
 def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
                 beam_args: Sequence[str] | None = None, stats: dict | None = None) -> Manifest:
-    """Build a new store from a corpus: sample, fit, encode, index, publish generation 1.
+    """Build a new store from a corpus: sample states and fit the transform, encode shards,
+    train the index quantizer on their keys, fill each shard's lists, publish generation 1.
 
     ``stats``, when given, receives the run's ``RunMetrics`` under ``"metrics"`` (its
     ``encode`` timing included).
@@ -172,20 +175,17 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
 
     p = beam.Pipeline(options=pipeline_options(beam_args))
     docs = _read_documents(p, files, config, store, [], generation)
-    num_keys = (
-        docs
-        | "KeysPerDoc" >> beam.Map(lambda d: len(d) - 1)
-        | "TotalKeys" >> beam.CombineGlobally(sum)
-    )
-    fitted = (
+    transform = (
         docs
         | "SampleStates" >> SampleStates(config)
-        | "FitTransform" >> FitTransform(config, store, num_keys)
+        | "FitTransform" >> FitTransform(config, store)
     )
+    shards = docs | "EncodeShards" >> EncodeShards(config, store, transform)
+    fitted = shards | "TrainIndex" >> TrainIndex(config, store, transform)
     _ = (
-        docs
-        | "EncodeShards" >> EncodeShards(config, store, fitted)
-        | "FillShardIndex" >> FillShardIndex(store, generation, fitted)
+        shards
+        | "FillShardIndex" >> FillShardIndex(store, generation, fitted, model.vocab_size,
+                                             config.keep_keys)
         | "Publish" >> Publish(store, generation, model, config.value_len, fitted,
                                note=config.note)
     )
@@ -209,9 +209,8 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     config = dataclasses.replace(
         config or BuildConfig(model=current.model.name),
         dim=current.dim, value_len=current.value_len, index_kind=current.index.kind,
-        nlist=current.index.nlist, nprobe=current.index.nprobe,
-        **({"pq_m": current.index.pq_m, "pq_nbits": current.index.pq_nbits}
-           if current.index.kind == "ivf_pq" else {}),
+        nlist=current.index.nlist, nprobe=current.index.nprobe, pq_m=current.index.pq_m,
+        **({"pq_nbits": current.index.pq_nbits} if current.index.kind == "ivf_pq" else {}),
     )
     model = describe_model(config)
     if model.fingerprint != current.model.fingerprint:
@@ -230,7 +229,8 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     _ = (
         docs
         | "EncodeShards" >> EncodeShards(config, store, fitted)
-        | "FillShardIndex" >> FillShardIndex(store, generation, fitted)
+        | "FillShardIndex" >> FillShardIndex(store, generation, fitted, model.vocab_size,
+                                             config.keep_keys)
         | "Publish" >> Publish(store, generation, model, current.value_len, fitted,
                                base_shards=current.shards, parent=current.generation,
                                note=config.note or "update")
