@@ -18,11 +18,10 @@ from pathlib import Path
 import jsonschema
 
 FORMAT_VERSION = 2
-# What an older store gets told. Format 1 (float16 keys in keys.lance, float32 IVF-Flat indexes,
-# everything loaded into RAM) cannot be opened by this code.
-UPGRADE_HINT = ("rebuild it with `dresd build NEW_STORE CORPUS...`, or convert it with "
-                "`dresd convert OLD_STORE NEW_STORE` (format 1 keeps float16 keys, so the "
-                "index is rebuilt from them without the model)")
+# What an older store gets told. Format 1 (float16 keys in keys.lance, an IVF index per shard,
+# everything loaded into RAM) cannot be opened by this code; its manifest names the model.
+UPGRADE_HINT = ("rebuild it from its corpus with `dresd build NEW_STORE CORPUS...` (same "
+                "model and options)")
 CURRENT_FILE = "CURRENT"
 MANIFEST_DIR = "manifests"
 _SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")

@@ -294,7 +294,7 @@ def test_old_format_store_gets_the_documented_message(built, tmp_path):
     d["format_version"] = 1
     f.write_text(json.dumps(d))
     with pytest.raises(StoreFormatError, match=r"store format 1 is no longer supported.*"
-                       r"dresd build.*dresd convert"):
+                       r"`dresd build NEW_STORE CORPUS\.\.\.`"):
         load_store(path)
 
 

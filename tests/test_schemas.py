@@ -76,7 +76,7 @@ def test_manifest_version_and_fields_are_checked():
 
 def test_a_format_1_store_is_told_how_to_convert():
     with pytest.raises(StoreFormatError, match=r"store format 1 is no longer supported .*"
-                       r"`dresd build NEW_STORE CORPUS\.\.\.`.*`dresd convert OLD_STORE NEW_STORE`"):
+                       r"rebuild it from its corpus with `dresd build NEW_STORE CORPUS\.\.\.`"):
         validate_manifest_dict({"format_version": 1, "generation": 1})
 
 
