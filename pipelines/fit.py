@@ -22,6 +22,7 @@ from dresd.transform import KeyTransform, fit_transform
 from pipelines.config import BuildConfig
 from pipelines.documents import WrittenShard
 from pipelines.index import (
+    POINTS_PER_LIST,
     auto_nlist,
     auto_pq_m,
     auto_train_size,
@@ -82,9 +83,12 @@ def train_index(keys: np.ndarray, config: BuildConfig, num_keys: int, store: str
     """Train the quantizer on sampled keys [n, d] of a store of ``num_keys`` keys, save it,
     and return ``fitted`` with it."""
     kind = config.index_kind
-    if kind == "ivf_pq" and len(keys) < 2 ** config.pq_nbits:
-        log.warning("only %d keys: too few to train %d PQ centroids, the index stores them "
-                    "uncompressed (ivf_flat)", len(keys), 2 ** config.pq_nbits)
+    if kind == "ivf_pq" and len(keys) < POINTS_PER_LIST * 2 ** config.pq_nbits:
+        # PQ codebooks trained on fewer keys than faiss asks for (39 per centroid) score
+        # neighbours badly; a store this small costs little uncompressed.
+        log.warning("only %d keys: too few to train %d PQ centroids well (%d wanted), the index "
+                    "stores them uncompressed (ivf_flat)", len(keys), 2 ** config.pq_nbits,
+                    POINTS_PER_LIST * 2 ** config.pq_nbits)
         kind = "ivf_flat"
     nlist = min(config.nlist, len(keys)) if config.nlist else auto_nlist(num_keys, len(keys))
     pq_m = config.pq_m or auto_pq_m(keys.shape[1])

@@ -184,20 +184,20 @@ def test_fit_transform_writes_the_transform_and_train_index_the_quantizer(tmp_pa
     assert t_file.suffix == ".npz"
     # the quantizer is trained on stored keys: about 4 sqrt(N) lists, 39 keys per list at most
     fitted = fit_keys(np.concatenate(states), config, str(tmp_path))
-    keys = fitted.transform(rng.standard_normal((2000, 32)).astype(np.float32))
-    trained = train_index(keys, config, 10_000, str(tmp_path), fitted)
-    assert trained.index_spec.nlist == min(400, 2000 // 39) == 51
+    keys = fitted.transform(rng.standard_normal((12_000, 32)).astype(np.float32))
+    trained = train_index(keys[:10_000], config, 10_000, str(tmp_path), fitted)
+    assert trained.index_spec.nlist == min(400, 10_000 // 39) == 256
     assert trained.index_spec.kind == "ivf_pq" and trained.index_spec.pq_m == 2
-    assert trained.index_spec.code_size == 2 and trained.index_spec.train_size == 2000
-    assert trained.index_spec.factory == "IVF51_HNSW32,PQ2x8"
+    assert trained.index_spec.code_size == 2 and trained.index_spec.train_size == 10_000
+    assert trained.index_spec.factory == "IVF256_HNSW32,PQ2x8"
     [q_file] = (tmp_path / "index").iterdir()
     q = faiss.read_index(str(q_file))
     assert q.is_trained and q.ntotal == 0 and q.metric_type == faiss.METRIC_INNER_PRODUCT
-    assert faiss.extract_index_ivf(q).nlist == 51 and faiss.extract_index_ivf(q).nprobe == 16
+    assert faiss.extract_index_ivf(q).nlist == 256 and faiss.extract_index_ivf(q).nprobe == 16
     assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(q).quantizer),
                       faiss.IndexHNSWFlat)
-    # too few keys for 256 PQ centroids: the index keeps them uncompressed
-    small = train_index(keys[:100], config, 100, str(tmp_path), fitted)
+    # too few keys to train 256 PQ centroids well: the index keeps them uncompressed
+    small = train_index(keys[:9000], config, 9000, str(tmp_path), fitted)
     assert small.index_spec.kind == "ivf_flat" and small.index_spec.code_size == 4 * 8
 
 
