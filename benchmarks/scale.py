@@ -22,8 +22,8 @@ store's nprobe) over ``--queries`` queries, and recall@10 of that filtered searc
 exact filtered search (brute force over every key followed by the query's token, float16 keys as
 stored) on ``--recall-queries`` of them. Measurements run in a fresh process per store.
 
-    .venv/bin/python benchmarks/scale.py --keys 1e6,1e7          # ~2 and ~25 min, 1 thread
-    .venv/bin/python benchmarks/scale.py --keys 1e8              # the one-off 100M run
+    .venv/bin/python benchmarks/scale.py --keys 1e6,1e7          # ~1.5 and ~6 min, 1 thread
+    .venv/bin/python benchmarks/scale.py --keys 1e8              # the one-off 100M run, ~1 h
 
 Building is resumable: a store's progress is kept in ``<workdir>/scale-<N>/.scale-state.json``
 (shards written, quantizer trained, shards filled), so a rerun after an interruption continues
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
     rows = {r["keys"]: r for r in previous["rows"]}
     for n in (int(float(x)) for x in args.keys.split(",")):
         store = Path(args.workdir) / f"scale-{n:.0e}".replace("+", "")
-        est = n * 40e-6 + n / 1e6 * 3
+        est = n * 30e-6 + n / 1e6 * 6  # fill ~24 us/key at 1M, plus writing and measuring
         print(f"== {n:,} keys -> {store} (build ~{est / 60:.0f} min on one thread, measured "
               "at 1M; progress bars show the rest)", flush=True)
         timings = build(store, n, shard_tokens, args.seed, progress)
