@@ -207,7 +207,7 @@ def main() -> None:
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print()
     print(f"{'on disk':10s} {'MiB':>10s} {'bytes/token':>12s}")
-    for part in ("keys", "values", "index", "other", "total"):
+    for part in ("values", "index", "docs", "shared", "serving", "archive", "total"):
         print(f"{part:10s} {info['bytes'][part] / 2**20:10.2f} "
               f"{info['bytes_per_token'][part]:12.2f}")
 

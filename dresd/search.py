@@ -1,15 +1,21 @@
-"""Nearest keys whose next token is ``y``: the filter works inside the search.
+"""Nearest keys whose next token is ``y``: the filter works inside the search, over every shard.
 
-At load time the keys are sorted by next token, so each token's keys form one contiguous range
-of "sorted ids", and every faiss IVF index is rewritten to use sorted ids. A query for token y
-then searches only y's range:
+A store has one trained quantizer (an HNSW graph over the IVF list centroids plus the codec) and,
+per shard, inverted lists memory-mapped from ``ivf.lists``. The ids in the lists are
+``(next_token << 40) | position`` (schemas.lists), written in ascending order in every list, so:
 
-- small groups (at most ``exact_threshold`` keys): exact inner product over the slice, so the
-  result has min(k, group size) keys by construction;
-- large groups: the IVF index with an ``IDSelectorRange`` over the group, reranked exactly;
-  when fewer than k come back, nprobe widens, and at the end an exact scan of the group runs.
+- the first-token filter is the id range of ``y``: faiss's ``IDSelectorRange`` with
+  ``assume_sorted`` finds ``y``'s entries in each probed list by binary search and scores only
+  those (no per-token index, no load-time sort);
+- a hit's id is its value's position in the shard's token stream (no position table).
 
-Either way a query returns k keys whenever the store holds k keys followed by y.
+A query is assigned to its ``nprobe`` nearest lists once; each shard's lists are then scanned
+with that assignment (``search_preassigned``) and the per-shard top k merged. Each shard's ``counts.npy``
+says how many keys it holds per next token, so shards without ``y`` are skipped. When fewer than
+min(k, keys followed by ``y``) turn up, the search is repeated once with 4 x nprobe lists and
+whatever it finds is returned: keys followed by ``y`` cluster near the states that predict ``y``, so a wider
+probe rarely finds more, and an exhaustive scan would need the float keys the runtime no longer
+holds. Scores are the codec's inner products (PQ codes: approximate).
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from contextlib import contextmanager
 
 import faiss
 import numpy as np
-import torch
+
+from schemas.lists import token_id_range
+
+WIDEN = 4  # the second try probes this many times more lists
 
 
 @contextmanager
@@ -40,120 +49,98 @@ def _single_threaded():
         faiss.omp_set_num_threads(threads)
 
 
-class KeySearch:
-    def __init__(
-        self,
-        vectors: np.ndarray,
-        next_token: np.ndarray,
-        ivf_parts: Sequence[tuple[faiss.Index, int]] = (),
-        nprobe: int = 16,
-        exact_threshold: int = 4096,
-    ):
-        """``vectors`` [K, d] and ``next_token`` [K] in global key order; ``ivf_parts`` are
-        filled IVF indexes whose ids are rows of a block of keys starting at the given global
-        offset (one per shard). The parts are merged into one index with sorted ids."""
-        next_token = np.asarray(next_token)
-        if len(vectors) != len(next_token):
-            raise ValueError(f"{len(vectors)} vectors but {len(next_token)} next tokens")
-        if len(next_token) and next_token.min() < 0:
-            raise ValueError("negative next-token ids in the keys")
-        self.num_keys = len(next_token)
-        self.dim = vectors.shape[1] if vectors.ndim == 2 else 0
-        self.order = np.argsort(next_token, kind="stable")  # sorted id -> global key id
-        # float32 so the exact scans run on BLAS; the float16 originals are not kept.
-        self.vectors = np.ascontiguousarray(np.asarray(vectors)[self.order], dtype=np.float32)
-        self._vectors = torch.from_numpy(self.vectors)  # the same memory, for _scores
-        counts = np.bincount(next_token, minlength=1) if len(next_token) else np.zeros(1, int)
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+def shard_searcher(base: faiss.Index, lists) -> faiss.IndexIVF:
+    """An IVF index over one shard's ``lists`` that shares ``base``'s coarse quantizer and
+    codec (neither is copied per shard: the quantizer of a 40k-list index is ~20 MB)."""
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(base))
+    d, nlist, metric = ivf.d, ivf.nlist, ivf.metric_type
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        shell = faiss.IndexIVFPQ(ivf.quantizer, d, nlist, ivf.pq.M, ivf.pq.nbits, metric)
+        shell.pq = ivf.pq
+        shell.by_residual = ivf.by_residual
+    elif isinstance(ivf, faiss.IndexIVFFlat):
+        shell = faiss.IndexIVFFlat(ivf.quantizer, d, nlist, metric)
+    else:
+        raise ValueError(f"unsupported index type {type(ivf).__name__}")
+    if shell.code_size != ivf.code_size:
+        raise ValueError(f"codec mismatch: {shell.code_size} != {ivf.code_size} bytes")
+    shell.is_trained = True
+    shell.replace_invlists(lists, False)  # the caller keeps ``lists`` alive
+    shell.ntotal = lists.compute_ntotal()
+    # faiss's own convention: Python owners of objects an index points to ride along with it
+    # (the constructor already put the shared quantizer there).
+    shell.referenced_objects.append(lists)
+    return shell
+
+
+class ShardedSearch:
+    """Filtered k-NN over the inverted lists of every shard of a store."""
+
+    def __init__(self, base: faiss.Index, shards: Sequence[faiss.IndexIVF],
+                 counts: Sequence[np.ndarray], nprobe: int = 16):
+        self.base = base
+        self.ivf = faiss.extract_index_ivf(base)
+        self.quantizer = self.ivf.quantizer
+        self.nlist = int(self.ivf.nlist)
+        self.dim = int(self.ivf.d)
+        self.shards = list(shards)
         self.nprobe = nprobe
-        self.exact_threshold = exact_threshold
-        self.index = self._merge(ivf_parts) if ivf_parts else None
-        self.fallbacks = 0  # IVF searches that ended in an exact scan of the group
-
-    def _merge(self, parts: Sequence[tuple[faiss.Index, int]]) -> faiss.Index:
-        rank = np.empty(self.num_keys, np.int64)
-        rank[self.order] = np.arange(self.num_keys)
-        merged = None
-        total = 0
-        for index, offset in parts:
-            ivf = faiss.extract_index_ivf(index)
-            inv = ivf.invlists
-            for lst in range(ivf.nlist):
-                n = inv.list_size(lst)
-                if n:
-                    ids = faiss.rev_swig_ptr(inv.get_ids(lst), n)
-                    if ids.min() < 0 or offset + ids.max() >= self.num_keys:
-                        raise ValueError(f"IVF index at key offset {offset} has ids outside "
-                                         "its block of keys")
-                    ids[:] = rank[offset + ids]  # in place: the index is ours to rewrite
-            total += index.ntotal
-            if merged is None:
-                merged = index
-            else:
-                merged.merge_from(index, 0)
-        if total != self.num_keys:
-            raise ValueError(f"the IVF indexes hold {total} keys, the key tables {self.num_keys}")
-        self.nlist = faiss.extract_index_ivf(merged).nlist
-        return merged
-
-    def group(self, token: int) -> tuple[int, int]:
-        """The sorted-id range [lo, hi) of keys followed by ``token``."""
-        if token < 0 or token + 1 >= len(self.offsets):
-            return 0, 0
-        return int(self.offsets[token]), int(self.offsets[token + 1])
+        self.counts = list(counts)  # per shard: keys per next token (memory-mapped)
+        if len(self.counts) != len(self.shards):
+            raise ValueError(f"{len(self.counts)} count arrays for {len(self.shards)} shards")
+        self.vocab_size = min((len(c) for c in self.counts), default=0)
+        self.num_keys = sum(int(s.ntotal) for s in self.shards)
+        hnsw = faiss.downcast_index(self.quantizer)
+        if isinstance(hnsw, faiss.IndexHNSW):
+            # The quantizer's beam must hold the lists asked for: with efSearch below nprobe the
+            # HNSW search returns fewer good lists.
+            hnsw.hnsw.efSearch = max(int(hnsw.hnsw.efSearch), WIDEN * nprobe)
+        self.widened = 0  # searches that needed the second, wider try
 
     def group_size(self, token: int) -> int:
-        lo, hi = self.group(token)
-        return hi - lo
+        """Keys followed by ``token`` in the whole store."""
+        if not 0 <= token < self.vocab_size:
+            return 0
+        return sum(int(c[token]) for c in self.counts)
 
     def search(self, query: np.ndarray, token: int, k: int,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Global key ids and inner-product scores of the best k keys followed by ``token``,
-        best first."""
-        lo, hi = self.group(token)
-        if hi - lo == 0 or k <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        query = np.asarray(query, np.float32).reshape(-1)
-        want = min(k, hi - lo)
-        if self.index is None or hi - lo <= self.exact_threshold:
-            pos, scores = self._exact(query, lo, hi, want)
-        else:
-            pos, scores = self._ivf(query, lo, hi, want, nprobe or self.nprobe)
-        return self.order[pos], scores
-
-    def _scores(self, rows, query: np.ndarray) -> np.ndarray:
-        # On torch's thread pool, not numpy's BLAS: OpenBLAS threads left spinning after a
-        # matrix-vector product slowed the model's next forward tenfold on a 2-core machine.
-        return torch.mv(self._vectors[rows], torch.from_numpy(query)).numpy()
-
-    def _exact(self, query, lo, hi, k):
-        scores = self._scores(slice(lo, hi), query)
-        if k < len(scores):
-            top = np.argpartition(-scores, k - 1)[:k]
-        else:
-            top = np.arange(len(scores))
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return top + lo, scores[top]
-
-    def _ivf(self, query, lo, hi, k, nprobe):
+               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard numbers, packed ids, scores) of the best k keys followed by ``token``, best
+        first; fewer when the probed lists hold fewer. Only shards that hold keys followed by
+        ``token`` are searched (their counts say which), and the wider second try runs only
+        when the store holds more such keys than the first one found."""
+        empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if k <= 0 or not 0 <= token < self.vocab_size:
+            return empty
+        active = [s for s, c in enumerate(self.counts) if c[token] > 0]
+        if not active:
+            return empty
+        want = min(k, sum(int(self.counts[s][token]) for s in active))
+        q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query of dimension {q.shape[1]}, the store's keys have {self.dim}")
+        lo, hi = token_id_range(int(token))
+        sel = faiss.IDSelectorRange(lo, hi, True)  # assume_sorted: binary search in each list
+        probes = min(max(1, nprobe or self.nprobe), self.nlist)
         with _single_threaded():
-            return self._ivf_search(query, lo, hi, k, nprobe)
+            out = self._search(q, sel, k, probes, active)
+            if len(out[0]) < want and probes < self.nlist:
+                self.widened += 1
+                out = self._search(q, sel, k, min(WIDEN * probes, self.nlist), active)
+        return out
 
-    def _ivf_search(self, query, lo, hi, k, nprobe):
-        sel = faiss.IDSelectorRange(lo, hi)
-        q = query[None]
-        # Two tries, the second probing 4x the lists, then an exact scan of the group (cheaper
-        # than probing every list of a large index).
-        for probes in (nprobe, 4 * nprobe):
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=min(probes, self.nlist))
-            _, ids = self.index.search(q, k, params=params)
-            ids = ids[0][ids[0] >= 0]
-            if len(ids) >= k:
-                # Rerank exactly: the index may be quantized (IVF-PQ).
-                scores = self._scores(torch.from_numpy(ids), query)
-                best = np.argsort(-scores, kind="stable")
-                return ids[best], scores[best]
-            if probes >= self.nlist:
-                break
-        self.fallbacks += 1
-        return self._exact(query, lo, hi, k)
+    def _search(self, q, sel, k, probes, active):
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=probes)
+        dq, iq = self.quantizer.search(q, probes)
+        dist = np.empty((len(active), k), np.float32)
+        ids = np.empty((len(active), k), np.int64)
+        ptr = faiss.swig_ptr
+        xq, aq, cq = ptr(q), ptr(iq), ptr(dq)
+        for row, s in enumerate(active):
+            self.shards[s].search_preassigned_c(1, xq, k, aq, cq, ptr(dist[row]), ptr(ids[row]),
+                                                False, params)
+        found = ids >= 0
+        shard_no = np.asarray(active, np.int64)[np.nonzero(found)[0]]
+        ids, dist = ids[found], dist[found]
+        best = np.argsort(-dist, kind="stable")[:k]
+        return shard_no[best], ids[best], dist[best]

@@ -1,13 +1,37 @@
-"""``load_store``: open a store directory for decoding.
+"""``load_store``: open a store directory for decoding, in time and memory that do not grow with
+its keys.
 
-Loading validates the manifest and (by default) every file's checksum, memory-maps the token
-streams, loads the key transform, the keys and the shards' IVF indexes, and builds the search
-that filters by next token inside the search (dresd.search). Values are never materialised: the
-value of a key is read from the memory-mapped token stream when a query returns the key.
+Loading reads the manifest, the key transform and the index quantizer (the HNSW graph over the
+list centroids and the PQ codebooks, tens of MB at most), and memory-maps per shard the token
+stream (``tokens.arrow``), the document table (``docs.arrow``), the keys per next token
+(``counts.npy``) and the inverted lists (``ivf.lists``, via faiss ``IO_FLAG_MMAP``). Nothing is sorted, merged or rewritten: the builder
+wrote every list in the order the search needs (schemas.lists), and the float keys, when kept
+(``keys.npy``), are never opened. A value is read from the mapped token stream when a search
+returns its key.
+
+What is checked when (``verify``):
+
+- always: the manifest against its schema and format version; every file it names exists inside
+  the store with the recorded size; each shard's document table covers its token stream
+  exactly and its next-token counts have the vocabulary's length and add up to its keys; each ``ivf.lists`` header matches the quantizer (lists, code size), the manifest's key
+  count and the file's length (so a truncated file is an error, not a crash on a mapped read);
+- ``"auto"`` (default) and ``"full"``: the sha256 of the files read whole (transform, quantizer,
+  document tables, next-token counts: small), and the model's and tokenizer's fingerprints when given;
+- ``"full"`` (or True): also the sha256 of the large mapped files (token streams, inverted
+  lists), skipping files ``dresd verify`` recorded as verified and unchanged, and the token
+  range of every token stream; successful checksums are recorded;
+- on every search hit: the id's token is the one asked for, its position lies inside the shard's
+  token stream and is followed there by that token, and every value token lies inside the
+  vocabulary; a violation is a ``StoreFormatError`` naming the shard, never a crash.
+
+A large file not yet verified can hold a flipped byte that none of this sees; it can only cost
+drafts (every draft is verified by the model, so the output is unchanged). ``dresd verify STORE``
+checks every byte, in parallel, and records the result.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -15,9 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dresd.search import KeySearch
+from dresd.search import ShardedSearch, shard_searcher
 from dresd.transform import KeyTransform
-from schemas import FileRef, Manifest, StoreFormatError, file_digest, read_manifest, shard_io
+from schemas import Manifest, StoreFormatError, read_manifest, shard_io
+from schemas.integrity import Records, check_present, verify_file, verify_files
+from schemas.lists import check_vocab, open_mmap_lists, unpack_ids
+
+log = logging.getLogger(__name__)
 
 
 class StoreMismatchError(ValueError):
@@ -31,18 +59,23 @@ class StoreStats:
     num_docs: int
     num_tokens: int
     num_keys: int
-    resident_bytes: int  # arrays held in memory (memory-mapped token streams excluded)
-    mapped_bytes: int  # token streams, memory-mapped
-    disk_bytes: dict  # keys, values, index: bytes on disk
+    resident_bytes: int  # held in RAM: quantizer, codec and per-shard list tables (estimate)
+    mapped_bytes: int  # token streams, document tables and inverted lists, memory-mapped
+    disk_bytes: dict  # bytes on disk by part (Manifest.storage_bytes)
     bytes_per_token: dict  # the same per corpus token
+    unverified_bytes: int = 0  # large files not checksummed (by this load or `dresd verify`)
 
     def summary(self) -> str:
-        per = ", ".join(f"{k} {v:.1f}" for k, v in self.bytes_per_token.items())
+        b = self.bytes_per_token
+        parts = ", ".join(f"{k} {b[k]:.1f}" for k in ("values", "index", "docs", "shared"))
+        archive = f"; archive {b['archive']:.1f}" if b.get("archive") else ""
+        unverified = (f" | {self.unverified_bytes / 2**20:.0f} MiB not yet verified "
+                      "(dresd verify)" if self.unverified_bytes else "")
         return (
             f"{self.num_shards} shards, {self.num_docs} docs, {self.num_tokens} tokens, "
             f"{self.num_keys} keys | loaded in {self.load_s:.2f}s | resident "
             f"{self.resident_bytes / 2**20:.1f} MiB + {self.mapped_bytes / 2**20:.1f} MiB mapped "
-            f"| bytes/token on disk: {per}"
+            f"| bytes/token: serving {b['serving']:.1f} ({parts}){archive}{unverified}"
         )
 
 
@@ -50,22 +83,27 @@ class StoreStats:
 class _Shard:
     shard_id: str
     tokens: np.ndarray  # int32 [T], memory-mapped
-    doc_starts: np.ndarray  # int64 [D]
-    doc_ends: np.ndarray  # int64 [D]
-    pos: np.ndarray  # int64 [K]
+    doc_starts: np.ndarray  # int64 [D], memory-mapped
+    doc_lengths: np.ndarray  # int32 [D], memory-mapped
+    num_keys: int
+    counts: np.ndarray  # int32 [vocab]: keys per next token, memory-mapped
+
+    @property
+    def doc_ends(self) -> np.ndarray:
+        return self.doc_starts + self.doc_lengths
 
 
 class Store:
     def __init__(self, path: Path, manifest: Manifest, transform: KeyTransform,
-                 shards: list[_Shard], key_offsets: np.ndarray, search: KeySearch):
+                 shards: list[_Shard], search: ShardedSearch):
         self.path = path
         self.manifest = manifest
         self.transform = transform
         self.shards = shards
-        self.key_offsets = key_offsets  # [S + 1] first global key id of each shard
         self.search = search
         self.value_len = manifest.value_len
         self.eos_token_id = manifest.model.eos_token_id
+        self.vocab_size = manifest.model.vocab_size
         self.stats: StoreStats | None = None
         self._checked: set[tuple[int, int]] = set()
 
@@ -76,30 +114,51 @@ class Store:
 
     @property
     def num_keys(self) -> int:
-        return int(self.key_offsets[-1])
+        return self.manifest.num_keys
 
-    def value(self, key: int) -> np.ndarray:
-        """The N tokens after the key's position, clipped at its document's end, EOS-padded.
-        Element 0 is the key's next token."""
-        key = int(key)
-        if not 0 <= key < self.num_keys:
-            raise IndexError(f"key {key} is outside the store's {self.num_keys} keys")
-        s = int(np.searchsorted(self.key_offsets, key, side="right")) - 1
-        shard = self.shards[s]
-        pos = int(shard.pos[key - self.key_offsets[s]])
-        d = int(np.searchsorted(shard.doc_starts, pos, side="right")) - 1
-        end = min(pos + 1 + self.value_len, int(shard.doc_ends[d]))
+    def _bad(self, shard: _Shard, what: str) -> StoreFormatError:
+        return StoreFormatError(f"shard {shard.shard_id} of {self.path}: {what}")
+
+    def value(self, shard: int, position: int) -> np.ndarray:
+        """The N tokens after ``position`` of shard number ``shard``, clipped at the document's
+        end and EOS-padded. Element 0 is the key's next token."""
+        sh = self.shards[shard]
+        pos = int(position)
+        if not 0 <= pos < len(sh.tokens) - 1:
+            raise self._bad(sh, f"key position {pos} is outside its token stream of "
+                                f"{len(sh.tokens)} tokens")
+        d = int(np.searchsorted(sh.doc_starts, pos, side="right")) - 1
+        end = min(pos + 1 + self.value_len, int(sh.doc_starts[d]) + int(sh.doc_lengths[d]),
+                  len(sh.tokens))
         out = np.full(self.value_len, self.eos_token_id, np.int64)
-        toks = shard.tokens[pos + 1 : end]
+        toks = sh.tokens[pos + 1 : end]
+        if len(toks) == 0:
+            raise self._bad(sh, f"position {pos} is the last token of its document: no key")
+        if int(toks.min()) < 0 or int(toks.max()) >= self.vocab_size:
+            raise self._bad(sh, f"token ids outside the model's vocabulary of {self.vocab_size} "
+                                f"after position {pos}")
         out[: len(toks)] = toks
         return out
+
+    def hit_value(self, shard: int, key_id: int, token: int | None = None) -> np.ndarray:
+        """The value of a search hit (packed id), after checking the id against the stream."""
+        tok, pos = (int(v) for v in unpack_ids(np.int64(key_id)))
+        sh = self.shards[shard]
+        if token is not None and tok != token:
+            raise self._bad(sh, f"the index returned a key of token {tok} for token {token}")
+        v = self.value(shard, pos)
+        if v[0] != tok:
+            raise self._bad(sh, f"index entry (token {tok}, position {pos}) does not match the "
+                                f"token stream (token {int(v[0])} follows position {pos})")
+        return v
 
     def continuations(self, query: np.ndarray, token: int, k: int,
                       nprobe: int | None = None) -> list[tuple[np.ndarray, float]]:
         """(value[1:], score) of the k nearest keys followed by ``token``; ``query`` is already
         transformed (dimension d, unit norm)."""
-        keys, scores = self.search.search(query, token, k, nprobe)
-        return [(self.value(g)[1:], float(sc)) for g, sc in zip(keys.tolist(), scores.tolist())]
+        shards, ids, scores = self.search.search(query, token, k, nprobe)
+        return [(self.hit_value(s, i, token)[1:], float(sc))
+                for s, i, sc in zip(shards.tolist(), ids.tolist(), scores.tolist())]
 
     def check_model(self, model, tokenizer) -> None:
         """Raise StoreMismatchError unless ``model`` and ``tokenizer`` are the store's."""
@@ -127,31 +186,53 @@ class Store:
         self._checked.add(ident)
 
 
-def _verify(root: Path, ref: FileRef) -> None:
-    digest, size = file_digest(root / ref.path)
-    if digest != ref.sha256 or size != ref.bytes:
-        raise StoreFormatError(
-            f"{root / ref.path} is corrupt: its checksum does not match the manifest "
-            f"(sha256 {digest[:12]}, {size} bytes; manifest {ref.sha256[:12]}, {ref.bytes} bytes)"
-        )
+def _open_shard(root: Path, manifest: Manifest, info, base, nlist: int, code_size: int):
+    sid = info.shard_id
+    where = f"shard {sid} of {root}"
+    tokens = shard_io.read_tokens(root, sid)
+    docs = shard_io.read_docs(root, sid)
+    if len(tokens) != info.num_tokens or docs.num_rows != info.num_docs:
+        raise StoreFormatError(f"{where} holds {len(tokens)} tokens and {docs.num_rows} "
+                               f"documents, the manifest says {info.num_tokens} and "
+                               f"{info.num_docs}")
+    try:
+        starts = docs.column("start").combine_chunks().to_numpy(zero_copy_only=True)
+        lengths = docs.column("length").combine_chunks().to_numpy(zero_copy_only=True)
+    except (KeyError, ValueError, TypeError) as e:
+        raise StoreFormatError(f"{where}: unreadable document table ({e})") from None
+    if len(starts) and (starts[0] != 0 or (lengths < 1).any()
+                        or (starts[1:] != starts[:-1] + lengths[:-1]).any()
+                        or int(starts[-1]) + int(lengths[-1]) != len(tokens)):
+        raise StoreFormatError(f"{where}: the document table does not tile the token stream")
+    if info.num_keys != len(tokens) - len(starts):
+        raise StoreFormatError(f"{where}: {info.num_keys} keys in the manifest, but its "
+                               f"{len(tokens)} tokens in {len(starts)} documents make "
+                               f"{len(tokens) - len(starts)}")
+    counts = shard_io.read_counts(root, sid, manifest.model.vocab_size, info.num_keys)
+    lists = open_mmap_lists(root / info.index.path, nlist, code_size, info.num_keys)
+    return (_Shard(sid, tokens, starts, lengths, info.num_keys, counts),
+            shard_searcher(base, lists))
 
 
 def load_store(
     path: str | os.PathLike,
     model=None,
     tokenizer=None,
-    verify: bool = True,
+    verify: bool | str = "auto",
     generation: int | None = None,
-    exact_threshold: int = 4096,
 ) -> Store:
     """Open the store at ``path`` (its current generation unless ``generation`` is given).
 
-    With ``verify``, every file named by the manifest is checksummed first and token ids are
-    checked against the model's vocabulary. With ``model`` and ``tokenizer``, their fingerprints
-    must equal the ones the store was built with.
+    ``verify``: ``"auto"`` (default) checksums the small files read whole, ``"full"`` or True
+    every file (see the module docstring), False none (sizes and structure are still checked).
+    With ``model`` and ``tokenizer``, their fingerprints must equal the ones the store was
+    built with.
     """
     import faiss
 
+    mode = {True: "full", False: "none"}.get(verify, verify)
+    if mode not in ("auto", "full", "none"):
+        raise ValueError(f"verify must be True, False, 'auto' or 'full', not {verify!r}")
     t0 = time.perf_counter()
     root = Path(path)
     if not root.is_dir():
@@ -160,12 +241,22 @@ def load_store(
     spec = manifest.model
     if not manifest.shards or manifest.num_keys == 0:
         raise StoreFormatError(f"store {root} holds no keys: there is nothing to draft from")
-    if verify:
-        _verify(root, manifest.transform.file)
-        _verify(root, manifest.index.quantizer)
-        for info in manifest.shards:
-            for ref in (info.tokens, info.docs, info.keys, info.index):
-                _verify(root, ref)
+    check_vocab(spec.vocab_size)
+    check_present(root, manifest.files())
+
+    small = [manifest.transform.file, manifest.index.quantizer] + [
+        f for s in manifest.shards for f in (s.docs, s.counts)]
+    large = [f for s in manifest.shards for f in (s.tokens, s.index)]
+    unverified = 0
+    if mode == "full":
+        report = verify_files(root, small + large)
+        if report.corrupt:
+            raise StoreFormatError(report.corrupt[0][1])
+    elif mode == "auto":
+        for ref in small:
+            verify_file(root, ref)
+        records = Records(root)
+        unverified = sum(r.bytes for r in large if not records.is_verified(r))
 
     transform = KeyTransform.load(root / manifest.transform.file.path)
     if (transform.input_dim, transform.dim) != (spec.hidden_size, manifest.dim):
@@ -173,88 +264,52 @@ def load_store(
             f"transform {manifest.transform.file.path} maps {transform.input_dim} -> "
             f"{transform.dim}, the manifest says {spec.hidden_size} -> {manifest.dim}"
         )
+    qpath = root / manifest.index.quantizer.path
+    try:
+        base = faiss.read_index(str(qpath))
+        ivf = faiss.extract_index_ivf(base)
+    except RuntimeError as e:
+        raise StoreFormatError(f"{qpath} is not a faiss IVF index: {e}") from None
+    nlist, code_size = int(ivf.nlist), int(ivf.code_size)
+    if (ivf.d, nlist) != (manifest.dim, manifest.index.nlist) or base.ntotal != 0:
+        raise StoreFormatError(f"{qpath}: d={ivf.d}, nlist={nlist}, {base.ntotal} keys; the "
+                               f"manifest says an empty index, d={manifest.dim}, "
+                               f"nlist={manifest.index.nlist}")
 
-    shards, vectors, next_tokens, parts = [], [], [], []
-    key_offsets = [0]
-    resident = 0
-    mapped = 0
+    shards, searchers = [], []
     for info in manifest.shards:
-        sid = info.shard_id
-        tokens = shard_io.read_tokens(root, sid)
-        docs = shard_io.read_docs(root, sid)
-        vec, pos, nxt = shard_io.read_keys(root, sid)
-        where = f"shard {sid} of {root}"
-        if len(tokens) != info.num_tokens or len(pos) != info.num_keys:
-            raise StoreFormatError(
-                f"{where} holds {len(tokens)} tokens and {len(pos)} keys, the manifest says "
-                f"{info.num_tokens} and {info.num_keys}"
-            )
-        if vec.shape[1] != manifest.dim:
-            raise StoreFormatError(f"{where} has keys of dimension {vec.shape[1]}, "
-                                   f"the manifest says {manifest.dim}")
-        if verify and len(tokens):
-            lo, hi = int(tokens.min()), int(tokens.max())
+        shard, searcher = _open_shard(root, manifest, info, base, nlist, code_size)
+        if mode == "full" and len(shard.tokens):
+            lo, hi = int(shard.tokens.min()), int(shard.tokens.max())
             if lo < 0 or hi >= spec.vocab_size:
                 raise StoreFormatError(
-                    f"{where} has token ids outside the model's vocabulary of "
-                    f"{spec.vocab_size} (range {lo}..{hi})"
-                )
-        if len(pos) and (pos.min() < 0 or pos.max() + 1 >= max(len(tokens), 1)):
-            raise StoreFormatError(f"{where} has key positions outside its token stream")
-        starts = docs.column("start").to_numpy().astype(np.int64)
-        ends = starts + docs.column("length").to_numpy().astype(np.int64)
-        index = faiss.read_index(str(root / info.index.path))
-        if index.ntotal != len(pos):
-            raise StoreFormatError(f"{where}: ivf.faiss holds {index.ntotal} keys, the key "
-                                   f"table {len(pos)}")
-        parts.append((index, key_offsets[-1]))
-        shards.append(_Shard(sid, tokens, starts, ends, pos.astype(np.int64)))
-        vectors.append(vec)
-        next_tokens.append(nxt)
-        key_offsets.append(key_offsets[-1] + len(pos))
-        mapped += tokens.nbytes
-        resident += pos.nbytes + starts.nbytes + ends.nbytes
-
-    search = KeySearch(
-        np.concatenate(vectors),
-        np.concatenate(next_tokens),
-        parts,
-        nprobe=manifest.index.nprobe,
-        exact_threshold=exact_threshold,
-    )
-    resident += search.vectors.nbytes + search.order.nbytes + search.offsets.nbytes
-    resident += _index_bytes(search.index)
-    store = Store(root, manifest, transform, shards, np.asarray(key_offsets, np.int64), search)
+                    f"shard {info.shard_id} of {root} has token ids outside the model's "
+                    f"vocabulary of {spec.vocab_size} (range {lo}..{hi})")
+        shards.append(shard)
+        searchers.append(searcher)
+    search = ShardedSearch(base, searchers, [s.counts for s in shards],
+                           nprobe=manifest.index.nprobe)
+    store = Store(root, manifest, transform, shards, search)
 
     if model is not None and tokenizer is not None:
         store.check_model(model, tokenizer)
 
-    disk = {
-        "keys": sum(s.keys.bytes for s in manifest.shards),
-        "values": sum(s.tokens.bytes for s in manifest.shards),  # as `dresd info` counts
-        "index": sum(s.index.bytes for s in manifest.shards),
-    }
+    disk = manifest.storage_bytes()
     n_tok = max(manifest.num_tokens, 1)
+    if unverified:
+        log.info("%s: %.0f MiB of token streams and inverted lists not yet verified; "
+                 "`dresd verify %s` checks them once", root, unverified / 2**20, root)
     store.stats = StoreStats(
         load_s=time.perf_counter() - t0,
         num_shards=len(shards),
         num_docs=manifest.num_docs,
         num_tokens=manifest.num_tokens,
         num_keys=manifest.num_keys,
-        resident_bytes=resident,
-        mapped_bytes=mapped,
+        resident_bytes=manifest.index.quantizer.bytes + manifest.transform.file.bytes
+        + len(shards) * nlist * 32,
+        mapped_bytes=disk["values"] + disk["index"] + disk["docs"],
         disk_bytes=disk,
         bytes_per_token={k: v / n_tok for k, v in disk.items()},
+        unverified_bytes=unverified,
     )
     return store
-
-
-def _index_bytes(index) -> int:
-    if index is None:
-        return 0
-    import faiss
-
-    ivf = faiss.extract_index_ivf(index)
-    inv = ivf.invlists
-    entries = sum(inv.list_size(i) for i in range(ivf.nlist))
-    return entries * (inv.code_size + 8)

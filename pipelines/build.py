@@ -28,7 +28,14 @@ from pipelines.dead_letter import (
 )
 from pipelines.dedupe import NAMESPACE, DropKnownDocuments
 from pipelines.encode import ENCODED_TOKENS, EncodeShards, EncodeTiming
-from pipelines.fit import INDEX_DIR, TRANSFORM_DIR, FitTransform, fitted_from_specs, load_fitted
+from pipelines.fit import (
+    INDEX_DIR,
+    TRANSFORM_DIR,
+    FitTransform,
+    TrainIndex,
+    fitted_from_specs,
+    load_fitted,
+)
 from pipelines.index import FillShardIndex
 from pipelines.journal import (
     JOURNAL_DIR,
@@ -46,6 +53,7 @@ from pipelines.sample import SampleStates
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
 from schemas.commit import newest_generation, update_current
+from schemas.integrity import VERIFIED_DIR
 from schemas.manifest import CURRENT_FILE, MANIFEST_DIR, generation_path
 from schemas.shard_io import SHARDS_DIR
 
@@ -73,7 +81,7 @@ def describe_model(config: BuildConfig) -> ModelSpec:
 
 # Everything a store directory holds at its top level (a failed build may leave some of it).
 STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, DEAD_LETTER_DIR,
-                 JOURNAL_DIR}
+                 JOURNAL_DIR, VERIFIED_DIR}
 
 
 def _check_store_path(store: str, exists: bool = False) -> None:
@@ -242,13 +250,20 @@ def _completed_earlier(store: str, kind: str, parent: int, key: str) -> Manifest
 
 
 def _encode_and_run(p, docs, config: BuildConfig, fitted, journal: RunJournal, generation: int,
-                    stats: dict | None) -> None:
-    """Encode, index and record the new documents' shards; run the pipeline and report."""
+                    vocab_size: int, stats: dict | None, train: bool = False) -> None:
+    """Encode, index and record the new documents' shards; run the pipeline and report.
+
+    With ``train``, ``fitted`` holds the transform only and the index quantizer is trained on
+    keys sampled from the encoded shards before their lists are filled.
+    """
     store = journal.store
+    shards = docs | "EncodeShards" >> EncodeShards(config, store, fitted)
+    if train:
+        fitted = shards | "TrainIndex" >> TrainIndex(config, store, fitted)
     _ = (
-        docs
-        | "EncodeShards" >> EncodeShards(config, store, fitted)
-        | "FillShardIndex" >> FillShardIndex(store, generation, fitted)
+        shards
+        | "FillShardIndex" >> FillShardIndex(store, generation, fitted, vocab_size,
+                                             config.keep_keys)
         | "Record" >> RecordResult(journal, fitted)
     )
     _report(store, generation, _run(p), stats)
@@ -256,7 +271,8 @@ def _encode_and_run(p, docs, config: BuildConfig, fitted, journal: RunJournal, g
 
 def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
                 beam_args: Sequence[str] | None = None, stats: dict | None = None) -> Manifest:
-    """Build a new store from a corpus: sample, fit, encode, index, commit generation 1.
+    """Build a new store from a corpus: sample states and fit the transform, encode shards,
+    train the index quantizer on their keys, fill each shard's lists, commit generation 1.
 
     A rerun after a crash completes the build: shards (and the fitted transform) that the
     crashed run wrote and checksummed are reused (pipelines.journal). ``stats``, when given,
@@ -282,21 +298,18 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
         p = beam.Pipeline(options=pipeline_options(beam_args))
         docs = _read_documents(p, files, config, store, [s.shard_id for s in adopted.shards],
                                generation)
-        if adopted.transform is not None:
-            fitted = p | "FittedKeys" >> beam.Create(
-                [fitted_from_specs(store, adopted.transform, adopted.index)])
-        else:
-            num_keys = (
-                docs
-                | "KeysPerDoc" >> beam.Map(lambda d: len(d) - 1)
-                | "TotalKeys" >> beam.CombineGlobally(sum)
-            )
+        train = adopted.transform is None
+        if train:
             fitted = (
                 docs
                 | "SampleStates" >> SampleStates(config)
-                | "FitTransform" >> FitTransform(config, store, num_keys)
+                | "FitTransform" >> FitTransform(config, store)
             )
-        _encode_and_run(p, docs, config, fitted, journal, generation, stats)
+        else:
+            fitted = p | "FittedKeys" >> beam.Create(
+                [fitted_from_specs(store, adopted.transform, adopted.index)])
+        _encode_and_run(p, docs, config, fitted, journal, generation, model.vocab_size, stats,
+                        train)
         result = journal.read_result()
         shards = tuple(adopted.shards) + result.shards
         if not shards:
@@ -326,9 +339,8 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     config = dataclasses.replace(
         config or BuildConfig(model=current.model.name),
         dim=current.dim, value_len=current.value_len, index_kind=current.index.kind,
-        nlist=current.index.nlist, nprobe=current.index.nprobe,
-        **({"pq_m": current.index.pq_m, "pq_nbits": current.index.pq_nbits}
-           if current.index.kind == "ivf_pq" else {}),
+        nlist=current.index.nlist, nprobe=current.index.nprobe, pq_m=current.index.pq_m,
+        **({"pq_nbits": current.index.pq_nbits} if current.index.kind == "ivf_pq" else {}),
     )
     _check_device(config, beam_args)
     model = describe_model(config)
@@ -349,7 +361,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
         p = beam.Pipeline(options=pipeline_options(beam_args))
         fitted = p | "FittedKeys" >> beam.Create([fitted_value])
         docs = _read_documents(p, files, config, store, known, generation)
-        _encode_and_run(p, docs, config, fitted, journal, generation, stats)
+        _encode_and_run(p, docs, config, fitted, journal, generation, model.vocab_size, stats)
         new = tuple(adopted.shards) + journal.read_result().shards
         if not new:
             log.info("no new shards: nothing published")

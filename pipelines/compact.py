@@ -1,7 +1,10 @@
 """Compaction: merge consecutive small shards into larger ones, as a new generation.
 
-Merged shards are new, immutable shards (token streams concatenated, key positions rebased);
-the shards they replace stay on disk for readers of older generations.
+Merged shards are new, immutable shards: token streams concatenated, document starts rebased,
+and the inverted lists merged list by list on disk (ids rebased by the same offset, which moves
+only their position bits, each list re-sorted by id), so compaction needs neither the model nor
+the float keys. The key archive is merged too when every merged shard kept one. The shards they
+replace stay on disk for readers of older generations.
 """
 
 from __future__ import annotations
@@ -9,14 +12,25 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 
-from pipelines.documents import WrittenShard
 from pipelines.faults import maybe_fail
 from pipelines.fit import load_fitted
-from pipelines.index import FillShardIndex
 from pipelines.journal import RunJournal
 from pipelines.publish import RecordResult
-from schemas import Manifest, ShardInfo
-from schemas.shard_io import ShardData, read_docs, read_keys, read_tokens, write_shard
+from schemas import Manifest, ShardInfo, StoreFormatError
+from schemas.lists import MAX_POSITION, ListsFile, write_lists
+from schemas.shard_io import (
+    INDEX_FILE,
+    KEYS_FILE,
+    ShardData,
+    read_counts,
+    read_docs,
+    read_keys,
+    read_tokens,
+    shard_info,
+    shard_path,
+    write_counts,
+    write_shard,
+)
 
 
 def plan_merges(shards: tuple[ShardInfo, ...], shard_tokens: int) -> list[list[ShardInfo]]:
@@ -33,44 +47,77 @@ def plan_merges(shards: tuple[ShardInfo, ...], shard_tokens: int) -> list[list[S
     return groups
 
 
-def merge_shards(shard_ids: list[str], store: str) -> WrittenShard:
-    tokens, doc_ids, sources, starts, lengths = [], [], [], [], []
-    vectors, pos, next_token = [], [], []
+def merge_shards(shards: list[ShardInfo], store: str, nlist: int, code_size: int,
+                 vocab_size: int, generation: int) -> ShardInfo:
+    tokens, doc_ids, sources, starts, lengths, offsets = [], [], [], [], [], []
     offset = 0
-    for sid in shard_ids:
-        t = np.asarray(read_tokens(store, sid, mmap=False))
-        docs = read_docs(store, sid)
-        v, p, n = read_keys(store, sid)
+    for s in shards:
+        t = np.asarray(read_tokens(store, s.shard_id, mmap=False))
+        docs = read_docs(store, s.shard_id)
         tokens.append(t)
         doc_ids += docs.column("doc_id").to_pylist()
         sources += docs.column("source").to_pylist()
         starts.append(docs.column("start").to_numpy() + offset)
         lengths.append(docs.column("length").to_numpy())
-        vectors.append(v)
-        pos.append(p + offset)
-        next_token.append(n)
+        offsets.append(offset)
         offset += len(t)
+    if offset >= MAX_POSITION:
+        raise StoreFormatError(f"a merged shard of {offset} tokens exceeds the {MAX_POSITION} "
+                               "positions an index id can address; lower --shard-tokens")
     data = ShardData(
         tokens=np.concatenate(tokens), doc_ids=doc_ids, sources=sources,
-        starts=np.concatenate(starts), lengths=np.concatenate(lengths),
-        vectors=np.concatenate(vectors), pos=np.concatenate(pos),
-        next_token=np.concatenate(next_token),
+        starts=np.concatenate(starts), lengths=np.concatenate(lengths), vectors=None,
     )
     shard_id = write_shard(store, data)
     maybe_fail("after_shard_write")
-    return WrittenShard(shard_id, len(doc_ids), len(data.tokens), len(data.pos))
+    del tokens, data
+
+    lists = [ListsFile(shard_path(store, s.shard_id, INDEX_FILE), nlist, code_size)
+             for s in shards]
+    sizes = np.sum([f.header.sizes for f in lists], axis=0)
+
+    def merged():
+        for i in range(nlist):
+            parts = [(f.list(i), off) for f, off in zip(lists, offsets) if f.header.sizes[i]]
+            if not parts:
+                yield np.zeros((0, code_size), np.uint8), np.zeros(0, np.int64)
+                continue
+            codes = np.concatenate([c for (c, _), _ in parts])
+            ids = np.concatenate([ids + off for (_, ids), off in parts])
+            order = np.argsort(ids, kind="stable")
+            yield codes[order], ids[order]
+
+    write_lists(shard_path(store, shard_id, INDEX_FILE), nlist, code_size, sizes, merged())
+    counts = np.zeros(vocab_size, np.int64)
+    for s in shards:
+        counts += read_counts(store, s.shard_id, vocab_size, s.num_keys)
+    write_counts(store, shard_id, counts)
+    if all(s.keys is not None for s in shards):  # every part kept its keys: so does the merge
+        first = read_keys(store, shards[0].shard_id)
+        out = np.lib.format.open_memmap(shard_path(store, shard_id, KEYS_FILE), "w+",
+                                        np.float16, (offset, first.shape[1]))
+        for s, off in zip(shards, offsets):
+            k = read_keys(store, s.shard_id)
+            out[off : off + len(k)] = k
+        out.flush()
+        del out
+    return shard_info(store, shard_id, len(doc_ids), offset, sum(s.num_keys for s in shards),
+                      generation)
 
 
 def run_compaction(p: beam.Pipeline, store: str, current: Manifest,
                    groups: list[list[ShardInfo]], journal: RunJournal) -> None:
     """Merge the groups of more than one shard; the merged shards go to the run's result."""
     generation = current.generation + 1
-    merges = [[s.shard_id for s in g] for g in groups if len(g) > 1]
+    merges = [g for g in groups if len(g) > 1]
     fitted = p | "FittedKeys" >> beam.Create([load_fitted(store, current)])
+    index = current.index
+    code_size = index.code_size or ListsFile(
+        shard_path(store, current.shards[0].shard_id, INDEX_FILE)).header.code_size
     _ = (
         p
         | "Groups" >> beam.Create(merges)
-        | "Merge" >> beam.Map(merge_shards, store)
-        | "FillShardIndex" >> FillShardIndex(store, generation, fitted)
+        | "Merge" >> beam.Map(merge_shards, store, index.nlist, code_size,
+                              current.model.vocab_size, generation)
         | "Record" >> RecordResult(journal, fitted)
     )

@@ -17,13 +17,21 @@ class BuildConfig:
                             "runs under bfloat16 autocast, float32 on CPU)")
     dim: int = option(64, "key dimension after PCA")
     value_len: int = option(20, "N, tokens per value (the runtime slices them from the stream)")
-    index_kind: str = option("ivf_flat", "faiss index kind", choices=INDEX_KINDS)
-    nlist: int = option(0, "IVF lists (0 = about 4*sqrt(keys), capped by the training sample)")
+    index_kind: str = option("ivf_pq", "faiss index kind: ivf_pq (compressed codes, the "
+                             "default) or ivf_flat (float32 keys in the index, ~10x larger)",
+                             choices=INDEX_KINDS)
+    nlist: int = option(0, "IVF lists (0 = about 4*sqrt(keys), capped by the training keys)")
     nprobe: int = option(16, "lists probed per query by default at decode time")
-    pq_m: int = option(16, "PQ sub-quantizers (ivf_pq only; must divide dim)")
+    pq_m: int = option(0, "PQ sub-quantizers, one byte each (ivf_pq only; must divide dim; "
+                          "0 = dim/4, 16 for d=64)")
     pq_nbits: int = option(8, "bits per PQ code (ivf_pq only)")
-    sample_size: int = option(16384, "hidden states sampled to fit the transform and the IVF "
-                             "(the paper used about 1M)")
+    sample_size: int = option(16384, "hidden states sampled (and encoded) to fit the transform")
+    train_size: int = option(0, "stored keys sampled to train the index quantizer (0 = about "
+                                "39 per list, at least 65536, at most ~4M, never more than the "
+                                "store holds; the paper used about 1M)")
+    keep_keys: bool = option(False, "keep the float16 keys (keys.npy, 128 bytes/token at d=64) "
+                                    "as an archive beside the index, to re-index without the "
+                                    "model; the runtime never reads them")
     batch_tokens: int = option(8192, "token budget of one forward batch, padding included")
     max_len: int = option(2048, "longest window of one forward pass; longer documents are split")
     shard_tokens: int = option(1_000_000, "tokens per shard before a new one is started")
@@ -45,14 +53,14 @@ class BuildConfig:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.value_len < 2:
             raise ValueError("value_len must be at least 2")
-        if self.nlist < 0:
-            raise ValueError("nlist must be 0 (auto) or positive")
+        if self.nlist < 0 or self.train_size < 0 or self.pq_m < 0:
+            raise ValueError("nlist, train_size and pq_m must be 0 (auto) or positive")
         if self.batch_tokens < self.max_len:
             raise ValueError(
                 f"batch_tokens ({self.batch_tokens}) must hold one window of max_len ({self.max_len})"
             )
         if self.index_kind == "ivf_pq":
-            if self.pq_m < 1 or self.dim % self.pq_m:
+            if self.pq_m and self.dim % self.pq_m:
                 raise ValueError(f"pq_m ({self.pq_m}) must divide dim ({self.dim})")
             if not 1 <= self.pq_nbits <= 16:
                 raise ValueError("pq_nbits must be between 1 and 16")

@@ -3,8 +3,8 @@
 The model loads once per worker (``setup``). Documents are buffered until they hold
 ``shard_tokens`` tokens (or the bundle ends), then encoded longest-window-first under the token
 budget and written as one shard. A key exists for every position t with t + 1 < length: its
-vector is transform(h_t) in float16, ``pos`` its offset in the shard's token stream, and
-``next_token`` the token at pos + 1.
+vector is transform(h_t) in float16, staged in ``keys.npy`` (row t) until the fill step encodes
+it into the shard's inverted lists, filed under the token at t + 1.
 
 Every worker reports its timings as Beam metrics (see ``EncodeTiming``), so a launcher on any
 runner can tell the encode throughput without the model load, tokenization or the other stages.
@@ -42,7 +42,7 @@ class EncodeTiming:
     """The encode stage of one pipeline run, from its metrics.
 
     ``stage_s`` runs from the first document any encoder received to the last shard written
-    (forward, projection, buffering and the Arrow/Lance writes; not the model load, which
+    (forward, projection, buffering and the Arrow and key writes; not the model load, which
     ``setup_s`` sums over workers, nor tokenization, sampling, fitting or index filling).
     ``cpu_s`` is the CPU time of the encoders' processes over the same span, every thread
     counted (torch's and Beam's): on a shared machine it is steadier than wall time, and it
@@ -81,24 +81,22 @@ class EncodeTiming:
 
 
 def shard_keys(docs: list[TokenizedDoc], states: np.ndarray):
-    """(ShardData fields) for documents laid back to back with per-token key vectors."""
+    """ShardData for documents laid back to back with per-token key vectors (one row per
+    position; a document's last position has no key and its row is never indexed)."""
     from schemas.shard_io import ShardData
 
     lengths = np.array([len(d) for d in docs], np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     tokens = np.concatenate([d.tokens for d in docs]).astype(np.int32)
-    has_next = np.ones(len(tokens), bool)
-    has_next[starts + lengths - 1] = False  # a document's last token predicts nothing stored
-    pos = np.flatnonzero(has_next).astype(np.int64)
+    if len(states) != len(tokens):
+        raise ValueError(f"{len(states)} states for {len(tokens)} tokens")
     return ShardData(
         tokens=tokens,
         doc_ids=[d.doc_id for d in docs],
         sources=[d.source for d in docs],
         starts=starts,
         lengths=lengths.astype(np.int32),
-        vectors=states[pos],
-        pos=pos,
-        next_token=tokens[pos + 1],
+        vectors=states,
     )
 
 
@@ -112,8 +110,6 @@ class EncodeShardsFn(beam.DoFn):
 
         start = time.perf_counter()
         self.model = HiddenStateModel(self.config.model, self.config.device, self.config.dtype)
-        import lancedb  # noqa: F401 - once per worker (~2 s), not inside the first shard write
-
         # Metrics reported in setup are lost; the first bundle reports this one.
         self.setup_ms = int((time.perf_counter() - start) * 1000)
 
@@ -163,7 +159,7 @@ class EncodeShardsFn(beam.DoFn):
         cpu, self.cpu_mark = self.cpu_mark, time.process_time()
         Metrics.distribution(NAMESPACE, ENCODE_CPU_MS).update(int((self.cpu_mark - cpu) * 1000))
         return WrittenShard(shard_id=shard_id, num_docs=len(docs), num_tokens=len(data.tokens),
-                            num_keys=len(data.pos))
+                            num_keys=len(data.tokens) - len(docs))
 
 
 class EncodeShards(beam.PTransform):

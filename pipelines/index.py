@@ -1,25 +1,56 @@
-"""The faiss IVF index: a quantizer trained once on a sample, and one filled copy per shard.
+"""The faiss index: a quantizer trained once on stored keys, and one set of inverted lists per
+shard.
 
-Keys are unit-norm, so the index uses inner product (= cosine). Every shard's ``ivf.faiss`` is
-the trained, empty quantizer filled with that shard's keys, ids = row numbers of its keys table;
-an update fills the same quantizer, so shards of every generation are searched alike.
+The quantizer is ``IVF<nlist>_HNSW32,PQ<m>x<nbits>`` with inner product (keys are unit-norm, so
+that is cosine): an HNSW graph over the list centroids assigns a key or a query in a time that
+barely grows with ``nlist``, and each key is stored as an ``m``-byte PQ code of its residual. It is
+trained once, after the first build's shards are encoded, on keys sampled from them (no extra
+forward passes), and written to ``index/`` as a trained, empty index. Every shard's ``ivf.lists``
+holds only that shard's inverted lists (codes + packed ids, schemas.lists), filled with this
+quantizer; an update fills the same one, so shards of every generation are searched alike and
+the quantizer is stored and loaded once, not once per shard.
+
+Sizes grow with the store: about 4 sqrt(N) lists (``auto_nlist``), trained on ``POINTS_PER_LIST``
+keys per list (``auto_train_size``). Past ``TWO_LEVEL_FROM`` lists the centroids come from a
+two-level k-means (sqrt(nlist) coarse clusters, then each split in proportion to its points),
+whose cost grows as nlist^1.5 instead of nlist^2.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from pathlib import Path
 
 import apache_beam as beam
 import faiss
 import numpy as np
 
 from pipelines.documents import WrittenShard
-from schemas.shard_io import INDEX_FILE, read_keys, shard_info, shard_relpath
+from schemas import StoreFormatError
+from schemas.lists import ListsFile, check_vocab, pack_ids
+from schemas.shard_io import (
+    INDEX_FILE,
+    KEYS_FILE,
+    key_positions,
+    read_docs,
+    read_keys,
+    read_tokens,
+    shard_info,
+    shard_path,
+    write_counts,
+)
 
-# faiss wants about 39 training points per centroid; fewer gives poor lists and a warning.
+log = logging.getLogger(__name__)
+
+# k-means wants about 39 training points per centroid; fewer gives poor lists and a warning.
 POINTS_PER_LIST = 39
+MIN_TRAIN = 65_536  # keys sampled for training even when few lists would need fewer
+MAX_TRAIN = 4 * 2**20  # ~4.2M keys: enough for ~107k lists (N ~ 700M); training stays minutes
+PQ_TRAIN = 131_072  # points the PQ codebooks are trained on (256 codes x 512)
+TWO_LEVEL_FROM = 1024  # lists from which the centroids come from a two-level k-means
+HNSW_M = 32
+ADD_CHUNK = 65_536
 
 
 def auto_nlist(num_keys: int, train_size: int) -> int:
@@ -28,16 +59,72 @@ def auto_nlist(num_keys: int, train_size: int) -> int:
     return max(1, min(want, train_size // POINTS_PER_LIST))
 
 
+def auto_train_size(num_keys: int) -> int:
+    """Keys to train on: enough for ``auto_nlist``'s lists, all keys of a small store."""
+    want = POINTS_PER_LIST * max(1, int(4 * math.sqrt(max(num_keys, 1))))
+    return int(min(num_keys, min(MAX_TRAIN, max(MIN_TRAIN, want))))
+
+
+def auto_pq_m(dim: int) -> int:
+    """4 dimensions per PQ sub-quantizer: 16 one-byte codes for d = 64."""
+    per = next(p for p in (4, 2, 1) if dim % p == 0)
+    return dim // per
+
+
 def factory_string(kind: str, nlist: int, pq_m: int, pq_nbits: int) -> str:
+    coarse = f"IVF{nlist}_HNSW{HNSW_M}"
     if kind == "ivf_flat":
-        return f"IVF{nlist},Flat"
+        return f"{coarse},Flat"
     if kind == "ivf_pq":
-        return f"IVF{nlist},PQ{pq_m}x{pq_nbits}"
+        return f"{coarse},PQ{pq_m}x{pq_nbits}"
     raise ValueError(f"unknown index kind {kind!r}")
+
+
+def two_level_centroids(x: np.ndarray, nlist: int, seed: int, niter: int = 20) -> np.ndarray:
+    """nlist spherical k-means centroids: sqrt(nlist) coarse clusters, each split into a number
+    of centroids proportional to its points."""
+    d = x.shape[1]
+    nc1 = max(1, int(round(math.sqrt(nlist))))
+    km = faiss.Kmeans(d, nc1, niter=niter, seed=seed, spherical=True,
+                      max_points_per_centroid=1024)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    assign = assign[:, 0]
+    counts = np.bincount(assign, minlength=nc1)
+    # centroids per coarse cluster, proportional to its points, at least 1 where it has points
+    share = np.floor(counts / counts.sum() * nlist).astype(np.int64)
+    share = np.minimum(np.maximum(share, (counts > 0).astype(np.int64)), counts)
+    short = nlist - share.sum()
+    room = counts - share
+    for c in np.argsort(-(counts / counts.sum() * nlist - share)):
+        if short <= 0:
+            break
+        add = min(short, room[c])
+        share[c] += add
+        short -= add
+    order = np.argsort(assign, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    out = []
+    for c in range(nc1):
+        if share[c] == 0:
+            continue
+        sub = x[order[bounds[c] : bounds[c + 1]]]
+        if share[c] >= len(sub):
+            out.append(sub[: share[c]])
+            continue
+        k2 = faiss.Kmeans(d, int(share[c]), niter=niter, seed=seed + c + 1, spherical=True,
+                          max_points_per_centroid=256)
+        k2.train(np.ascontiguousarray(sub))
+        out.append(k2.centroids)
+    centroids = np.ascontiguousarray(np.concatenate(out), np.float32)
+    if len(centroids) != nlist:
+        raise RuntimeError(f"two-level k-means made {len(centroids)} centroids, not {nlist}")
+    return centroids
 
 
 def train_quantizer(vectors: np.ndarray, kind: str, nlist: int, pq_m: int, pq_nbits: int,
                     nprobe: int, seed: int = 0) -> faiss.Index:
+    """A trained, empty index over unit keys ``vectors`` [n, d]."""
     x = np.ascontiguousarray(vectors, np.float32)
     if len(x) < nlist:
         raise ValueError(f"cannot train {nlist} IVF lists on {len(x)} sampled keys")
@@ -46,10 +133,24 @@ def train_quantizer(vectors: np.ndarray, kind: str, nlist: int, pq_m: int, pq_nb
                          "lower pq_nbits or raise sample_size")
     index = faiss.index_factory(x.shape[1], factory_string(kind, nlist, pq_m, pq_nbits),
                                 faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.seed = seed
     ivf.nprobe = nprobe
-    index.train(x)
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # Polysemous training arranges codes for Hamming-distance filtering, which inner-product
+        # search never uses; it was 90% of the training time (25 s of 27 at 1,788 lists).
+        ivf.do_polysemous_training = False
+    rng = np.random.default_rng(seed)
+    if nlist >= TWO_LEVEL_FROM:
+        centroids = two_level_centroids(x, nlist, seed)
+        ivf.quantizer.add(centroids)
+        ivf.quantizer.is_trained = True
+    # With the centroids in place, train() only trains the codec (on a subsample).
+    sub = x if len(x) <= PQ_TRAIN else x[np.sort(rng.choice(len(x), PQ_TRAIN, replace=False))]
+    if ivf.quantizer.ntotal == nlist:
+        index.train(sub)
+    else:
+        index.train(x)
     return index
 
 
@@ -67,40 +168,108 @@ def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def fill_shard_index(store: str, shard_id: str, quantizer: bytes) -> int:
-    """Write the shard's ivf.faiss from its keys table; returns the number of keys added."""
-    vectors, _, _ = read_keys(store, shard_id)
+def code_size(index: faiss.Index) -> int:
+    return int(faiss.extract_index_ivf(index).code_size)
+
+
+def fill_lists(quantizer: faiss.Index, vectors: np.ndarray, tokens: np.ndarray,
+               positions: np.ndarray, path: str | os.PathLike) -> int:
+    """Write ``path`` (ivf.lists): the keys ``vectors[positions]`` encoded by ``quantizer``,
+    ids packed from (tokens[position + 1], position), every list in ascending id order."""
+    index = quantizer  # trained and empty, filled here
+    ids = pack_ids(tokens[positions + 1], positions)
+    order = np.argsort(ids, kind="stable")  # added in id order, so each list ends up sorted
+    for start in range(0, len(order), ADD_CHUNK):
+        rows = order[start : start + ADD_CHUNK]
+        x = np.ascontiguousarray(vectors[positions[rows]], np.float32)
+        index.add_with_ids(x, ids[rows])
+    ivf = faiss.extract_index_ivf(index)
+    tmp = f"{path}.part"
+    writer = faiss.FileIOWriter(tmp)
+    faiss.write_InvertedLists(ivf.invlists, writer)
+    del writer
+    os.replace(tmp, path)
+    return int(index.ntotal)
+
+
+def fill_shard_index(store: str, shard_id: str, quantizer: bytes, vocab_size: int,
+                     keep_keys: bool = False) -> int:
+    """Write the shard's ivf.lists and counts.npy from its staged keys; drop the keys unless
+    ``keep_keys``. Returns the number of keys added."""
+    vectors = read_keys(store, shard_id)
+    tokens = read_tokens(store, shard_id)
+    docs = read_docs(store, shard_id)
+    check_vocab(vocab_size)
+    if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise StoreFormatError(f"shard {shard_id}: token ids outside the vocabulary of "
+                               f"{vocab_size}")
+    positions = key_positions(docs.column("start").to_numpy(), docs.column("length").to_numpy(),
+                              len(tokens))
     index = index_from_bytes(quantizer)
-    if len(vectors):
-        index.add_with_ids(np.ascontiguousarray(vectors, np.float32),
-                           np.arange(len(vectors), dtype=np.int64))
-    write_index(index, Path(store) / shard_relpath(shard_id) / INDEX_FILE)
-    return index.ntotal
+    path = shard_path(store, shard_id, INDEX_FILE)
+    added = fill_lists(index, vectors, tokens, positions, path)
+    lists = ListsFile(path, faiss.extract_index_ivf(index).nlist, code_size(index))
+    if lists.header.num_entries != len(positions):
+        raise StoreFormatError(f"{path}: {lists.header.num_entries} entries written for "
+                               f"{len(positions)} keys")
+    lists.check_ids(len(tokens), vocab_size)
+    write_counts(store, shard_id, np.bincount(tokens[positions + 1], minlength=vocab_size))
+    del vectors
+    if not keep_keys:
+        shard_path(store, shard_id, KEYS_FILE).unlink()
+    return added
+
+
+def sample_keys(store: str, shards: list[WrittenShard], size: int, seed: int) -> np.ndarray:
+    """About ``size`` keys drawn uniformly from the shards' staged keys (float32 [n, d])."""
+    shards = sorted(shards, key=lambda s: s.shard_id)  # the same draw on every runner
+    total = sum(s.num_keys for s in shards)
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in shards:
+        want = min(s.num_keys, int(round(size * s.num_keys / max(total, 1))))
+        if want == 0:
+            continue
+        tokens = read_tokens(store, s.shard_id)
+        docs = read_docs(store, s.shard_id)
+        pos = key_positions(docs.column("start").to_numpy(), docs.column("length").to_numpy(),
+                            len(tokens))
+        rows = np.sort(rng.choice(pos, want, replace=False))
+        out.append(np.asarray(read_keys(store, s.shard_id)[rows], np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 class FillShardIndexFn(beam.DoFn):
-    def __init__(self, store: str, generation: int):
+    def __init__(self, store: str, generation: int, vocab_size: int, keep_keys: bool = False):
         self.store = store
         self.generation = generation
+        self.vocab_size = vocab_size
+        self.keep_keys = keep_keys
 
     def process(self, shard: WrittenShard, fitted):
-        added = fill_shard_index(self.store, shard.shard_id, fitted.quantizer)
+        added = fill_shard_index(self.store, shard.shard_id, fitted.quantizer, self.vocab_size,
+                                 self.keep_keys)
         if added != shard.num_keys:
             raise RuntimeError(f"shard {shard.shard_id}: index holds {added} keys, "
-                               f"the keys table {shard.num_keys}")
+                               f"the shard {shard.num_keys}")
         yield shard_info(self.store, shard.shard_id, shard.num_docs, shard.num_tokens,
                          shard.num_keys, self.generation)
 
 
 class FillShardIndex(beam.PTransform):
-    """WrittenShards -> ShardInfos, after writing each shard's filled ivf.faiss."""
+    """WrittenShards -> ShardInfos, after writing each shard's ivf.lists and counts."""
 
-    def __init__(self, store: str, generation: int, fitted):
+    def __init__(self, store: str, generation: int, fitted, vocab_size: int,
+                 keep_keys: bool = False):
         super().__init__()
         self.store = str(store)
         self.generation = generation
-        self.fitted = fitted  # singleton PCollection of FittedKeys
+        self.fitted = fitted  # singleton PCollection of FittedKeys, quantizer trained
+        self.vocab_size = vocab_size
+        self.keep_keys = keep_keys
 
     def expand(self, shards):
         return shards | "FillIndex" >> beam.ParDo(
-            FillShardIndexFn(self.store, self.generation), beam.pvalue.AsSingleton(self.fitted))
+            FillShardIndexFn(self.store, self.generation, self.vocab_size, self.keep_keys),
+            beam.pvalue.AsSingleton(self.fitted))
+

@@ -6,22 +6,26 @@ A store is one directory::
       CURRENT                     name of the live manifest, replaced atomically
       manifests/gen-000001.json   one file per generation, never rewritten
       transform/<name>.npz        fitted z-score + PCA transform (mean, std, components)
-      index/<name>.faiss          trained, empty faiss IVF index (the quantizer)
+      index/<name>.faiss          trained, empty faiss IVF index (HNSW coarse quantizer + codec)
+      verified/                   records of `dresd verify` (checksums already checked)
       shards/<shard_id>/
-        tokens.arrow              token stream, Arrow IPC file, one int32 column, memory-mappable
+        tokens.arrow              token stream, Arrow IPC file, one int32 column, memory-mapped
         docs.arrow                one row per document: content hash, source, start, length
-        keys.lance/               LanceDB table: reduced key vector, position, first next token
-        ivf.faiss                 the quantizer filled with this shard's keys (ids = key rows)
+        ivf.lists                 the shard's inverted lists: compressed key codes + packed ids
+                                  (next_token << 40 | position), ascending ids per list
+        keys.npy                  optional archive (--keep-keys): float16 keys, one row per
+                                  position; the runtime never opens it
 
-Shards are immutable once a manifest names them; an update or a compaction adds shards and a new
-manifest generation, so a reader holding an older generation keeps working.
+Serving set (what the runtime maps): tokens.arrow + ivf.lists + docs.arrow per shard, plus the
+transform and the quantizer once. Shards are immutable once a manifest names them; an update or
+a compaction adds shards and a new manifest generation, so a reader holding an older generation
+keeps working. Format 2; format-1 stores are refused with the command that converts them.
 """
 
 from schemas.arrow import (
     DEAD_LETTER_SCHEMA,
     DOCS_SCHEMA,
     TOKENS_SCHEMA,
-    keys_schema,
 )
 from schemas.manifest import (
     FORMAT_VERSION,
@@ -51,7 +55,6 @@ __all__ = [
     "StoreFormatError",
     "TransformSpec",
     "file_digest",
-    "keys_schema",
     "list_generations",
     "read_manifest",
     "write_manifest",

@@ -2,7 +2,8 @@
 
 Values are never stored as copied token lists: the value of the key at position ``pos`` is read
 from the shard's token stream as ``tokens[pos + 1 : pos + 1 + N]``, clipped to the document's end
-and padded with EOS. A key costs its vector plus two integers; a token costs four bytes once.
+and padded with EOS. A token costs four bytes once; a key costs one entry of the shard's inverted
+lists (a compressed code and an id that packs its next token and position, see schemas.lists).
 """
 
 import pyarrow as pa
@@ -28,21 +29,3 @@ DEAD_LETTER_SCHEMA = pa.schema(
         pa.field("excerpt", pa.string(), nullable=True),
     ]
 )
-
-KEY_VECTOR_TYPE = pa.float16()
-
-
-def keys_schema(dim: int) -> pa.Schema:
-    """keys.lance: one row per corpus position that has a next token.
-
-    ``vector`` is the transformed (z-score, PCA, L2-normalised) final hidden state h_pos,
-    stored as float16; ``pos`` is the position in the shard's token stream; ``next_token`` is
-    tokens[pos + 1], the token the model predicts from h_pos, used to filter inside the search.
-    """
-    return pa.schema(
-        [
-            pa.field("vector", pa.list_(KEY_VECTOR_TYPE, dim), nullable=False),
-            pa.field("pos", pa.int64(), nullable=False),
-            pa.field("next_token", pa.int32(), nullable=False),
-        ]
-    )

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import jsonschema
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# What an older store gets told. Format 1 (float16 keys in keys.lance, an IVF index per shard,
+# everything loaded into RAM) cannot be opened by this code; its manifest names the model.
+UPGRADE_HINT = ("rebuild it from its corpus with `dresd build NEW_STORE CORPUS...` (same "
+                "model and options)")
 CURRENT_FILE = "CURRENT"
 MANIFEST_DIR = "manifests"
 _SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
@@ -62,8 +66,11 @@ class IndexSpec:
     nprobe: int  # default at query time
     pq_m: int  # sub-quantizers (ivf_pq only; 0 otherwise)
     pq_nbits: int
-    train_size: int
-    quantizer: FileRef  # trained, empty index; every shard's ivf.faiss is a filled copy
+    train_size: int  # keys the quantizer was trained on
+    quantizer: FileRef  # trained, empty faiss index; shards hold only its inverted lists
+    factory: str = ""  # faiss index_factory string of the quantizer, for the record
+    code_size: int = 0  # bytes per key code in the inverted lists
+    id_token_shift: int = 40  # index ids are (next_token << shift) | position (schemas.lists)
 
 
 @dataclass(frozen=True)
@@ -72,11 +79,17 @@ class ShardInfo:
     num_docs: int
     num_tokens: int
     num_keys: int
-    tokens: FileRef
-    docs: FileRef
-    keys: FileRef
-    index: FileRef
+    tokens: FileRef  # token stream (serving)
+    docs: FileRef  # document table (serving)
+    index: FileRef  # inverted lists of the shard's keys (serving)
+    counts: FileRef  # keys per next token, int32 [vocab] (serving)
     generation_added: int
+    keys: FileRef | None = None  # float16 key archive, never opened by the runtime
+
+    def files(self) -> tuple[FileRef, ...]:
+        """Every file of the shard the manifest names (the archive last, when kept)."""
+        return (self.tokens, self.docs, self.index, self.counts) + (
+            (self.keys,) if self.keys else ())
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,28 @@ class Manifest:
     def num_docs(self) -> int:
         return sum(s.num_docs for s in self.shards)
 
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes on disk by part. The serving set is what the runtime maps or reads: values
+        (token streams), index (inverted lists: codes + ids), docs (document tables and next-token
+        counts) and shared
+        (transform + quantizer, once per store); the archive (float16 keys) it never opens."""
+        sh = self.shards
+        parts = {
+            "values": sum(s.tokens.bytes for s in sh),
+            "index": sum(s.index.bytes for s in sh),
+            "docs": sum(s.docs.bytes + s.counts.bytes for s in sh),
+            "shared": self.transform.file.bytes + self.index.quantizer.bytes,
+        }
+        parts["serving"] = sum(parts.values())
+        parts["archive"] = sum(s.keys.bytes for s in sh if s.keys)
+        parts["total"] = parts["serving"] + parts["archive"]
+        return parts
+
+    def files(self) -> tuple[FileRef, ...]:
+        """Every file this generation names: transform, quantizer, then the shards' files."""
+        return (self.transform.file, self.index.quantizer) + tuple(
+            f for s in self.shards for f in s.files())
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dim"] = self.dim
@@ -137,8 +172,9 @@ class Manifest:
                         **s,
                         "tokens": ref(s["tokens"]),
                         "docs": ref(s["docs"]),
-                        "keys": ref(s["keys"]),
+                        "keys": ref(s["keys"]) if s.get("keys") else None,
                         "index": ref(s["index"]),
+                        "counts": ref(s["counts"]),
                     }
                 )
                 for s in d["shards"]
@@ -154,6 +190,10 @@ def validate_manifest_dict(d: dict) -> None:
     if not isinstance(d, dict):
         raise StoreFormatError("manifest is not a JSON object")
     version = d.get("format_version")
+    if isinstance(version, int) and 0 < version < FORMAT_VERSION:
+        raise StoreFormatError(
+            f"store format {version} is no longer supported (this dresd reads format "
+            f"{FORMAT_VERSION}): {UPGRADE_HINT}")
     if version != FORMAT_VERSION:
         raise StoreFormatError(
             f"store format version {version!r} is not supported (this dresd reads {FORMAT_VERSION})"

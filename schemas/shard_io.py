@@ -16,15 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from schemas.arrow import DOCS_SCHEMA, TOKENS_SCHEMA, keys_schema
+from schemas.arrow import DOCS_SCHEMA, TOKENS_SCHEMA
 from schemas.manifest import FileRef, ShardInfo, StoreFormatError, make_file_ref
 
 SHARDS_DIR = "shards"
 TOKENS_FILE = "tokens.arrow"
 DOCS_FILE = "docs.arrow"
-KEYS_DIR = "keys.lance"
-KEYS_TABLE = "keys"
-INDEX_FILE = "ivf.faiss"
+KEYS_FILE = "keys.npy"  # float16 [T, d], row t = key of position t (staging, then archive)
+INDEX_FILE = "ivf.lists"  # the shard's inverted lists (schemas.lists)
+COUNTS_FILE = "counts.npy"  # int32 [vocab]: keys per next token (how many a search can find)
 
 
 def new_shard_id(prefix: str = "s") -> str:
@@ -44,9 +44,16 @@ class ShardData:
     sources: list[str]
     starts: np.ndarray  # int64 [D]
     lengths: np.ndarray  # int32 [D]
-    vectors: np.ndarray  # float16 [K, d]
-    pos: np.ndarray  # int64 [K]
-    next_token: np.ndarray  # int32 [K]
+    vectors: np.ndarray | None  # [T, d] key of every position (a document's last: unused)
+
+
+def key_positions(starts: np.ndarray, lengths: np.ndarray, num_tokens: int) -> np.ndarray:
+    """Positions that have a key: every token but each document's last (it predicts nothing
+    stored)."""
+    has_next = np.ones(num_tokens, bool)
+    ends = np.asarray(starts, np.int64) + np.asarray(lengths, np.int64)
+    has_next[ends[ends > 0] - 1] = False
+    return np.flatnonzero(has_next).astype(np.int64)
 
 
 def _write_ipc(path: Path, table: pa.Table) -> None:
@@ -56,7 +63,8 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
 
 
 def write_shard(store: str | os.PathLike, data: ShardData, shard_id: str | None = None) -> str:
-    """Write tokens, docs and keys of one shard; returns the shard id. The index is separate."""
+    """Write tokens, docs and (when given) keys of one shard; returns the shard id. The index
+    is written later, by the builder's fill step, which also drops the keys unless kept."""
     shard_id = shard_id or new_shard_id()
     final = Path(store) / shard_relpath(shard_id)
     if final.exists():
@@ -80,19 +88,12 @@ def write_shard(store: str | os.PathLike, data: ShardData, shard_id: str | None 
                 schema=DOCS_SCHEMA,
             ),
         )
-        vectors = np.ascontiguousarray(data.vectors, dtype=np.float16)
-        dim = vectors.shape[1]
-        import lancedb
-
-        keys = pa.table(
-            {
-                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
-                "pos": pa.array(np.asarray(data.pos, np.int64)),
-                "next_token": pa.array(np.asarray(data.next_token, np.int32)),
-            },
-            schema=keys_schema(dim),
-        )
-        lancedb.connect(str(tmp)).create_table(KEYS_TABLE, keys)
+        if data.vectors is not None:
+            vectors = np.asarray(data.vectors)
+            if vectors.ndim != 2 or len(vectors) != len(data.tokens):
+                raise ValueError(f"{vectors.shape} key vectors for {len(data.tokens)} tokens: "
+                                 "one row per position is expected")
+            np.save(tmp / KEYS_FILE, vectors.astype(np.float16, copy=False))
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,30 +120,60 @@ def read_docs(store: str | os.PathLike, shard_id: str) -> pa.Table:
     return ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
-def read_keys(store: str | os.PathLike, shard_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(vectors float16 [K, d], pos int64 [K], next_token int32 [K]) of a shard."""
-    import lancedb
+def shard_path(store: str | os.PathLike, shard_id: str, name: str) -> Path:
+    return Path(store) / shard_relpath(shard_id) / name
 
-    table = lancedb.connect(str(Path(store) / shard_relpath(shard_id))).open_table(KEYS_TABLE)
-    t = table.to_arrow()
-    vec = t.column("vector").combine_chunks()
-    dim = vec.type.list_size
-    vectors = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    pos = t.column("pos").to_numpy()
-    nxt = t.column("next_token").to_numpy()
-    return vectors, pos, nxt
+
+def read_keys(store: str | os.PathLike, shard_id: str) -> np.ndarray:
+    """The float16 keys [T, d] of a shard (row t: position t), memory-mapped. Only the builder
+    reads them (index training and filling, conversion); the runtime never does."""
+    path = shard_path(store, shard_id, KEYS_FILE)
+    if not path.exists():
+        raise StoreFormatError(f"{path} does not exist: the shard's keys were not kept "
+                               "(build with --keep-keys to keep them)")
+    keys = np.load(path, mmap_mode="r")
+    if keys.ndim != 2 or keys.dtype != np.float16:
+        raise StoreFormatError(f"{path}: {keys.dtype} {keys.shape}, not float16 [tokens, d]")
+    return keys
+
+
+def write_counts(store: str | os.PathLike, shard_id: str, counts: np.ndarray) -> None:
+    path = shard_path(store, shard_id, COUNTS_FILE)
+    tmp = path.with_name(f".{COUNTS_FILE}.part")
+    with open(tmp, "wb") as f:
+        np.save(f, np.asarray(counts, np.int32))
+    os.replace(tmp, path)
+
+
+def read_counts(store: str | os.PathLike, shard_id: str, vocab_size: int,
+                num_keys: int | None = None) -> np.ndarray:
+    """Keys per next token [vocab_size], memory-mapped, with its shape and (when ``num_keys``
+    is given) its total checked."""
+    path = shard_path(store, shard_id, COUNTS_FILE)
+    try:
+        counts = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise StoreFormatError(f"{path} is not a counts array: {e}") from None
+    if counts.dtype != np.int32 or counts.shape != (vocab_size,):
+        raise StoreFormatError(f"{path}: {counts.dtype} {counts.shape}, not int32 "
+                               f"[{vocab_size}]")
+    if num_keys is not None and (int(counts.sum(dtype=np.int64)) != num_keys
+                                 or int(counts.min()) < 0):
+        raise StoreFormatError(f"{path}: counts do not add up to the shard's {num_keys} keys")
+    return counts
 
 
 def shard_info(
     store: str | os.PathLike, shard_id: str, num_docs: int, num_tokens: int, num_keys: int,
     generation_added: int,
 ) -> ShardInfo:
-    """Checksum a complete shard (tokens, docs, keys and index) for the manifest."""
+    """Checksum a complete shard (tokens, docs, index, counts, the key archive if kept)."""
     rel = shard_relpath(shard_id)
 
     def ref(name: str) -> FileRef:
         return make_file_ref(store, f"{rel}/{name}")
 
+    kept = shard_path(store, shard_id, KEYS_FILE).exists()
     return ShardInfo(
         shard_id=shard_id,
         num_docs=num_docs,
@@ -150,7 +181,8 @@ def shard_info(
         num_keys=num_keys,
         tokens=ref(TOKENS_FILE),
         docs=ref(DOCS_FILE),
-        keys=ref(KEYS_DIR),
         index=ref(INDEX_FILE),
+        counts=ref(COUNTS_FILE),
+        keys=ref(KEYS_FILE) if kept else None,
         generation_added=generation_added,
     )

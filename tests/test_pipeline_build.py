@@ -14,8 +14,9 @@ from pipelines.config import BuildConfig
 from pipelines.dead_letter import read_dead_letters
 from pipelines.tokenize import load_tokenizer
 from schemas import StoreFormatError, list_generations, read_manifest
+from schemas.lists import ListsFile, unpack_ids
 from schemas.manifest import generation_path, make_file_ref
-from schemas.shard_io import read_docs, read_keys, read_tokens
+from schemas.shard_io import key_positions, read_counts, read_docs, read_keys, read_tokens
 
 
 def _config(model_dir, **kw):
@@ -55,9 +56,7 @@ def built(built_with_stats):
 
 def _files_state(store, manifest):
     """Digest of every file a manifest names, and the manifest's own bytes."""
-    refs = [manifest.transform.file, manifest.index.quantizer]
-    for s in manifest.shards:
-        refs += [s.tokens, s.docs, s.keys, s.index]
+    refs = list(manifest.files())
     return ({r.path: make_file_ref(store, r.path) == r for r in refs},
             generation_path(store, manifest.generation).read_bytes())
 
@@ -67,7 +66,8 @@ def test_build_writes_a_complete_verifiable_store(built, corpus, tiny_llama_dir)
     model, tok = load_model(tiny_llama_dir)
     assert manifest.generation == 1 and manifest.layer == -1 and manifest.dim == 16
     assert manifest.model.fingerprint == model_fingerprint(model, tok)
-    assert manifest.transform.sample_size == 1500 and manifest.index.kind == "ivf_flat"
+    assert manifest.transform.sample_size == 1500 and manifest.index.kind == "ivf_pq"
+    assert manifest.index.factory.startswith("IVF") and "_HNSW32,PQ4x8" in manifest.index.factory
     assert 0 < manifest.transform.explained_variance <= 1
     assert manifest.num_docs == 6 and len(manifest.shards) >= 2
     checks, _ = _files_state(store, manifest)
@@ -77,18 +77,25 @@ def test_build_writes_a_complete_verifiable_store(built, corpus, tiny_llama_dir)
     seen = set()
     for shard in manifest.shards:
         tokens = read_tokens(store, shard.shard_id)
-        vectors, pos, nxt = read_keys(store, shard.shard_id)
+        docs = read_docs(store, shard.shard_id)
+        pos = key_positions(docs.column("start").to_numpy(), docs.column("length").to_numpy(),
+                            len(tokens))
         assert len(tokens) == shard.num_tokens and len(pos) == shard.num_keys
-        assert (tokens[pos + 1] == nxt).all()
-        np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1,
-                                   atol=2e-3)
+        assert shard.keys is None  # no archive by default: the staged keys are gone
+        assert not (store / "shards" / shard.shard_id / "keys.npy").exists()
+        lists = ListsFile(store / shard.index.path, manifest.index.nlist,
+                          manifest.index.code_size)
+        ids = np.concatenate([lists.list(i)[1] for i in range(lists.header.nlist)])
+        nxt, where = unpack_ids(ids)
+        assert sorted(where.tolist()) == pos.tolist() and (tokens[where + 1] == nxt).all()
+        lists.check_ids(len(tokens))
+        assert read_counts(store, shard.shard_id, manifest.model.vocab_size,
+                           shard.num_keys).sum() == shard.num_keys
         for row in read_docs(store, shard.shard_id).to_pylist():
             text = open(row["source"], encoding="utf-8").read()
             want = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
             assert tokens[row["start"]:row["start"] + row["length"]].tolist() == want
             seen.add(row["source"].rsplit("/", 1)[1])
-        index = faiss.read_index(str(store / shard.index.path))
-        assert index.ntotal == shard.num_keys
     assert seen == {p.name for p in corpus[0].glob("*.py")} - {"latin1.py", "empty.py"}
     reasons = {d.source.rsplit("/", 1)[1]: d.reason for d in read_dead_letters(str(store), 1)}
     assert reasons["empty.py"] == "empty document"
@@ -111,13 +118,15 @@ def test_update_adds_a_generation_and_leaves_the_first_untouched(
     first = read_manifest(store)
     before = _files_state(store, first)
     # the old corpus again plus three new files: only the new ones are encoded
-    manifest = update_store([corpus[0], corpus[1]], store, _config(tiny_llama_dir, dim=8))
+    manifest = update_store([corpus[0], corpus[1]], store, _config(tiny_llama_dir, dim=8,
+                                                                   keep_keys=True))
     assert manifest.generation == 2 and manifest.parent_generation == 1
     assert manifest.dim == 16  # the store's d, not the config's
     assert manifest.num_docs == first.num_docs + 3
     assert manifest.shards[:len(first.shards)] == first.shards
     new = manifest.shards[len(first.shards):]
     assert {s.generation_added for s in new} == {2}
+    assert all(s.keys is not None for s in new)  # --keep-keys on the update
     assert manifest.transform == first.transform and manifest.index == first.index
     assert _files_state(store, read_manifest(store, 1)) == before
     assert list_generations(store) == [1, 2]
@@ -136,15 +145,24 @@ def test_update_adds_a_generation_and_leaves_the_first_untouched(
 
 
 def _keys_by_doc(store, manifest):
-    """doc_id -> (tokens, next tokens, key vectors) over all shards of a manifest."""
+    """doc_id -> (tokens, index entries (next token, offset in the document, code)) over all
+    shards of a manifest: what a search can find, wherever the document lives."""
     out = {}
     for s in manifest.shards:
         tokens = read_tokens(store, s.shard_id)
-        vectors, pos, nxt = read_keys(store, s.shard_id)
+        lists = ListsFile(store / s.index.path)
+        entries = []
+        for i in range(lists.header.nlist):
+            codes, ids = lists.list(i)
+            nxt, pos = unpack_ids(ids)
+            entries += [(int(p), int(t), i, c.tobytes()) for p, t, c in zip(pos, nxt, codes)]
+        entries.sort()
+        starts = np.array([e[0] for e in entries])
         for row in read_docs(store, s.shard_id).to_pylist():
-            rows = (pos >= row["start"]) & (pos < row["start"] + row["length"])
-            out[row["doc_id"]] = (tokens[row["start"]:row["start"] + row["length"]].tobytes(),
-                                  nxt[rows].tobytes(), vectors[rows].tobytes())
+            a, b = np.searchsorted(starts, [row["start"], row["start"] + row["length"]])
+            out[row["doc_id"]] = (
+                tokens[row["start"]:row["start"] + row["length"]].tobytes(),
+                [(p - row["start"], t, lst, c) for p, t, lst, c in entries[a:b]])
     return out
 
 
@@ -187,7 +205,8 @@ def test_multiprocessing_ivf_pq_build_matches_in_memory(tmp_path, corpus, tiny_l
             f.write(json.dumps({"prompt": f"Write function {i}.", "response": f"def f{i}(x):\n"
                                 f"    return x * {i} + {i * i}\n"}) + "\n")
     small = [records, *sorted(corpus[1].glob("*.py"))[:1]]
-    config = _config(tiny_llama_dir, index_kind="ivf_pq", pq_m=4, pq_nbits=4, sample_size=800)
+    config = _config(tiny_llama_dir, index_kind="ivf_pq", pq_m=4, pq_nbits=4, sample_size=800,
+                     keep_keys=True)
     a = build_store(small, tmp_path / "a", config)
     b = build_store(small, tmp_path / "b", config, beam_args=[
         "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
@@ -196,15 +215,26 @@ def test_multiprocessing_ivf_pq_build_matches_in_memory(tmp_path, corpus, tiny_l
         assert m.num_docs == 41
     assert (a.num_tokens, a.num_keys) == (b.num_tokens, b.num_keys)
     assert a.transform.file.sha256 == b.transform.file.sha256
-    ka, kb = _keys_by_doc(tmp_path / "a", a), _keys_by_doc(tmp_path / "b", b)
+    ka, kb = _archived_keys(tmp_path / "a", a), _archived_keys(tmp_path / "b", b)
     assert ka.keys() == kb.keys()
     for doc_id in ka:
-        assert ka[doc_id][:2] == kb[doc_id][:2]
-        va = np.frombuffer(ka[doc_id][2], np.float16).astype(np.float32)
-        vb = np.frombuffer(kb[doc_id][2], np.float16).astype(np.float32)
-        np.testing.assert_allclose(va, vb, atol=2e-3)
-    index = faiss.read_index(str(tmp_path / "b" / b.shards[0].index.path))
-    assert isinstance(index, faiss.IndexIVFPQ)
+        assert ka[doc_id][0] == kb[doc_id][0]
+        np.testing.assert_allclose(ka[doc_id][1], kb[doc_id][1], atol=2e-3)
+    q = faiss.read_index(str(tmp_path / "b" / b.index.quantizer.path))
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(q)), faiss.IndexIVFPQ)
+    assert b.index.code_size == 2  # 4 codes of 4 bits
+
+
+def _archived_keys(store, manifest):
+    """doc_id -> (tokens, float32 keys) from the --keep-keys archive."""
+    out = {}
+    for s in manifest.shards:
+        tokens = read_tokens(store, s.shard_id)
+        keys = read_keys(store, s.shard_id)
+        for row in read_docs(store, s.shard_id).to_pylist():
+            span = slice(row["start"], row["start"] + row["length"] - 1)
+            out[row["doc_id"]] = (tokens[span].tobytes(), keys[span].astype(np.float32))
+    return out
 
 
 def test_cli_build_info_update_compact(tmp_path, corpus, tiny_llama_dir, capsys):
@@ -233,10 +263,12 @@ def test_cli_build_info_update_compact(tmp_path, corpus, tiny_llama_dir, capsys)
     assert (info["docs"], info["tokens"], info["keys"]) == (2, manifest.num_tokens,
                                                             manifest.num_keys)
     s = manifest.shards[0]
-    assert info["bytes"]["keys"] == s.keys.bytes and info["bytes"]["index"] == s.index.bytes
+    assert info["bytes"]["archive"] == 0 and info["bytes"]["index"] == s.index.bytes
     assert info["bytes_per_token"]["values"] == pytest.approx(s.tokens.bytes / s.num_tokens)
+    assert info["bytes"]["serving"] == info["bytes"]["total"] == sum(
+        info["bytes"][k] for k in ("values", "index", "docs", "shared"))
     assert dresd_main(["info", store]) == 0
     text = capsys.readouterr().out
-    assert "per token" in text and "compact" in text
+    assert "per token" in text and "compact" in text and "serving set" in text
     assert dresd_main(["update", store, str(two), "--model", "/nonexistent"]) == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from pipelines.config import BuildConfig
 from pipelines.dedupe import DropKnownDocuments
 from pipelines.documents import ChatDocument, TextDocument, TokenizedDoc, WrittenShard
 from pipelines.encode import EncodeShards
-from pipelines.fit import FitTransform, fit_keys
+from pipelines.fit import FitTransform, fit_keys, train_index
 from pipelines.forward import split_windows, token_budget_batches
 from pipelines.index import FillShardIndex
 from pipelines.journal import RunJournal
@@ -27,7 +27,16 @@ from pipelines.readers import DEAD, ReadCorpus
 from pipelines.sample import SampleStates, SmallestHashDocs
 from pipelines.tokenize import Tokenize, load_tokenizer
 from schemas import ModelSpec, StoreFormatError, read_manifest
-from schemas.shard_io import ShardData, read_docs, read_keys, read_tokens, write_shard
+from schemas.lists import ListsFile, unpack_ids
+from schemas.shard_io import (
+    ShardData,
+    key_positions,
+    read_counts,
+    read_docs,
+    read_keys,
+    read_tokens,
+    write_shard,
+)
 
 
 def beam_test_pipeline():
@@ -112,8 +121,7 @@ def test_drop_known_documents_skips_store_contents_and_duplicates(tmp_path):
     known = TextDocument("old.py", "old\n")
     sid = write_shard(tmp_path, ShardData(
         tokens=np.array([5, 6], np.int32), doc_ids=[known.doc_id], sources=["old.py"],
-        starts=np.array([0]), lengths=np.array([2]), vectors=np.zeros((1, 4), np.float16),
-        pos=np.array([0]), next_token=np.array([6])))
+        starts=np.array([0]), lengths=np.array([2]), vectors=np.zeros((2, 4), np.float16)))
     docs = [known, TextDocument("new.py", "new\n"), TextDocument("copy.py", "new\n"),
             TextDocument("other.py", "other\n")]
     with beam_test_pipeline() as p:
@@ -163,29 +171,52 @@ def test_sample_states_are_the_models_hidden_states(tiny_llama_dir):
         assert_that(states | beam.Map(all_rows_found), equal_to([True]), label="rows")
 
 
-def test_fit_transform_writes_transform_and_trained_quantizer(tmp_path):
+def test_fit_transform_writes_the_transform_and_train_index_the_quantizer(tmp_path):
     rng = np.random.default_rng(0)
     states = [rng.standard_normal((300, 32)).astype(np.float32) for _ in range(2)]
     config = BuildConfig(dim=8, nlist=0, progress=False)
     with beam_test_pipeline() as p:
-        num_keys = p | "Keys" >> beam.Create([10_000])
-        fitted = p | beam.Create(states) | FitTransform(config, str(tmp_path), num_keys)
+        fitted = p | beam.Create(states) | FitTransform(config, str(tmp_path))
         assert_that(fitted | beam.Map(lambda f: (f.transform_spec.dim, f.transform_spec.input_dim,
-                                                 f.transform_spec.sample_size, f.index_spec.nlist)),
-                    equal_to([(8, 32, 600, 600 // 39)]))
+                                                 f.transform_spec.sample_size, f.index_spec,
+                                                 f.quantizer)),
+                    equal_to([(8, 32, 600, None, None)]))
     [t_file] = (tmp_path / "transform").iterdir()
+    assert t_file.suffix == ".npz"
+    # the quantizer is trained on stored keys: about 4 sqrt(N) lists, 39 keys per list at most
+    fitted = fit_keys(np.concatenate(states), config, str(tmp_path))
+    keys = fitted.transform(rng.standard_normal((12_000, 32)).astype(np.float32))
+    trained = train_index(keys[:10_000], config, 10_000, str(tmp_path), fitted)
+    assert trained.index_spec.nlist == min(400, 10_000 // 39) == 256
+    assert trained.index_spec.kind == "ivf_pq" and trained.index_spec.pq_m == 2
+    assert trained.index_spec.code_size == 2 and trained.index_spec.train_size == 10_000
+    assert trained.index_spec.factory == "IVF256_HNSW32,PQ2x8"
     [q_file] = (tmp_path / "index").iterdir()
     q = faiss.read_index(str(q_file))
     assert q.is_trained and q.ntotal == 0 and q.metric_type == faiss.METRIC_INNER_PRODUCT
-    assert faiss.extract_index_ivf(q).nlist == 15 and faiss.extract_index_ivf(q).nprobe == 16
-    assert t_file.suffix == ".npz"
+    assert faiss.extract_index_ivf(q).nlist == 256 and faiss.extract_index_ivf(q).nprobe == 16
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(q).quantizer),
+                      faiss.IndexHNSWFlat)
+    # too few keys to train 256 PQ centroids well: the index keeps them uncompressed
+    small = train_index(keys[:9000], config, 9000, str(tmp_path), fitted)
+    assert small.index_spec.kind == "ivf_flat" and small.index_spec.code_size == 4 * 8
+
+
+def test_two_level_training_makes_every_list(tmp_path):
+    from pipelines.index import two_level_centroids
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8000, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = two_level_centroids(x, 150, seed=0)
+    assert c.shape == (150, 8) and np.isfinite(c).all()
 
 
 def test_fit_reports_too_small_samples_and_bad_dims(tmp_path):
     with pytest.raises(ValueError, match="too small"):
-        fit_keys(np.zeros((1, 16), np.float32), BuildConfig(dim=8), 1, str(tmp_path))
+        fit_keys(np.zeros((1, 16), np.float32), BuildConfig(dim=8), str(tmp_path))
     with pytest.raises(ValueError, match="exceeds the model's hidden size"):
-        fit_keys(np.zeros((50, 16), np.float32), BuildConfig(dim=32), 1, str(tmp_path))
+        fit_keys(np.zeros((50, 16), np.float32), BuildConfig(dim=32), str(tmp_path))
     with pytest.raises(ValueError, match="pq_m"):
         BuildConfig(index_kind="ivf_pq", dim=64, pq_m=7)
 
@@ -202,12 +233,13 @@ def test_token_budget_batches_count_padding():
 
 
 def _fitted(tmp_path, model_dir, config):
-    """A FittedKeys from the tiny model's states on random tokens."""
+    """A FittedKeys (transform and quantizer) from the tiny model's states on random tokens."""
     model, _ = load_model(model_dir)
     with torch.no_grad():
         ids = torch.tensor(np.stack([d.tokens for d in _docs(4, 200, seed=9)]), dtype=torch.long)
         states = model.base_model(ids).last_hidden_state.reshape(-1, 64).numpy()
-    return fit_keys(states, config, 5000, str(tmp_path))
+    fitted = fit_keys(states, config, str(tmp_path))
+    return train_index(fitted.transform(states), config, 5000, str(tmp_path), fitted)
 
 
 def test_encode_shards_keys_are_transformed_windowed_forward(tmp_path, tiny_llama_dir):
@@ -228,8 +260,10 @@ def test_encode_shards_keys_are_transformed_windowed_forward(tmp_path, tiny_llam
     for sid in shard_ids:
         tokens = read_tokens(tmp_path, sid)
         doc_table = read_docs(tmp_path, sid).to_pylist()
-        vectors, pos, nxt = read_keys(tmp_path, sid)
-        assert (tokens[pos + 1] == nxt).all()
+        vectors = read_keys(tmp_path, sid)
+        assert vectors.shape == (len(tokens), 8) and vectors.dtype == np.float16
+        pos = key_positions(np.array([r["start"] for r in doc_table]),
+                            np.array([r["length"] for r in doc_table]), len(tokens))
         assert len(pos) == len(tokens) - len(doc_table)
         for row in doc_table:
             doc = by_source[row["source"]]
@@ -244,7 +278,7 @@ def test_encode_shards_keys_are_transformed_windowed_forward(tmp_path, tiny_llam
                     want.append(model.base_model(ids).last_hidden_state[0].numpy())
             want = fitted_value.transform(np.concatenate(want))[:-1]  # last token: no key
             rows = (pos >= row["start"]) & (pos < row["start"] + row["length"] - 1)
-            got = vectors[rows].astype(np.float32)
+            got = vectors[pos[rows]].astype(np.float32)
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=2e-3)
             np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=2e-3)
@@ -262,19 +296,18 @@ def test_fill_shard_index_and_publish(tmp_path, tiny_llama_dir):
     config = _config(tiny_llama_dir)
     fitted_value = _fitted(tmp_path, tiny_llama_dir, config)
     rng = np.random.default_rng(0)
-    vectors = fitted_value.transform(rng.standard_normal((40, 64)).astype(np.float32))
+    vectors = fitted_value.transform(rng.standard_normal((42, 64)).astype(np.float32))
+    tokens = np.arange(42, dtype=np.int32) % 7 + 3
     sid = write_shard(tmp_path, ShardData(
-        tokens=np.arange(42, dtype=np.int32), doc_ids=["d1", "d2"], sources=["x", "y"],
-        starts=np.array([0, 21]), lengths=np.array([21, 21]),
-        vectors=vectors.astype(np.float16), pos=np.r_[0:20, 21:41],
-        next_token=np.r_[1:21, 22:42]))
+        tokens=tokens, doc_ids=["d1", "d2"], sources=["x", "y"],
+        starts=np.array([0, 21]), lengths=np.array([21, 21]), vectors=vectors.astype(np.float16)))
     spec = ModelSpec(name="tiny", fingerprint="f" * 64, tokenizer_fingerprint="t" * 64,
                      model_type="llama", hidden_size=64, vocab_size=384, eos_token_id=2)
     journal = RunJournal(str(tmp_path), "build", 0, "k").start()
     with beam_test_pipeline() as p:
         fitted = p | "Fitted" >> beam.Create([fitted_value])
         recorded = (p | beam.Create([WrittenShard(sid, 2, 42, 40)])
-                    | FillShardIndex(str(tmp_path), 1, fitted)
+                    | FillShardIndex(str(tmp_path), 1, fitted, 384)
                     | RecordResult(journal, fitted))
         assert_that(recorded, equal_to([1]))
     result = journal.read_result()
@@ -286,10 +319,16 @@ def test_fill_shard_index_and_publish(tmp_path, tiny_llama_dir):
     assert manifest.generation == 1 and manifest.note == "test" and manifest.layer == -1
     [shard] = manifest.shards
     assert (shard.shard_id, shard.num_keys, shard.generation_added) == (sid, 40, 1)
-    index = faiss.read_index(str(tmp_path / "shards" / sid / "ivf.faiss"))
-    faiss.extract_index_ivf(index).nprobe = faiss.extract_index_ivf(index).nlist
-    _, ids = index.search(vectors[:5].astype(np.float16).astype(np.float32), 1)
-    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert shard.keys is None and not (tmp_path / "shards" / sid / "keys.npy").exists()
+    # every key is in the lists once, its id packing (next token, position), lists sorted
+    lists = ListsFile(tmp_path / shard.index.path)
+    ids = np.concatenate([lists.list(i)[1] for i in range(lists.header.nlist)])
+    nxt, pos = unpack_ids(ids)
+    assert sorted(pos.tolist()) == [*range(20), *range(21, 41)]
+    assert (tokens[pos + 1] == nxt).all()
+    lists.check_ids(42, 384)
+    counts = read_counts(tmp_path, sid, 384, 40)
+    assert counts.tolist() == np.bincount(tokens[pos + 1], minlength=384).tolist()
 
 
 def test_record_with_no_shards_commits_nothing(tmp_path, tiny_llama_dir):

@@ -12,7 +12,9 @@ from dresd.models import load_model
 from dresd.store import StoreMismatchError, load_store
 from schemas import StoreFormatError, read_manifest, write_manifest
 from schemas.commit import CommitConflictError
-from schemas.shard_io import read_keys
+from schemas.lists import ListsFile, pack_ids, unpack_ids, write_lists
+from schemas.manifest import make_file_ref
+from schemas.shard_io import key_positions, read_keys
 
 PROMPT = "def parse_args(argv):\n    parser = "
 
@@ -34,8 +36,13 @@ def built(tiny_llama_dir, code_corpus_dir, tmp_path_factory):
     (corpus / "own.txt").write_text(tok.decode(out[0], skip_special_tokens=True))
     store = tmp_path_factory.mktemp("store") / "s"
     build_store(corpus, store, BuildConfig(model=str(tiny_llama_dir), dim=16, value_len=12,
-                                           sample_size=2000, shard_tokens=12000, progress=False))
+                                           sample_size=2000, shard_tokens=12000, progress=False,
+                                           keep_keys=True))
     return store, model, tok, out[0, len(ids):].tolist()
+
+
+def _positions(shard):
+    return key_positions(shard.doc_starts, shard.doc_lengths, len(shard.tokens))
 
 
 def test_load_store_values_and_stats(built):
@@ -44,47 +51,96 @@ def test_load_store_values_and_stats(built):
     m = store.manifest
     assert store.num_keys == m.num_keys and len(store.shards) == len(m.shards) >= 2
     assert store.stats.num_tokens == m.num_tokens and store.stats.resident_bytes > 0
-    assert set(store.stats.bytes_per_token) == {"keys", "values", "index"}
+    b = store.stats.bytes_per_token
+    assert set(b) == {"values", "index", "docs", "shared", "serving", "archive", "total"}
+    # codes of d/4 bytes + an 8-byte id per key, 4 bytes per token; the archive 2 bytes x d
+    assert b["index"] == pytest.approx(4 + 8, rel=0.1) and b["values"] == pytest.approx(4, 0.01)
+    assert b["archive"] == pytest.approx(2 * 16, rel=0.05)
     # Every key's value starts with its next token and follows the token stream to the
     # document's end, then EOS.
     rng = np.random.default_rng(0)
     for s, shard in enumerate(store.shards):
-        _, pos, nxt = read_keys(path, shard.shard_id)
-        for row in rng.choice(len(pos), 50, replace=False):
-            v = store.value(store.key_offsets[s] + row)
-            assert v[0] == nxt[row]
-            d = np.searchsorted(shard.doc_starts, pos[row], side="right") - 1
-            n = min(m.value_len, shard.doc_ends[d] - pos[row] - 1)
-            assert v[:n].tolist() == shard.tokens[pos[row] + 1 : pos[row] + 1 + n].tolist()
+        pos = _positions(shard)
+        assert len(pos) == shard.num_keys
+        for p in rng.choice(pos, 50, replace=False):
+            v = store.value(s, p)
+            assert v[0] == shard.tokens[p + 1]
+            d = np.searchsorted(shard.doc_starts, p, side="right") - 1
+            n = min(m.value_len, shard.doc_ends[d] - p - 1)
+            assert v[:n].tolist() == shard.tokens[p + 1 : p + 1 + n].tolist()
             assert (v[n:] == m.model.eos_token_id).all()
-    with pytest.raises(IndexError):
-        store.value(store.num_keys)
+    with pytest.raises(StoreFormatError, match="outside its token stream"):
+        store.value(0, len(store.shards[0].tokens))
 
 
-def test_search_returns_k_keys_of_the_decided_token(built):
+def test_load_never_reads_the_keys(built, monkeypatch):
+    """The runtime opens no float keys: the archive reader is forbidden, the archive may be
+    gone, and load's resident memory does not hold them."""
+    import schemas.shard_io
+
+    path, *_ = built
+
+    def forbidden(*a, **k):
+        raise AssertionError("load_store read the keys")
+
+    monkeypatch.setattr(schemas.shard_io, "read_keys", forbidden)
+    real_load = np.load
+
+    def no_keys(file, *a, **k):
+        assert not str(file).endswith("keys.npy"), "load_store opened keys.npy"
+        return real_load(file, *a, **k)
+
+    monkeypatch.setattr(np, "load", no_keys)
+    store = load_store(path)
+    assert store.search.num_keys == store.num_keys
+    # nothing held in memory is as large as the keys (keys x d float16)
+    held = [v for sh in store.shards for v in vars(sh).values() if isinstance(v, np.ndarray)]
+    assert not any(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in held)
+    assert store.stats.resident_bytes < store.num_keys * 16 * 2
+
+
+def _exact(path, store, q, token, k):
+    """Brute force over the archived float16 keys followed by ``token``."""
+    best = []
+    for s, shard in enumerate(store.shards):
+        pos = _positions(shard)
+        pos = pos[np.asarray(shard.tokens)[pos + 1] == token]
+        sc = read_keys(path, shard.shard_id)[pos].astype(np.float32) @ q
+        best += [(float(sc[j]), s, int(pos[j])) for j in np.argsort(-sc)[:k]]
+    return {(s, p) for _, s, p in sorted(best, reverse=True)[:k]}
+
+
+def test_search_returns_keys_of_the_decided_token(built):
     path, *_ = built
     store = load_store(path, verify=False)
-    ivf = load_store(path, verify=False, exact_threshold=0)  # every group through the IVF
     s = store.search
     rng = np.random.default_rng(1)
-    sizes = np.diff(s.offsets)
+    sizes = np.sum([sh.counts for sh in store.shards], axis=0)
     tokens = [int(t) for t in np.argsort(-sizes)[:3]] + [int(np.flatnonzero(sizes == 3)[0])]
+    recalls = []
     for token in tokens:
-        q = rng.standard_normal(store.manifest.dim).astype(np.float32)
+        assert s.group_size(token) == sizes[token]
+        # a query near a key of the token, as in decoding
+        sh = int(np.argmax([c[token] for c in s.counts]))
+        pos = _positions(store.shards[sh])
+        pos = pos[np.asarray(store.shards[sh].tokens)[pos + 1] == token]
+        q = read_keys(path, store.shards[sh].shard_id)[pos[0]].astype(np.float32)
+        q += 0.05 * rng.standard_normal(len(q)).astype(np.float32)
         q /= np.linalg.norm(q)
-        lo, hi = s.group(token)
-        brute = np.argsort(-(s.vectors[lo:hi] @ q), kind="stable")[:10] + lo
-        keys, scores = s.search(q, token, 10)
-        assert len(keys) == min(10, hi - lo)
-        assert all(store.value(g)[0] == token for g in keys)
-        assert keys.tolist() == s.order[brute].tolist()
-        assert np.all(np.diff(scores) <= 0)
-        # The IVF path filters inside the search too: k keys even probing one list.
-        keys1, _ = ivf.search.search(q, token, 10, nprobe=1)
-        assert len(keys1) == min(10, hi - lo)
-        assert all(store.value(g)[0] == token for g in keys1)
-        keys_all, _ = ivf.search.search(q, token, 10, nprobe=ivf.search.nlist)
-        assert keys_all.tolist() == keys.tolist()
+        shards, ids, scores = s.search(q, token, 10)
+        assert len(ids) == min(10, sizes[token])  # the tiny index: 4 x nprobe covers it all
+        nxt, positions = unpack_ids(ids)
+        assert (nxt == token).all() and np.all(np.diff(scores) <= 1e-6)
+        assert all(store.hit_value(a, b, token)[0] == token for a, b in zip(shards, ids))
+        got = set(zip(shards.tolist(), positions.tolist()))
+        exact = _exact(path, store, q, token, 10)
+        recalls.append(len(got & exact) / len(exact))
+        # one probed list: fewer maybe, but every one of them followed by the token
+        _, ids1, _ = s.search(q, token, 10, nprobe=1)
+        assert len(ids1) <= 10 and (unpack_ids(ids1)[0] == token).all()
+        conts = store.continuations(q, token, 10)
+        assert len(conts) == len(ids) and all(len(c) == store.value_len - 1 for c, _ in conts)
+    assert np.mean(recalls) >= 0.5, recalls
     assert s.search(np.zeros(store.manifest.dim, np.float32), 10**7, 5)[0].size == 0
 
 
@@ -139,20 +195,108 @@ def test_a_published_generation_is_never_overwritten(built, tmp_path):
     assert not [f for f in (path / "manifests").iterdir() if f.name.endswith(".tmp")]
 
 
-def test_corrupt_shard_is_named(built, tmp_path):
+def test_corrupt_shard_is_named(built, tmp_path, capsys, monkeypatch):
+    from dresd.cli import main
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path / "cache"))
     path = _copy(built[0], tmp_path)
     shard = read_manifest(path).shards[1]
-    f = path / shard.tokens.path
+    # a small file read whole (the document table) is checksummed at every load
+    f = path / shard.docs.path
     original = f.read_bytes()
     data = bytearray(original)
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(StoreFormatError, match=f"{shard.shard_id}/tokens.arrow is corrupt"):
+    with pytest.raises(StoreFormatError, match=f"{shard.shard_id}/docs.arrow is corrupt"):
         load_store(path)
     f.write_bytes(original)
-    load_store(path)  # intact again
+    # a large mapped file (the token stream): a default load does not read it whole ...
+    f = path / shard.tokens.path
+    original = f.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert load_store(path).stats.unverified_bytes > 0
+    # ... a full load and `dresd verify` do
+    with pytest.raises(StoreFormatError, match=f"{shard.shard_id}/tokens.arrow is corrupt"):
+        load_store(path, verify="full")
+    assert main(["verify", str(path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"CORRUPT {shard.tokens.path}" in err and err.count("CORRUPT") == 1
+    f.write_bytes(original)
+    assert main(["verify", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # the first run recorded every other file: only the repaired one is checksummed again
+    assert " 1 checksummed" in out and "11 already verified" in out and "0 corrupt" in out
+    # recorded: the next run checksums nothing, and a default load counts every file verified
+    assert main(["verify", str(path), "--no-progress"]) == 0
+    assert " 0 checksummed" in capsys.readouterr().out
+    assert load_store(path).stats.unverified_bytes == 0
+    # a rewritten file loses its record (its mtime changed), even with the same bytes
+    f.write_bytes(original)
+    assert load_store(path).stats.unverified_bytes == shard.tokens.bytes
     (path / shard.index.path).unlink()
-    with pytest.raises(StoreFormatError, match="ivf.faiss does not exist"):
+    with pytest.raises(StoreFormatError, match="ivf.lists does not exist"):
+        load_store(path)
+
+
+def _rewrite_lists(path, shard_no, change):
+    """A new generation whose shard ``shard_no`` has its lists' ids passed through ``change``."""
+    m = read_manifest(path)
+    info = m.shards[shard_no]
+    src = ListsFile(path / info.index.path)
+    rel = f"shards/{info.shard_id}/ivf-bad.lists"
+    h = src.header
+    write_lists(path / rel, h.nlist, h.code_size, h.sizes,
+                ((src.list(i)[0], change(src.list(i)[1].copy())) for i in range(h.nlist)))
+    shards = list(m.shards)
+    shards[shard_no] = dataclasses.replace(info, index=make_file_ref(path, rel))
+    _next_generation(path, shards=tuple(shards))
+
+
+def test_out_of_range_ids_are_clear_errors(built, tmp_path):
+    path = _copy(built[0], tmp_path)
+    n = len(load_store(path, verify=False).shards[0].tokens)
+
+    def beyond(ids):  # every position moved past the end of the token stream
+        t, p = unpack_ids(ids)
+        return pack_ids(t, p + n)
+
+    _rewrite_lists(path, 0, beyond)
+    store = load_store(path)  # ids are not read at load: they are checked on use
+    token = int(np.argmax(store.shards[0].counts))
+    q = np.ones(store.manifest.dim, np.float32) / np.sqrt(store.manifest.dim)
+    shards, ids, _ = store.search.search(q, token, 50, nprobe=store.search.nlist)
+    assert (shards == 0).any()
+    with pytest.raises(StoreFormatError, match=r"shard .* key position \d+ is outside its "
+                       r"token stream"):
+        store.hit_value(0, ids[shards == 0][0], token)
+
+    path2 = _copy(built[0], tmp_path / "b")
+
+    def shifted(ids):  # in range, but not where the token stream says the token is
+        t, p = unpack_ids(ids)
+        return pack_ids(t, np.maximum(p - 1, 0))
+
+    _rewrite_lists(path2, 0, shifted)
+    store = load_store(path2)
+    shards, ids, _ = store.search.search(q, token, 50, nprobe=store.search.nlist)
+    with pytest.raises(StoreFormatError, match="does not match the token stream"):
+        for i in ids[shards == 0]:  # position 0 stays put; any other moved one is wrong
+            store.hit_value(0, i, token)
+
+
+def test_old_format_store_gets_the_documented_message(built, tmp_path):
+    import json
+
+    path = _copy(built[0], tmp_path)
+    m = read_manifest(path)
+    f = path / "manifests" / f"gen-{m.generation:06d}.json"
+    d = json.loads(f.read_text())
+    d["format_version"] = 1
+    f.write_text(json.dumps(d))
+    with pytest.raises(StoreFormatError, match=r"store format 1 is no longer supported.*"
+                       r"`dresd build NEW_STORE CORPUS\.\.\.`"):
         load_store(path)
 
 
@@ -172,7 +316,7 @@ def test_token_ids_outside_the_vocabulary(built, tmp_path):
     path = _copy(built[0], tmp_path)
     m = read_manifest(path)
     _next_generation(path, model=dataclasses.replace(m.model, vocab_size=50))
-    with pytest.raises(StoreFormatError, match="outside the model's vocabulary of 50"):
+    with pytest.raises(StoreFormatError, match=r"counts.npy: int32 \(\d+,\), not int32 \[50\]"):
         load_store(path)
 
 

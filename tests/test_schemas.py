@@ -4,8 +4,26 @@ import numpy as np
 import pytest
 
 from schemas import StoreFormatError, file_digest, read_manifest
+from schemas.lists import (
+    MAX_POSITION,
+    MAX_VOCAB,
+    TOKEN_SHIFT,
+    ListsFile,
+    pack_ids,
+    read_lists_header,
+    token_id_range,
+    unpack_ids,
+    write_lists,
+)
 from schemas.manifest import validate_manifest_dict
-from schemas.shard_io import ShardData, read_docs, read_keys, read_tokens, write_shard
+from schemas.shard_io import (
+    ShardData,
+    key_positions,
+    read_docs,
+    read_keys,
+    read_tokens,
+    write_shard,
+)
 
 
 def _shard():
@@ -15,9 +33,7 @@ def _shard():
         sources=["x.py", "y.py"],
         starts=np.array([0, 10]),
         lengths=np.array([10, 10]),
-        vectors=np.random.default_rng(0).standard_normal((18, 8)),
-        pos=np.r_[0:9, 10:19],
-        next_token=np.r_[1:10, 11:20],
+        vectors=np.random.default_rng(0).standard_normal((20, 8)),
     )
 
 
@@ -25,9 +41,10 @@ def test_shard_round_trip(tmp_path):
     sid = write_shard(tmp_path, _shard())
     tokens = read_tokens(tmp_path, sid)
     assert tokens.dtype == np.int32 and tokens.tolist() == list(range(20))
-    vectors, pos, nxt = read_keys(tmp_path, sid)
-    assert vectors.shape == (18, 8) and vectors.dtype == np.float16
-    assert (tokens[pos + 1] == nxt).all()
+    vectors = read_keys(tmp_path, sid)
+    assert vectors.shape == (20, 8) and vectors.dtype == np.float16
+    assert key_positions(np.array([0, 10]), np.array([10, 10]), 20).tolist() == [
+        *range(9), *range(10, 19)]
     assert read_docs(tmp_path, sid).column("start").to_pylist() == [0, 10]
     # nothing half-written is left behind
     assert [p.name for p in (tmp_path / "shards").iterdir()] == [sid]
@@ -50,8 +67,65 @@ def test_manifest_version_and_fields_are_checked():
     with pytest.raises(StoreFormatError, match="format version"):
         validate_manifest_dict({"format_version": 99})
     with pytest.raises(StoreFormatError, match="invalid manifest"):
-        validate_manifest_dict({"format_version": 1, "generation": 1})
+        validate_manifest_dict({"format_version": 2, "generation": 1})
     # the schema file itself is valid JSON
     from schemas.manifest import _SCHEMA_PATH
 
     json.loads(_SCHEMA_PATH.read_text())
+
+
+def test_a_format_1_store_is_told_how_to_convert():
+    with pytest.raises(StoreFormatError, match=r"store format 1 is no longer supported .*"
+                       r"rebuild it from its corpus with `dresd build NEW_STORE CORPUS\.\.\.`"):
+        validate_manifest_dict({"format_version": 1, "generation": 1})
+
+
+def test_ids_pack_token_and_position():
+    tokens = np.array([0, 5, 49151, MAX_VOCAB - 1])
+    pos = np.array([0, 123, MAX_POSITION - 1, 7])
+    ids = pack_ids(tokens, pos)
+    assert ids.dtype == np.int64 and (ids >= 0).all()
+    back_t, back_p = unpack_ids(ids)
+    assert back_t.tolist() == tokens.tolist() and back_p.tolist() == pos.tolist()
+    lo, hi = token_id_range(5)
+    assert lo <= ids[1] < hi and not lo <= ids[0] < hi and hi - lo == 1 << TOKEN_SHIFT
+    # ids sort by next token first, position second
+    assert np.argsort(pack_ids([2, 1, 1], [0, 9, 3])).tolist() == [2, 1, 0]
+    with pytest.raises(StoreFormatError, match="positions must lie"):
+        pack_ids([1], [MAX_POSITION])
+    with pytest.raises(StoreFormatError, match="token ids must lie"):
+        pack_ids([MAX_VOCAB], [0])
+
+
+def test_lists_file_round_trip_and_bad_files(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(0)
+    sizes = np.array([2, 0, 3])
+    lists = [(rng.integers(0, 255, (n, 4), dtype=np.uint8),
+              np.sort(pack_ids(rng.integers(0, 9, n), rng.integers(0, 50, n))))
+             for n in sizes]
+    path = tmp_path / "ivf.lists"
+    write_lists(path, 3, 4, sizes, lists)
+    f = ListsFile(path, 3, 4)
+    assert f.header.sizes.tolist() == [2, 0, 3] and f.header.num_entries == 5
+    for i in range(3):
+        codes, ids = f.list(i)
+        assert codes.tolist() == lists[i][0].tolist() and ids.tolist() == lists[i][1].tolist()
+    # faiss reads the same file, memory-mapped
+    il = faiss.read_InvertedLists(faiss.FileIOReader(str(path)), faiss.IO_FLAG_MMAP)
+    assert il.nlist == 3 and il.code_size == 4 and il.list_size(2) == 3
+    with pytest.raises(StoreFormatError, match="has 3 lists, the store's quantizer 4"):
+        read_lists_header(path, nlist=4)
+    with pytest.raises(StoreFormatError, match="codes of 4 bytes"):
+        read_lists_header(path, code_size=16)
+    data = path.read_bytes()
+    (tmp_path / "short.lists").write_bytes(data[:-3])
+    with pytest.raises(StoreFormatError, match="truncated or padded"):
+        read_lists_header(tmp_path / "short.lists")
+    (tmp_path / "junk.lists").write_bytes(b"nope" + data[4:])
+    with pytest.raises(StoreFormatError, match="not an inverted-list file"):
+        read_lists_header(tmp_path / "junk.lists")
+    f.check_ids(num_tokens=60, vocab_size=9)
+    with pytest.raises(StoreFormatError, match="outside the shard"):
+        f.check_ids(num_tokens=10)

@@ -1,47 +1,26 @@
 """``dresd info STORE``: generations, shards, counts, and bytes per token on disk.
 
-Bytes per token are split the way the store is: keys (the LanceDB key tables), values (the token
-stream the runtime slices values from), index (the filled per-shard faiss indexes), and the rest
-(document tables, transform, quantizer).
+Bytes per token are split the way the store is. The serving set, what the runtime maps or reads:
+values (token streams), index (inverted lists: compressed key codes and packed ids), docs
+(document tables) and shared (transform and quantizer, once per store). The archive: the float16
+keys kept with ``--keep-keys``, which the runtime never opens.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-from schemas import Manifest, list_generations, read_manifest
+from schemas import list_generations, read_manifest
 from schemas.manifest import current_generation
 
-
-@dataclass(frozen=True)
-class StorageBytes:
-    keys: int
-    values: int
-    index: int
-    other: int
-
-    @property
-    def total(self) -> int:
-        return self.keys + self.values + self.index + self.other
-
-
-def storage_bytes(manifest: Manifest) -> StorageBytes:
-    shards = manifest.shards
-    return StorageBytes(
-        keys=sum(s.keys.bytes for s in shards),
-        values=sum(s.tokens.bytes for s in shards),
-        index=sum(s.index.bytes for s in shards),
-        other=sum(s.docs.bytes for s in shards) + manifest.transform.file.bytes
-        + manifest.index.quantizer.bytes,
-    )
+PARTS = ("values", "index", "docs", "shared", "serving", "archive", "total")
 
 
 def describe(store: str, generation: int | None = None) -> dict:
     """Everything ``info`` prints, as one JSON-ready dict."""
     live = current_generation(store)
     manifest = read_manifest(store, generation)
-    sizes = storage_bytes(manifest)
+    sizes = manifest.storage_bytes()
     per_token = max(manifest.num_tokens, 1)
     generations = []
     for g in list_generations(store):
@@ -62,21 +41,20 @@ def describe(store: str, generation: int | None = None) -> dict:
         "value_len": manifest.value_len,
         "transform": {"sample_size": manifest.transform.sample_size,
                       "explained_variance": manifest.transform.explained_variance},
-        "index": {"kind": manifest.index.kind, "nlist": manifest.index.nlist,
-                  "nprobe": manifest.index.nprobe, "pq_m": manifest.index.pq_m,
-                  "pq_nbits": manifest.index.pq_nbits, "train_size": manifest.index.train_size},
+        "index": {"kind": manifest.index.kind, "factory": manifest.index.factory,
+                  "nlist": manifest.index.nlist, "nprobe": manifest.index.nprobe,
+                  "pq_m": manifest.index.pq_m, "pq_nbits": manifest.index.pq_nbits,
+                  "code_size": manifest.index.code_size,
+                  "train_size": manifest.index.train_size},
         "docs": manifest.num_docs,
         "tokens": manifest.num_tokens,
         "keys": manifest.num_keys,
-        "bytes": {"keys": sizes.keys, "values": sizes.values, "index": sizes.index,
-                  "other": sizes.other, "total": sizes.total},
-        "bytes_per_token": {"keys": sizes.keys / per_token, "values": sizes.values / per_token,
-                            "index": sizes.index / per_token, "other": sizes.other / per_token,
-                            "total": sizes.total / per_token},
+        "bytes": sizes,
+        "bytes_per_token": {k: v / per_token for k, v in sizes.items()},
         "generations": generations,
         "shards": [{"shard_id": s.shard_id, "generation_added": s.generation_added,
                     "docs": s.num_docs, "tokens": s.num_tokens, "keys": s.num_keys,
-                    "bytes": s.tokens.bytes + s.docs.bytes + s.keys.bytes + s.index.bytes}
+                    "bytes": sum(f.bytes for f in s.files())}
                    for s in manifest.shards],
     }
 
@@ -94,16 +72,21 @@ def format_info(d: dict) -> str:
         f"keys        layer {d['layer']}, d={d['dim']}, values N={d['value_len']}, transform fit on "
         f"{d['transform']['sample_size']} states (explained variance "
         f"{d['transform']['explained_variance']:.3f})",
-        f"index       {d['index']['kind']} nlist={d['index']['nlist']} "
-        f"nprobe={d['index']['nprobe']}"
-        + (f" pq={d['index']['pq_m']}x{d['index']['pq_nbits']}" if d["index"]["pq_m"] else ""),
+        f"index       {d['index']['factory'] or d['index']['kind']} nlist={d['index']['nlist']} "
+        f"nprobe={d['index']['nprobe']}, {d['index']['code_size']}-byte codes, trained on "
+        f"{d['index']['train_size']} keys",
         f"contents    {d['docs']} documents, {d['tokens']} tokens, {d['keys']} keys, "
         f"{len(d['shards'])} shards",
         "",
         f"{'on disk':<10}{'bytes':>14}{'per token':>12}",
     ]
-    for part in ("keys", "values", "index", "other", "total"):
+    for part in PARTS:
+        if part == "serving":
+            lines.append("-" * 36)
         lines.append(f"{part:<10}{_mib(d['bytes'][part]):>14}{d['bytes_per_token'][part]:>12.2f}")
+    b = d["bytes_per_token"]
+    lines.append(f"serving set {b['serving']:.1f} bytes/token (what the runtime maps); with the "
+                 f"key archive {b['total']:.1f}" + ("" if b["archive"] else " (no archive kept)"))
     lines += ["", f"{'gen':>4} {'':1} {'shards':>6} {'docs':>8} {'tokens':>10} {'keys':>10}  note"]
     for g in d["generations"]:
         mark = "*" if g["current"] else ""
