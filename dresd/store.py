@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dresd.remote import is_remote, sync_store
 from dresd.search import ShardedSearch, shard_searcher
 from dresd.transform import KeyTransform
 from schemas import Manifest, StoreFormatError, read_manifest, shard_io
@@ -105,6 +106,7 @@ class Store:
         self.eos_token_id = manifest.model.eos_token_id
         self.vocab_size = manifest.model.vocab_size
         self.stats: StoreStats | None = None
+        self.source = str(path)  # what was loaded: the directory, or the URL it mirrors
         self._checked: set[tuple[int, int]] = set()
 
     def __repr__(self) -> str:
@@ -223,6 +225,10 @@ def load_store(
 ) -> Store:
     """Open the store at ``path`` (its current generation unless ``generation`` is given).
 
+    ``path`` may be a URL (``s3://bucket/store``): the generation is first synced into a local
+    cache, every file checksummed on download, and mapped from there (dresd.remote); a second
+    load of the same generation downloads nothing.
+
     ``verify``: ``"auto"`` (default) checksums the small files read whole, ``"full"`` or True
     every file (see the module docstring), False none (sizes and structure are still checked).
     With ``model`` and ``tokenizer``, their fingerprints must equal the ones the store was
@@ -234,7 +240,11 @@ def load_store(
     if mode not in ("auto", "full", "none"):
         raise ValueError(f"verify must be True, False, 'auto' or 'full', not {verify!r}")
     t0 = time.perf_counter()
-    root = Path(path)
+    source = str(path)
+    if is_remote(source):  # s3://, gs://, ...: mirrored into the local cache (dresd.remote)
+        root, generation, _ = sync_store(source, generation)
+    else:
+        root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no store at {root}")
     manifest = read_manifest(root, generation)
@@ -290,6 +300,7 @@ def load_store(
     search = ShardedSearch(base, searchers, [s.counts for s in shards],
                            nprobe=manifest.index.nprobe)
     store = Store(root, manifest, transform, shards, search)
+    store.source = source
 
     if model is not None and tokenizer is not None:
         store.check_model(model, tokenizer)

@@ -52,10 +52,11 @@ from pipelines.readers import DEAD, ReadCorpus, describe_kind, list_corpus_files
 from pipelines.sample import SampleStates
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
-from schemas.commit import newest_generation, update_current
+from schemas.commit import CommitConflictError, newest_generation, store_io, update_current
 from schemas.integrity import VERIFIED_DIR
 from schemas.manifest import CURRENT_FILE, MANIFEST_DIR, generation_path
-from schemas.shard_io import SHARDS_DIR
+from schemas.shard_io import SHARDS_DIR, read_docs
+from schemas.storage import is_remote, staged
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,12 @@ STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DI
 
 def _check_store_path(store: str, exists: bool = False) -> None:
     """The store path is a directory (or, for a new store, absent) that this user can write:
-    checked before anything is written, so a bad path leaves nothing half-way."""
+    checked before anything is written, so a bad path leaves nothing half-way. A URL is
+    checked by its first read or write (object stores have no directories to test)."""
+    if is_remote(store):
+        if exists and newest_generation(store) == 0:
+            raise FileNotFoundError(f"no store at {store}")
+        return
     root = Path(store)
     if root.exists() and not root.is_dir():
         kind = "a file" if root.is_file() else describe_kind(root)
@@ -103,11 +109,16 @@ def _check_store_path(store: str, exists: bool = False) -> None:
 
 def _check_new_store(store: str) -> None:
     """A new store goes into a new or empty directory, or one a failed build left behind."""
-    root = Path(store)
-    if root.is_dir() and newest_generation(store) > 0:
-        raise ValueError(f"{store} is already a store; use update to add documents")
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in STORE_ENTRIES
-                     and not p.name.startswith(".")) if root.is_dir() else []
+    if is_remote(store):
+        if newest_generation(store) > 0:
+            raise ValueError(f"{store} is already a store; use update to add documents")
+        names = store_io(store).listdir("")
+    else:
+        root = Path(store)
+        if root.is_dir() and newest_generation(store) > 0:
+            raise ValueError(f"{store} is already a store; use update to add documents")
+        names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    foreign = sorted(n for n in names if n not in STORE_ENTRIES and not n.startswith("."))
     if foreign:
         raise ValueError(f"{store} holds files that are not a store's ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); build writes into a new or "
@@ -117,8 +128,12 @@ def _check_new_store(store: str) -> None:
 def _corpus_files(corpus: Corpus, glob: str, store: str) -> list[str]:
     """The corpus files, none of which may lie inside the store (swapped arguments)."""
     files = list_corpus_files(corpus, glob)
-    root = Path(store).resolve()
-    inside = [f for f in files if root in Path(f).resolve().parents]
+    if is_remote(store):
+        prefix = store.rstrip("/") + "/"
+        inside = [f for f in files if f.startswith(prefix)]
+    else:
+        root = Path(store).resolve()
+        inside = [f for f in files if not is_remote(f) and root in Path(f).resolve().parents]
     if inside:
         raise ValueError(f"{len(inside)} corpus file(s) lie inside the store directory {store} "
                          f"(e.g. {inside[0]}); the store is the first argument, the corpus follows")
@@ -285,10 +300,12 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     _check_device(config, beam_args)
     model = describe_model(config)
     key = run_key("build", 0, files, config_settings(config), model.fingerprint)
-    if Path(store).is_dir() and (done := _completed_earlier(store, "build", 0, key)):
+    if (not is_remote(store) and Path(store).is_dir()
+            and (done := _completed_earlier(store, "build", 0, key))):
         return done
     _check_new_store(store)
-    Path(store).mkdir(parents=True, exist_ok=True)
+    if not is_remote(store):
+        Path(store).mkdir(parents=True, exist_ok=True)
     generation = 1
     journal = _start_journal(store, "build", 0, files, config_settings(config),
                              model.fingerprint)
@@ -326,12 +343,17 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
 
 
 def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
-                 beam_args: Sequence[str] | None = None, stats: dict | None = None) -> Manifest:
+                 beam_args: Sequence[str] | None = None, stats: dict | None = None,
+                 rebase: bool = False) -> Manifest:
     """Encode only documents new to the store into new shards and commit the next generation.
 
     The store's transform, quantizer, d and N are reused (``config``'s are ignored); the model
     must be the one the store was built with. A rerun after a crash reuses the shards the
     crashed run wrote and checksummed. ``stats`` as for ``build_store``.
+
+    When another writer commits first: CommitConflictError (rerun the update), or with
+    ``rebase`` the new shards are committed on top of that writer's generation when that is
+    safe (``_commit_update``).
     """
     store = str(store)
     _check_store_path(store, exists=True)
@@ -368,13 +390,66 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
             journal.finish(())
             committed = True
             return current
-        manifest = _commit(journal, generation, model, current.value_len, current.transform,
-                           current.index, current.shards + new, current.generation,
-                           config.note or "update")
+        manifest = _commit_update(journal, current, model, new, config.note or "update",
+                                  MAX_REBASES if rebase else 0)
         committed = True
         return manifest
     finally:
         journal.stop(ended=not committed)
+
+
+MAX_REBASES = 8
+
+
+def _doc_ids(store: str, shards) -> set[str]:
+    out: set[str] = set()
+    for s in shards:
+        with staged(store, [s.docs.path]) as root:
+            out.update(read_docs(root, s.shard_id).column("doc_id").to_pylist())
+    return out
+
+
+def _commit_update(journal: RunJournal, current: Manifest, model: ModelSpec, new: tuple,
+                   note: str, rebases: int) -> Manifest:
+    """Commit an update's new shards on top of ``current``; when another writer committed
+    first (and ``rebases`` allows), on top of the newest generation instead, if that is safe.
+
+    Safe means: the newest generation uses the same model, transform and quantizer, and none of
+    this update's documents is in a shard added since ``current`` (this run removed only the
+    documents ``current`` holds). Then the shards of both writers end up in one generation:
+    concurrent updates of disjoint documents both land, and an update racing a compaction
+    lands on top of it. Otherwise CommitConflictError, and nothing is committed by this run.
+    """
+    store = journal.store
+    parent = current
+    mine: set[str] | None = None
+    for attempt in range(rebases + 1):
+        try:
+            return _commit(journal, parent.generation + 1, model, current.value_len,
+                           current.transform, current.index, parent.shards + new,
+                           parent.generation, note)
+        except CommitConflictError as e:
+            if attempt == rebases:
+                raise
+            latest = read_manifest(store)
+            if (latest.model.fingerprint, latest.transform, latest.index) != (
+                    current.model.fingerprint, current.transform, current.index):
+                raise CommitConflictError(
+                    f"{e}; generation {latest.generation} was built with another model, "
+                    "transform or quantizer, so this update cannot join it") from None
+            known = {sh.shard_id for sh in current.shards}
+            added = [sh for sh in latest.shards if sh.shard_id not in known]
+            mine = _doc_ids(store, new) if mine is None else mine
+            both = mine & _doc_ids(store, added)
+            if both:
+                raise CommitConflictError(
+                    f"{e}; {len(both)} of this update's documents were added by that writer "
+                    "too, so its shards cannot be added beside them: nothing was committed by "
+                    "this run (rerun the update to add what is still missing)") from None
+            log.info("generation %d was committed by another writer; adding this update's "
+                     "%d shard(s) on top of it", latest.generation, len(new))
+            parent = latest
+    raise AssertionError("unreachable")
 
 
 def compact_store(store: str | os.PathLike, shard_tokens: int | None = None,

@@ -70,7 +70,8 @@ def run_update(args) -> int:
               if hasattr(args, f.name)}
     values["model"] = args.model or current.model.name
     start = time.perf_counter()
-    manifest = update_store(args.corpus, args.store, BuildConfig(**values), args.extra)
+    manifest = update_store(args.corpus, args.store, BuildConfig(**values), args.extra,
+                            rebase=args.rebase)
     if manifest.generation == current.generation:
         print(f"no new documents: generation {current.generation} stays current")
     else:
@@ -127,6 +128,10 @@ def register(subparsers) -> None:
     add_arguments(p, BuildConfig, skip=STORE_FIXED + ("model",))
     p.add_argument("--model", default=None,
                    help="target model (default: the one named in the store's manifest)")
+    p.add_argument("--rebase", action="store_true",
+                   help="if another writer commits first, add this update's shards on top of "
+                        "its generation when none of their documents overlap (default: fail "
+                        "with a commit conflict; rerun)")
     p.set_defaults(func=run_update, accepts_extra=True)
 
     p = subparsers.add_parser("compact", help="merge small shards into a new generation")

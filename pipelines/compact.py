@@ -31,6 +31,7 @@ from schemas.shard_io import (
     write_counts,
     write_shard,
 )
+from schemas.storage import staged
 
 
 def plan_merges(shards: tuple[ShardInfo, ...], shard_tokens: int) -> list[list[ShardInfo]]:
@@ -49,6 +50,16 @@ def plan_merges(shards: tuple[ShardInfo, ...], shard_tokens: int) -> list[list[S
 
 def merge_shards(shards: list[ShardInfo], store: str, nlist: int, code_size: int,
                  vocab_size: int, generation: int) -> ShardInfo:
+    """Merge ``shards`` into one new shard; on a remote store their files are fetched into a
+    local staging directory, merged there, and the new shard uploaded (schemas.storage)."""
+    keep_keys = all(s.keys is not None for s in shards)
+    fetch = [f.path for s in shards for f in s.files() if keep_keys or f is not s.keys]
+    with staged(store, fetch) as root:
+        return _merge_shards(shards, root, nlist, code_size, vocab_size, generation)
+
+
+def _merge_shards(shards: list[ShardInfo], store, nlist: int, code_size: int,
+                  vocab_size: int, generation: int) -> ShardInfo:
     tokens, doc_ids, sources, starts, lengths, offsets = [], [], [], [], [], []
     offset = 0
     for s in shards:
@@ -112,8 +123,11 @@ def run_compaction(p: beam.Pipeline, store: str, current: Manifest,
     merges = [g for g in groups if len(g) > 1]
     fitted = p | "FittedKeys" >> beam.Create([load_fitted(store, current)])
     index = current.index
-    code_size = index.code_size or ListsFile(
-        shard_path(store, current.shards[0].shard_id, INDEX_FILE)).header.code_size
+    code_size = index.code_size
+    if not code_size:
+        first = current.shards[0]
+        with staged(store, [first.index.path]) as root:
+            code_size = ListsFile(shard_path(root, first.shard_id, INDEX_FILE)).header.code_size
     _ = (
         p
         | "Groups" >> beam.Create(merges)

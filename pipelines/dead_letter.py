@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from pipelines.documents import DeadLetter
 from schemas import DEAD_LETTER_SCHEMA
+from schemas.storage import ObjectStoreIO, is_remote, staged
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,26 @@ def write_dead_letters(letters: list[DeadLetter], path: str) -> int:
     return len(letters)
 
 
+def dead_letter_relpath(generation: int) -> str:
+    return f"{DEAD_LETTER_DIR}/gen-{generation:06d}.parquet"
+
+
+def write_store_dead_letters(letters: list[DeadLetter], store: str, generation: int) -> int:
+    """``write_dead_letters`` into a store, local or remote (written here, then uploaded)."""
+    if not letters:
+        return 0
+    with staged(store) as root:
+        return write_dead_letters(letters, str(root / dead_letter_relpath(generation)))
+
+
 def read_dead_letters(store: str, generation: int) -> list[DeadLetter]:
+    if is_remote(store):
+        io = ObjectStoreIO(store)
+        try:
+            data = io.read(dead_letter_relpath(generation))
+        except FileNotFoundError:
+            return []
+        return [DeadLetter(**row) for row in pq.read_table(pa.BufferReader(data)).to_pylist()]
     path = dead_letter_path(store, generation)
     if not path.is_file():
         return []
@@ -59,11 +79,12 @@ class WriteDeadLetters(beam.PTransform):
 
     def __init__(self, store: str, generation: int):
         super().__init__()
-        self.path = str(dead_letter_path(store, generation))
+        self.store = str(store)
+        self.generation = generation
 
     def expand(self, letters):
         return (
             letters
             | "Collect" >> beam.combiners.ToList()
-            | "Write" >> beam.Map(write_dead_letters, self.path)
+            | "Write" >> beam.Map(write_store_dead_letters, self.store, self.generation)
         )

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from schemas.shard_io import read_docs
+from schemas.shard_io import DOCS_FILE, read_docs, shard_relpath
+from schemas.storage import staged
 
 NAMESPACE = "dresd"
 
 
 def known_doc_ids(shard_id: str, store: str):
-    for doc_id in read_docs(store, shard_id).column("doc_id").to_pylist():
+    with staged(store, [f"{shard_relpath(shard_id)}/{DOCS_FILE}"]) as root:
+        ids = read_docs(root, shard_id).column("doc_id").to_pylist()
+    for doc_id in ids:
         yield doc_id, True
 
 

@@ -141,6 +141,7 @@ class EncodeShardsFn(beam.DoFn):
     def _write_shard(self) -> WrittenShard:
         from pipelines.forward import encode_stream
         from schemas.shard_io import write_shard
+        from schemas.storage import staged
 
         docs, self.buffer, self.buffered = self.buffer, [], 0
         transform = self.fitted.transform
@@ -152,7 +153,8 @@ class EncodeShardsFn(beam.DoFn):
         Metrics.distribution(NAMESPACE, ENCODE_FORWARD_MS).update(
             int((time.perf_counter() - start) * 1000))
         data = shard_keys(docs, states)
-        shard_id = write_shard(self.store, data)
+        with staged(self.store) as root:  # a remote store: written here, then uploaded
+            shard_id = write_shard(root, data)
         maybe_fail("after_shard_write")
         Metrics.counter(NAMESPACE, ENCODED_TOKENS).inc(len(data.tokens))
         Metrics.distribution(NAMESPACE, ENCODE_DONE_MS).update(_now_ms())

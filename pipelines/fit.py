@@ -36,6 +36,7 @@ from pipelines.index import (
 )
 from schemas import IndexSpec, Manifest, StoreFormatError, TransformSpec
 from schemas.manifest import make_file_ref
+from schemas.storage import is_remote, join, staged
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,17 @@ def fit_keys(states: np.ndarray, config: BuildConfig, store: str) -> FittedKeys:
         raise ValueError(f"dim={config.dim} exceeds the model's hidden size {states.shape[1]}")
     transform = fit_transform(states, config.dim)
     explained = float(transform.explained_variance.sum())
-    root = Path(store)
     t_rel = f"{TRANSFORM_DIR}/pca-{config.dim}-{_short_digest(transform.to_bytes())}.npz"
-    transform.save(root / t_rel)
+    with staged(store) as root:  # a remote store: saved here, then uploaded
+        transform.save(root / t_rel)
+        ref = make_file_ref(root, t_rel)
     log.info("transform: %d states, %d -> %d dims, explained variance %.3f",
              len(states), states.shape[1], config.dim, explained)
     maybe_fail("after_fit")
     return FittedKeys(
         transform=transform, quantizer=None,
         transform_spec=TransformSpec(
-            file=make_file_ref(store, t_rel), input_dim=transform.input_dim, dim=transform.dim,
+            file=ref, input_dim=transform.input_dim, dim=transform.dim,
             sample_size=len(states), explained_variance=min(explained, 1.0),
         ),
         index_spec=None,
@@ -99,15 +101,17 @@ def train_index(keys: np.ndarray, config: BuildConfig, num_keys: int, store: str
                                 config.seed)
     quantizer_bytes = index_to_bytes(quantizer)
     q_rel = f"{INDEX_DIR}/{kind}-{nlist}-{_short_digest(quantizer_bytes)}.faiss"
-    (Path(store) / INDEX_DIR).mkdir(parents=True, exist_ok=True)
-    write_index(quantizer, Path(store) / q_rel)
+    with staged(store) as root:  # a remote store: written here, then uploaded
+        (root / INDEX_DIR).mkdir(parents=True, exist_ok=True)
+        write_index(quantizer, root / q_rel)
+        q_ref = make_file_ref(root, q_rel)
     pq = kind == "ivf_pq"
     log.info("index %s nlist=%d trained on %d keys in %.1f s", kind, nlist, len(keys),
              time.perf_counter() - start)
     return dataclasses.replace(fitted, quantizer=quantizer_bytes, index_spec=IndexSpec(
         kind=kind, nlist=nlist, nprobe=config.nprobe, pq_m=pq_m if pq else 0,
         pq_nbits=config.pq_nbits if pq else 0, train_size=len(keys),
-        quantizer=make_file_ref(store, q_rel),
+        quantizer=q_ref,
         factory=factory_string(kind, nlist, pq_m, config.pq_nbits),
         code_size=code_size(quantizer),
     ))
@@ -120,12 +124,15 @@ def load_fitted(store: str, manifest: Manifest) -> FittedKeys:
 
 def fitted_from_specs(store: str, transform: TransformSpec, index: IndexSpec) -> FittedKeys:
     """FittedKeys from the files the specs name, checked against their digests."""
-    for ref in (transform.file, index.quantizer):
-        if make_file_ref(store, ref.path) != ref:
-            raise StoreFormatError(f"{Path(store) / ref.path} does not match its manifest digest")
-    quantizer = (Path(store) / index.quantizer.path).read_bytes()
+    with staged(store, [transform.file.path, index.quantizer.path]) as root:
+        for ref in (transform.file, index.quantizer):
+            if make_file_ref(root, ref.path) != ref:
+                where = join(store, ref.path) if is_remote(store) else Path(store) / ref.path
+                raise StoreFormatError(f"{where} does not match its manifest digest")
+        quantizer = (root / index.quantizer.path).read_bytes()
+        key_transform = KeyTransform.load(root / transform.file.path)
     return FittedKeys(
-        transform=KeyTransform.load(Path(store) / transform.file.path),
+        transform=key_transform,
         quantizer=quantizer,
         transform_spec=transform,
         index_spec=index,

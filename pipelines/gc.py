@@ -30,6 +30,7 @@ from schemas import list_generations, read_manifest
 from schemas.commit import resolve_generation, update_current
 from schemas.manifest import generation_path
 from schemas.shard_io import SHARDS_DIR, shard_relpath
+from schemas.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,10 @@ def collect_garbage(store: str | os.PathLike, keep: int | None = None, dry_run: 
         raise ValueError(f"--keep must be at least 1 (the current generation), not {keep}")
     if grace_s < 0:
         raise ValueError(f"--grace must be >= 0 seconds, not {grace_s}")
+    if is_remote(store):
+        raise ValueError(f"dresd gc works on local stores only for now, not {store}: on object "
+                         "storage the shards of failed or losing runs stay until removed by hand "
+                         "(no manifest names them, so readers never see them)")
     root = Path(store)
     if not root.is_dir():
         raise FileNotFoundError(f"no store at {store}")

@@ -30,16 +30,20 @@ from pipelines.documents import WrittenShard
 from schemas import StoreFormatError
 from schemas.lists import ListsFile, check_vocab, pack_ids
 from schemas.shard_io import (
+    DOCS_FILE,
     INDEX_FILE,
     KEYS_FILE,
+    TOKENS_FILE,
     key_positions,
     read_docs,
     read_keys,
     read_tokens,
     shard_info,
     shard_path,
+    shard_relpath,
     write_counts,
 )
+from schemas.storage import staged
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +224,11 @@ def fill_shard_index(store: str, shard_id: str, quantizer: bytes, vocab_size: in
     return added
 
 
+def shard_files(shard_id: str, names=(TOKENS_FILE, DOCS_FILE, KEYS_FILE)) -> list[str]:
+    """Store-relative paths of a shard's files (what a step on a remote store fetches)."""
+    return [f"{shard_relpath(shard_id)}/{n}" for n in names]
+
+
 def sample_keys(store: str, shards: list[WrittenShard], size: int, seed: int) -> np.ndarray:
     """About ``size`` keys drawn uniformly from the shards' staged keys (float32 [n, d])."""
     shards = sorted(shards, key=lambda s: s.shard_id)  # the same draw on every runner
@@ -230,12 +239,14 @@ def sample_keys(store: str, shards: list[WrittenShard], size: int, seed: int) ->
         want = min(s.num_keys, int(round(size * s.num_keys / max(total, 1))))
         if want == 0:
             continue
-        tokens = read_tokens(store, s.shard_id)
-        docs = read_docs(store, s.shard_id)
-        pos = key_positions(docs.column("start").to_numpy(), docs.column("length").to_numpy(),
-                            len(tokens))
-        rows = np.sort(rng.choice(pos, want, replace=False))
-        out.append(np.asarray(read_keys(store, s.shard_id)[rows], np.float32))
+        with staged(store, shard_files(s.shard_id)) as root:
+            tokens = read_tokens(root, s.shard_id)
+            docs = read_docs(root, s.shard_id)
+            pos = key_positions(docs.column("start").to_numpy(),
+                                docs.column("length").to_numpy(), len(tokens))
+            rows = np.sort(rng.choice(pos, want, replace=False))
+            out.append(np.asarray(read_keys(root, s.shard_id)[rows], np.float32))
+            del tokens, docs
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -247,13 +258,17 @@ class FillShardIndexFn(beam.DoFn):
         self.keep_keys = keep_keys
 
     def process(self, shard: WrittenShard, fitted):
-        added = fill_shard_index(self.store, shard.shard_id, fitted.quantizer, self.vocab_size,
-                                 self.keep_keys)
-        if added != shard.num_keys:
-            raise RuntimeError(f"shard {shard.shard_id}: index holds {added} keys, "
-                               f"the shard {shard.num_keys}")
-        yield shard_info(self.store, shard.shard_id, shard.num_docs, shard.num_tokens,
-                         shard.num_keys, self.generation)
+        # A remote store: the staged keys, tokens and documents come down, the lists and counts
+        # go up and the keys are removed there unless kept; checksums are taken locally.
+        with staged(self.store, shard_files(shard.shard_id)) as root:
+            added = fill_shard_index(root, shard.shard_id, fitted.quantizer, self.vocab_size,
+                                     self.keep_keys)
+            if added != shard.num_keys:
+                raise RuntimeError(f"shard {shard.shard_id}: index holds {added} keys, "
+                                   f"the shard {shard.num_keys}")
+            info = shard_info(root, shard.shard_id, shard.num_docs, shard.num_tokens,
+                              shard.num_keys, self.generation)
+        yield info
 
 
 class FillShardIndex(beam.PTransform):

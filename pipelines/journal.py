@@ -40,6 +40,7 @@ from schemas import FileRef, IndexSpec, ShardInfo, TransformSpec
 from schemas.commit import LocalStoreIO
 from schemas.manifest import make_file_ref
 from schemas.shard_io import read_docs, shard_relpath
+from schemas.storage import ObjectStoreIO, file_stamp, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,7 @@ def _read_json(path: Path):
 def run_key(kind: str, parent: int, files: list[str], settings: dict, model: str) -> str:
     """A digest of the command: the same command on the same inputs gets the same key."""
     h = hashlib.sha256()
-    stats = []
-    for f in sorted(files):
-        st = os.stat(f)
-        stats.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    stats = [file_stamp(f) for f in sorted(files)]
     h.update(json.dumps([kind, parent, stats, settings, model], sort_keys=True,
                         default=str).encode())
     return h.hexdigest()[:16]
@@ -161,6 +159,10 @@ class RunJournal:
 
     def __init__(self, store: str, kind: str, parent: int, key: str):
         self.store = str(store)
+        # On a remote store the journal's files are objects under journal/<name>/ in it,
+        # written whole by plain puts; nothing local is shared with the workers.
+        self.remote = is_remote(self.store)
+        self._started = 0.0
         self.kind = kind
         self.parent = parent
         self.key = key
@@ -178,15 +180,30 @@ class RunJournal:
     def dir(self) -> Path:
         return Path(self.store) / JOURNAL_DIR / self.name
 
+    @property
+    def relpath(self) -> str:
+        return f"{JOURNAL_DIR}/{self.name}"
+
+    def _put_json(self, name: str, obj) -> None:
+        if self.remote:
+            ObjectStoreIO(self.store).replace(
+                f"{self.relpath}/{name}", json.dumps(obj, indent=1, sort_keys=True).encode())
+        else:
+            _write_json(self.dir / name, obj)
+
+    def _info(self) -> dict:
+        return {"kind": self.kind, "parent": self.parent, "key": self.key,
+                "host": socket.gethostname(), "pid": os.getpid(), "started": self._started}
+
     # --- launcher side ---------------------------------------------------------------------
 
     def start(self) -> RunJournal:
         """Create the directory (the run's first write: an unwritable store fails here, before
         anything is encoded) and start the heartbeat."""
-        self.dir.mkdir(parents=True)
-        _write_json(self.dir / RUN_FILE, {"kind": self.kind, "parent": self.parent,
-                                          "key": self.key, "host": socket.gethostname(),
-                                          "pid": os.getpid(), "started": time.time()})
+        self._started = time.time()
+        if not self.remote:
+            self.dir.mkdir(parents=True)
+        self._put_json(RUN_FILE, self._info())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="dresd-heartbeat")
         self._thread.start()
@@ -195,7 +212,10 @@ class RunJournal:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.dir / RUN_FILE)
+                if self.remote:  # an object's modification time changes only when rewritten
+                    self._put_json(RUN_FILE, self._info())
+                else:
+                    os.utime(self.dir / RUN_FILE)
             except OSError:
                 return
 
@@ -205,17 +225,29 @@ class RunJournal:
             self._stop.set()
             self._thread.join()
             self._stop = None
-        if ended and self.dir.is_dir():
+        if ended and self.remote:
+            try:
+                ObjectStoreIO(self.store).replace(f"{self.relpath}/{ENDED_FILE}", b"")
+            except OSError:
+                pass
+        elif ended and self.dir.is_dir():
             try:
                 (self.dir / ENDED_FILE).write_text("")
             except OSError:
                 pass
 
     def read_result(self) -> RunResult:
-        path = self.dir / RESULT_FILE
-        if not path.is_file():
-            raise RuntimeError(f"the pipeline finished without writing its result ({path})")
-        d = _read_json(path)
+        if self.remote:
+            try:
+                d = json.loads(ObjectStoreIO(self.store).read(f"{self.relpath}/{RESULT_FILE}"))
+            except FileNotFoundError as e:
+                raise RuntimeError(f"the pipeline finished without writing its result ({e})") \
+                    from None
+        else:
+            path = self.dir / RESULT_FILE
+            if not path.is_file():
+                raise RuntimeError(f"the pipeline finished without writing its result ({path})")
+            d = _read_json(path)
         return RunResult(
             shards=tuple(_refs(ShardInfo, s) for s in d["shards"]),
             transform=_refs(TransformSpec, d["transform"]) if d["transform"] else None,
@@ -227,6 +259,10 @@ class RunJournal:
         """Take over the verified shards (and, for a build without ``transform``, the fitted
         keys) of dead runs of the same command; their records move into this run's journal."""
         out = Adopted(transform=transform, index=index)
+        if self.remote:
+            # Not on object storage yet: a rerun encodes everything again, and what a crashed
+            # run left is garbage no manifest names.
+            return out
         taken = set(taken or ())
         for d in run_dirs(self.store):
             info = run_info(d)
@@ -285,6 +321,9 @@ class RunJournal:
         not name (a retried bundle's), then the run's journal directory."""
         self.stop(ended=False)
         named = {s.shard_id for s in committed}
+        if self.remote:
+            self._finish_remote(named)
+            return
         extra = [r["shard"].shard_id for r in recorded_shards(self.dir)
                  if r["shard"].shard_id not in named]
         for i, sid in enumerate(extra):
@@ -301,12 +340,21 @@ class RunJournal:
                 maybe_fail("during_cleanup")
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _finish_remote(self, named: set[str]) -> None:
+        io = ObjectStoreIO(self.store)
+        for name in io.listdir(self.relpath):
+            if name.startswith("shard-") and name.endswith(".json"):
+                sid = name[len("shard-"):-len(".json")]
+                if sid not in named:
+                    io.remove(shard_relpath(sid))
+        io.remove(self.relpath)
+
     # --- pipeline side ---------------------------------------------------------------------
 
     def _record(self, info: ShardInfo, transform_sha: str, quantizer_sha: str) -> None:
-        _write_json(self.dir / f"shard-{info.shard_id}.json",
-                    {"shard": asdict(info), "transform": transform_sha,
-                     "quantizer": quantizer_sha})
+        self._put_json(f"shard-{info.shard_id}.json",
+                       {"shard": asdict(info), "transform": transform_sha,
+                        "quantizer": quantizer_sha})
 
     def record_shard(self, info: ShardInfo, fitted) -> ShardInfo:
         maybe_fail("after_index_fill")
@@ -318,11 +366,11 @@ class RunJournal:
     def record_fitted(self, fitted) -> None:
         if fitted is None:
             return
-        _write_json(self.dir / FITTED_FILE, {"transform": asdict(fitted.transform_spec),
-                                             "index": asdict(fitted.index_spec)})
+        self._put_json(FITTED_FILE, {"transform": asdict(fitted.transform_spec),
+                                     "index": asdict(fitted.index_spec)})
 
     def write_result(self, shards: list[ShardInfo], fitted) -> int:
-        _write_json(self.dir / RESULT_FILE, {
+        self._put_json(RESULT_FILE, {
             "shards": [asdict(s) for s in sorted(shards, key=lambda s: s.shard_id)],
             "transform": asdict(fitted.transform_spec) if fitted else None,
             "index": asdict(fitted.index_spec) if fitted else None,

@@ -15,6 +15,7 @@ from pathlib import Path
 import apache_beam as beam
 
 from pipelines.documents import ChatDocument, DeadLetter, Document, TextDocument
+from schemas.storage import file_size, is_remote, list_files, open_input
 
 DEAD = "dead"
 
@@ -23,7 +24,16 @@ def list_corpus_files(corpus: str | os.PathLike | Iterable, glob: str) -> list[s
     """Files of a corpus: record files as given, directories expanded with ``glob``."""
     paths = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
     files: list[str] = []
-    for p in map(Path, paths):
+    for p in paths:
+        if is_remote(p):  # s3://, gs://, ...: listed through the filesystem layer
+            found = list_files(str(p), glob)
+            if found is None:
+                raise FileNotFoundError(f"corpus path {p} does not exist")
+            if not found:
+                raise FileNotFoundError(f"no files match {glob!r} under {p}")
+            files.extend(found)
+            continue
+        p = Path(p)
         if p.is_dir():
             found = sorted(f for f in p.glob(glob) if f.is_file())
             if not found:
@@ -87,7 +97,7 @@ def _chat(source: str, record, prompt_field: str, response_field: str) -> Docume
 
 
 def read_jsonl(path: str, prompt_field: str, response_field: str) -> Iterator[Document | DeadLetter]:
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         for lineno, raw in enumerate(f, 1):
             source = f"{path}:{lineno}"
             if not raw.strip():
@@ -107,7 +117,7 @@ def read_parquet(path: str, prompt_field: str, response_field: str) -> Iterator[
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_input(path) if is_remote(path) else path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one dead letter, not a crash
         yield DeadLetter.of(path, f"unreadable Parquet file: {e}")
         return
@@ -123,11 +133,12 @@ def read_parquet(path: str, prompt_field: str, response_field: str) -> Iterator[
 
 
 def read_text_file(path: str, max_bytes: int) -> Iterator[Document | DeadLetter]:
-    size = os.path.getsize(path)
+    size = file_size(path)
     if size > max_bytes:
         yield DeadLetter.of(path, f"document is {size} bytes, over the limit of {max_bytes}")
         return
-    raw = Path(path).read_bytes()
+    with open_input(path) as f:
+        raw = f.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

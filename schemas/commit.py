@@ -118,8 +118,17 @@ class LocalStoreIO:
 
 
 def store_io(store: str | os.PathLike) -> StoreIO:
-    """The StoreIO of a store location (local paths only, for now)."""
-    return LocalStoreIO(store)
+    """The StoreIO of a store location: a local directory, or a URL (schemas.storage)."""
+    from schemas.storage import ObjectStoreIO, is_remote
+
+    return ObjectStoreIO(str(store)) if is_remote(store) else LocalStoreIO(store)
+
+
+def _where(store: str | os.PathLike, relpath: str) -> str:
+    """A store file's location for messages (``Path`` would mangle a URL)."""
+    from schemas.storage import is_remote, join
+
+    return join(str(store), relpath) if is_remote(store) else str(Path(store) / relpath)
 
 
 def manifest_relpath(generation: int) -> str:
@@ -152,13 +161,13 @@ def read_current_hint(store: str | os.PathLike, io: StoreIO | None = None) -> in
     except FileNotFoundError:
         return None
     except IsADirectoryError:
-        raise StoreFormatError(f"{Path(store) / CURRENT_FILE} is a directory, not a file") from None
+        raise StoreFormatError(f"{_where(store, CURRENT_FILE)} is a directory, not a file") from None
     if not raw.strip():
         return None
     m = CURRENT_TEXT.fullmatch(raw)
     if not m or int(m.group(1)) < 1:
         raise StoreFormatError(
-            f"{Path(store) / CURRENT_FILE} is corrupt: it must hold exactly "
+            f"{_where(store, CURRENT_FILE)} is corrupt: it must hold exactly "
             f"'{MANIFEST_DIR}/gen-NNNNNN.json' and a newline ({len(raw)} bytes found); delete it "
             "and the newest committed generation is found by listing manifests/")
     return int(m.group(1))
@@ -177,7 +186,7 @@ def resolve_generation(store: str | os.PathLike, io: StoreIO | None = None) -> i
         return listed[-1]
     if not io.exists(manifest_relpath(hint)):
         raise StoreFormatError(
-            f"{Path(store) / CURRENT_FILE} is corrupt: it names generation {hint}, whose "
+            f"{_where(store, CURRENT_FILE)} is corrupt: it names generation {hint}, whose "
             f"manifest does not exist; delete it and the newest committed generation is found "
             "by listing manifests/")
     generation = hint
@@ -191,7 +200,8 @@ def newest_generation(store: str | os.PathLike) -> int:
     try:
         return resolve_generation(store)
     except StoreFormatError:
-        if read_current_hint(store) is None and not listed_generations(store_io(store)):
+        io = store_io(store)
+        if read_current_hint(store, io) is None and not listed_generations(io):
             return 0
         raise
 

@@ -249,11 +249,18 @@ def current_generation(store: str | os.PathLike) -> int:
 
 def read_manifest(store: str | os.PathLike, generation: int | None = None) -> Manifest:
     """The live manifest (or a given generation) of a store."""
+    from schemas.storage import ObjectStoreIO, is_remote, join
+
     if generation is None:
         generation = current_generation(store)
-    path = generation_path(store, generation)
+    if is_remote(store):  # a URL: read through the filesystem layer (schemas.storage)
+        rel = f"{MANIFEST_DIR}/gen-{generation:06d}.json"
+        path, read = join(str(store), rel), lambda: ObjectStoreIO(str(store)).read(rel)
+    else:
+        path = generation_path(store, generation)
+        read = path.read_bytes
     try:
-        d = json.loads(path.read_bytes().decode("utf-8"))
+        d = json.loads(read().decode("utf-8"))
     except FileNotFoundError:
         raise StoreFormatError(f"manifest generation {generation} is missing: {path}") from None
     except UnicodeDecodeError as e:
