@@ -186,8 +186,21 @@ def test_dresd_generate_from_s3(s3_and_local, tiny_llama_dir, tmp_path, monkeypa
     assert "plain greedy: identical" in out and "5 docs" in out
 
 
-def _concurrent_updates(store, corpora, names, config, rebase):
-    results, start = {}, threading.Barrier(len(names))
+def _concurrent_updates(store, corpora, names, config, rebase, monkeypatch):
+    """Run one update per name in its own thread; both reach their commit point (having read
+    the same parent generation) before either commits, so the race is real every time."""
+    import pipelines.build as build
+
+    results, start, at_commit = {}, threading.Barrier(len(names)), threading.Barrier(len(names))
+    real, waited = build.commit_generation, set()
+
+    def commit_after_both(*args, **kw):
+        if threading.get_ident() not in waited:
+            waited.add(threading.get_ident())
+            at_commit.wait(timeout=120)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(build, "commit_generation", commit_after_both)
 
     def run(name):
         start.wait()
@@ -201,11 +214,13 @@ def _concurrent_updates(store, corpora, names, config, rebase):
         t.start()
     for t in threads:
         t.join()
+    monkeypatch.setattr(build, "commit_generation", real)
     return results
 
 
 @pytest.mark.parametrize("rebase", [False, True], ids=["fail", "rebase"])
-def test_two_concurrent_updates_on_s3(s3_endpoint, corpora, tiny_llama_dir, tmp_path, rebase):
+def test_two_concurrent_updates_on_s3(s3_endpoint, corpora, tiny_llama_dir, monkeypatch,
+                                      rebase):
     """Two real update runs against one s3 store at once. Without --rebase one may lose the
     commit race: it fails with CommitConflictError, the winner's generation is intact, and a
     rerun adds its documents. With --rebase both land. Either way no document is lost."""
@@ -217,10 +232,12 @@ def test_two_concurrent_updates_on_s3(s3_endpoint, corpora, tiny_llama_dir, tmp_
     config = _config(tiny_llama_dir)
     base = build_store(f"{corpus}/first", store, config)
     s3 = {n: f"{corpus}/{n}" for n in ("a", "b")}
-    results = _concurrent_updates(store, s3, ["a", "b"], config, rebase)
+    results = _concurrent_updates(store, s3, ["a", "b"], config, rebase, monkeypatch)
     failed = [n for n, r in results.items() if isinstance(r, Exception)]
-    if rebase:
-        assert not failed, results
+    assert len(failed) == (0 if rebase else 1), results
+    if rebase:  # the loser of the race committed on top of the winner's generation
+        assert sorted(m.generation for m in results.values()) == [2, 3]
+        assert read_manifest(store, 3).parent_generation == 2
     for name in failed:
         assert "already exists" in str(results[name]) and "rerun" in str(results[name])
         assert update_store(s3[name], store, config).num_docs == base.num_docs + 2
