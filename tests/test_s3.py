@@ -7,6 +7,7 @@ conditional put the commit rests on; two concurrent updates.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -118,7 +119,7 @@ def s3_and_local(s3_endpoint, corpora, tiny_llama_dir, tmp_path_factory):
     return out
 
 
-def test_build_update_compact_on_s3_match_local(s3_and_local):
+def test_build_update_compact_on_s3_match_local(s3_and_local, capsys):
     for step in ("built", "updated", "compacted"):
         remote, local = s3_and_local[step]
         assert _counts(remote) == _counts(local), step
@@ -135,6 +136,12 @@ def test_build_update_compact_on_s3_match_local(s3_and_local):
     stored = {p.split("/store/", 1)[1] for p in io.fs.find(io.path("shards"))}
     assert not any(p.endswith("keys.npy") for p in stored)  # staged keys dropped after fill
     assert stored <= named  # no stray files (retried bundles' shards were removed)
+    assert dresd_main(["info", store, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [g["generation"] for g in info["generations"]] == [1, 2, 3]
+    assert info["keys"] == s3_and_local["compacted"][1].num_keys
+    assert dresd_main(["verify", store]) == 2
+    assert "checksummed as `load_store`" in capsys.readouterr().err
     # an update of documents the store already holds publishes nothing
     again = update_store(f"{s3_and_local['corpus']}/later", store,
                          _config(s3_and_local["built"][0].model.name))
@@ -276,3 +283,14 @@ def test_local_corpus_into_s3_store_and_back(s3_endpoint, corpora, tiny_llama_di
     with pytest.raises(ValueError, match="already a store"):
         build_store(corpora["b"], store, _config(tiny_llama_dir))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_runtime_imports_no_builder_and_no_s3_client_until_needed():
+    import subprocess
+    import sys
+
+    code = ("import sys, dresd, dresd.remote, dresd.store, dresd.commands.generate\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('pipelines', 'apache_beam', 's3fs', 'fsspec')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,8 +18,13 @@ def run(args) -> int:
     from schemas import list_generations, read_manifest
     from schemas.integrity import check_present, verify_files
     from schemas.manifest import current_generation
+    from schemas.storage import is_remote
 
     store = args.store
+    if is_remote(store):
+        raise ValueError(f"dresd verify checks a local store directory, not {store}; a remote "
+                         "store's files are checksummed as `load_store` (or `dresd generate "
+                         "--store`) downloads them into the local cache")
     gens = list_generations(store) if args.all_generations else [
         args.generation or current_generation(store)]
     refs = []
