@@ -56,7 +56,7 @@ from schemas.commit import CommitConflictError, newest_generation, store_io, upd
 from schemas.integrity import VERIFIED_DIR
 from schemas.manifest import CURRENT_FILE, MANIFEST_DIR, generation_path
 from schemas.shard_io import SHARDS_DIR, read_docs
-from schemas.storage import is_remote, staged
+from schemas.storage import bucket_exists, is_remote, staged
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ def _check_store_path(store: str, exists: bool = False) -> None:
     checked before anything is written, so a bad path leaves nothing half-way. A URL is
     checked by its first read or write (object stores have no directories to test)."""
     if is_remote(store):
+        if not bucket_exists(store):
+            raise FileNotFoundError(f"{store}: its bucket does not exist (or these credentials "
+                                    "cannot see it); create it first")
         if exists and newest_generation(store) == 0:
             raise FileNotFoundError(f"no store at {store}")
         return

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -158,6 +157,12 @@ class ObjectStoreIO:
                         [self.path(r) for r in relpaths])
 
 
+def bucket_exists(url: str) -> bool:
+    """Whether the bucket (the first component after the scheme) of a URL exists."""
+    fs, path = filesystem(url)
+    return fs.exists(path.split("/", 1)[0])
+
+
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in root.rglob("*") if p.is_file()}
@@ -242,7 +247,3 @@ def file_stamp(path: str) -> list:
 def location_key(location: str) -> str:
     """A short digest naming a store location in local caches."""
     return hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

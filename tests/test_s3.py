@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import uuid
 
@@ -275,14 +274,18 @@ def test_gc_refuses_a_remote_store_clearly(s3_endpoint):
         collect_garbage(f"s3://{_bucket()}/store")
 
 
-def test_local_corpus_into_s3_store_and_back(s3_endpoint, corpora, tiny_llama_dir, tmp_path):
-    """Mixed locations: a local corpus into an s3 store; the s3 store refuses a second build."""
+def test_local_corpus_into_an_s3_store(s3_endpoint, corpora, tiny_llama_dir):
+    """Mixed locations: a local corpus into an s3 store; a second build, a missing bucket and
+    an update of no store are clear errors."""
     store = f"s3://{_bucket()}/nested/store"
     m = build_store(corpora["a"], store, _config(tiny_llama_dir))
     assert m.num_docs == 1
     with pytest.raises(ValueError, match="already a store"):
         build_store(corpora["b"], store, _config(tiny_llama_dir))
-    shutil.rmtree(tmp_path, ignore_errors=True)
+    with pytest.raises(FileNotFoundError, match="bucket does not exist"):
+        build_store(corpora["b"], "s3://no-such-bucket-here/store", _config(tiny_llama_dir))
+    with pytest.raises(FileNotFoundError, match="no store at"):
+        update_store(corpora["b"], f"s3://{_bucket()}/empty", _config(tiny_llama_dir))
 
 
 def test_the_runtime_imports_no_builder_and_no_s3_client_until_needed():
