@@ -297,3 +297,31 @@ def test_the_runtime_imports_no_builder_and_no_s3_client_until_needed():
             "('pipelines', 'apache_beam', 's3fs', 'fsspec')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("point", ["before_manifest", "after_manifest", "after_current"])
+def test_a_crashed_update_on_s3_never_blocks_the_store(point, s3_endpoint, corpora,
+                                                      tiny_llama_dir, tmp_path, monkeypatch):
+    """A crash before the commit leaves the parent generation; a crash after it (CURRENT not
+    moved yet) leaves the new one readable; a rerun completes either way."""
+    from dresd.store import load_store
+    from pipelines import faults
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path / "cache"))
+    bucket = _bucket()
+    store = f"s3://{bucket}/store"
+    build_store(corpora["a"], store, _config(tiny_llama_dir))
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, point)
+    with pytest.raises(Exception, match="injected fault"):  # noqa: B017 - Beam may wrap it
+        update_store(corpora["b"], store, _config(tiny_llama_dir))
+    monkeypatch.delenv(faults.ENV)
+    faults.reset()
+    committed = point != "before_manifest"
+    io = ObjectStoreIO(store)
+    assert io.read("CURRENT") == (b"manifests/gen-000002.json\n" if point == "after_current"
+                                  else b"manifests/gen-000001.json\n")
+    assert load_store(store).manifest.generation == (2 if committed else 1)
+    again = update_store(corpora["b"], store, _config(tiny_llama_dir))
+    assert again.generation == 2 and again.num_docs == 2
+    assert load_store(store).manifest.generation == 2
