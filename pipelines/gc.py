@@ -10,6 +10,7 @@ Never removed: anything a retained manifest names, anything modified within ``gr
 that started while gc was looking), and, while any run is live (its journal heartbeat is
 fresh), no unreferenced shard, transform or quantizer at all: it may be that run's output.
 Old manifests go first, so a crash of gc never leaves a manifest naming a missing file.
+A store at a URL follows the same rules on objects (pipelines.gc_remote).
 """
 
 from __future__ import annotations
@@ -119,9 +120,9 @@ def collect_garbage(store: str | os.PathLike, keep: int | None = None, dry_run: 
     if grace_s < 0:
         raise ValueError(f"--grace must be >= 0 seconds, not {grace_s}")
     if is_remote(store):
-        raise ValueError(f"dresd gc works on local stores only for now, not {store}: on object "
-                         "storage the shards of failed or losing runs stay until removed by hand "
-                         "(no manifest names them, so readers never see them)")
+        from pipelines.gc_remote import collect_remote_garbage
+
+        return collect_remote_garbage(str(store), keep, dry_run, grace_s)
     root = Path(store)
     if not root.is_dir():
         raise FileNotFoundError(f"no store at {store}")
