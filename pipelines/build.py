@@ -11,6 +11,7 @@ the runner the Beam options name (DirectRunner by default), and returns the live
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -39,9 +40,12 @@ from pipelines.fit import (
 from pipelines.index import FillShardIndex
 from pipelines.journal import (
     JOURNAL_DIR,
+    RUN_FILE,
     RunJournal,
     config_settings,
     recorded_shards,
+    remote_recorded,
+    remote_runs,
     run_dirs,
     run_info,
     run_key,
@@ -52,11 +56,17 @@ from pipelines.readers import DEAD, ReadCorpus, describe_kind, list_corpus_files
 from pipelines.sample import SampleStates
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
-from schemas.commit import CommitConflictError, newest_generation, store_io, update_current
+from schemas.commit import (
+    CommitConflictError,
+    manifest_relpath,
+    newest_generation,
+    store_io,
+    update_current,
+)
 from schemas.integrity import VERIFIED_DIR
 from schemas.manifest import CURRENT_FILE, MANIFEST_DIR, generation_path
 from schemas.shard_io import SHARDS_DIR, read_docs
-from schemas.storage import bucket_exists, is_remote, staged
+from schemas.storage import ObjectStoreIO, bucket_exists, is_remote, staged
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +259,8 @@ def _completed_earlier(store: str, kind: str, parent: int, key: str) -> Manifest
     (its recorded shards are all in the generation after ``parent``), CURRENT repaired and the
     run's journal removed; None otherwise."""
     generation = parent + 1
+    if is_remote(store):
+        return _completed_earlier_remote(store, parent, key)
     if not generation_path(store, generation).is_file():
         return None
     manifest = read_manifest(store, generation)
@@ -261,6 +273,30 @@ def _completed_earlier(store: str, kind: str, parent: int, key: str) -> Manifest
         if recorded and recorded <= named:
             update_current(store, newest_generation(store))
             shutil.rmtree(d, ignore_errors=True)
+            log.info("generation %d was committed by an earlier run of this command; "
+                     "completed it", generation)
+            return read_manifest(store)
+    return None
+
+
+def _completed_earlier_remote(store: str, parent: int, key: str) -> Manifest | None:
+    """``_completed_earlier`` for a store at a URL (its journal is objects under journal/)."""
+    io = ObjectStoreIO(store)
+    generation = parent + 1
+    if not io.exists(manifest_relpath(generation)):
+        return None
+    named = {s.shard_id for s in read_manifest(store, generation).shards}
+    for run in remote_runs(io):
+        try:
+            info = json.loads(io.read(f"{run}/{RUN_FILE}"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or info.get("key") != key or info.get("parent") != parent:
+            continue
+        recorded = {r["shard"].shard_id for r in remote_recorded(io, run)}
+        if recorded and recorded <= named:
+            update_current(store, newest_generation(store))
+            io.remove(run)
             log.info("generation %d was committed by an earlier run of this command; "
                      "completed it", generation)
             return read_manifest(store)
@@ -303,7 +339,7 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     _check_device(config, beam_args)
     model = describe_model(config)
     key = run_key("build", 0, files, config_settings(config), model.fingerprint)
-    if (not is_remote(store) and Path(store).is_dir()
+    if ((is_remote(store) or Path(store).is_dir())
             and (done := _completed_earlier(store, "build", 0, key))):
         return done
     _check_new_store(store)

@@ -18,7 +18,7 @@ import time
 from pipelines.dead_letter import DEAD_LETTER_DIR, dead_letter_relpath
 from pipelines.faults import maybe_fail
 from pipelines.fit import INDEX_DIR, TRANSFORM_DIR
-from pipelines.journal import ENDED_FILE, JOURNAL_DIR, LIVE_S, RUN_FILE
+from pipelines.journal import remote_is_live, remote_runs
 from schemas import read_manifest
 from schemas.commit import listed_generations, manifest_relpath, resolve_generation, update_current
 from schemas.shard_io import SHARDS_DIR
@@ -58,13 +58,8 @@ def collect_remote_garbage(store: str, keep: int | None, dry_run: bool, grace_s:
         referenced |= _referenced(json.loads(io.read(manifest_relpath(g)).decode("utf-8")))
 
     now = time.time()
-    runs = [f"{JOURNAL_DIR}/{n}" for n in io.listdir(JOURNAL_DIR) if n.startswith("run-")]
-    live = []
-    for run in runs:
-        beat = _objects(io, f"{run}/{RUN_FILE}")
-        if (beat and not io.exists(f"{run}/{ENDED_FILE}")
-                and now - _stamp(beat[0]) < LIVE_S):
-            live.append(run)
+    runs = remote_runs(io)
+    live = [run for run in runs if remote_is_live(io, run, now)]
     report = GcReport(generation=newest, retained=retained, live_runs=len(live))
     candidates = [manifest_relpath(g) for g in generations if g not in retained]
     candidates += [dead_letter_relpath(g) for g in generations if g not in retained]

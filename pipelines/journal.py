@@ -40,7 +40,7 @@ from schemas import FileRef, IndexSpec, ShardInfo, TransformSpec
 from schemas.commit import LocalStoreIO
 from schemas.manifest import make_file_ref
 from schemas.shard_io import read_docs, shard_relpath
-from schemas.storage import ObjectStoreIO, file_stamp, is_remote
+from schemas.storage import ObjectStoreIO, file_stamp, is_remote, staged
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,63 @@ def recorded_shards(run_dir: Path) -> list[dict]:
     return out
 
 
+def remote_runs(io: ObjectStoreIO) -> list[str]:
+    """Store-relative prefixes of the run journals of a store at a URL."""
+    return [f"{JOURNAL_DIR}/{n}" for n in io.listdir(JOURNAL_DIR) if n.startswith("run-")]
+
+
+def _remote_json(io: ObjectStoreIO, relpath: str):
+    try:
+        return json.loads(io.read(relpath).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def remote_is_live(io: ObjectStoreIO, run: str, now: float | None = None) -> bool:
+    """``is_live`` for a run journal on object storage: its ``run.json`` was rewritten (the
+    heartbeat) within LIVE_S and it has no ``ended`` marker. Its launcher's process cannot be
+    probed from here."""
+    try:
+        beat = io.fs.info(io.path(f"{run}/{RUN_FILE}"))
+    except FileNotFoundError:
+        return False
+    if io.exists(f"{run}/{ENDED_FILE}"):
+        return False
+    when = beat.get("LastModified") or beat.get("mtime")
+    stamp = when.timestamp() if hasattr(when, "timestamp") else float(when or 0)
+    return (now or time.time()) - stamp < LIVE_S
+
+
+def remote_recorded(io: ObjectStoreIO, run: str) -> list[dict]:
+    """``recorded_shards`` of a run journal on object storage."""
+    out = []
+    for name in io.listdir(run):
+        if not (name.startswith("shard-") and name.endswith(".json")):
+            continue
+        rec = _remote_json(io, f"{run}/{name}")
+        try:
+            rec["shard"] = _refs(ShardInfo, rec["shard"])
+        except (KeyError, TypeError):
+            continue
+        out.append(rec)
+    return out
+
+
+def _staged_ok(store: str, refs, shard_id: str | None = None):
+    """Fetch ``refs`` from a remote store and checksum them: False if any is missing or
+    differs; True, or with ``shard_id`` the set of that shard's document ids, if all match."""
+    refs = list(refs)
+    try:
+        with staged(store, [r.path for r in refs]) as root:
+            if any(make_file_ref(root, r.path) != r for r in refs):
+                return False
+            if shard_id is None:
+                return True
+            return set(read_docs(root, shard_id).column("doc_id").to_pylist())
+    except (OSError, ValueError):
+        return False
+
+
 class RunJournal:
     """One run's journal directory. Picklable (pipeline steps take it); the heartbeat thread
     lives only in the launcher."""
@@ -259,11 +316,9 @@ class RunJournal:
         """Take over the verified shards (and, for a build without ``transform``, the fitted
         keys) of dead runs of the same command; their records move into this run's journal."""
         out = Adopted(transform=transform, index=index)
-        if self.remote:
-            # Not on object storage yet: a rerun encodes everything again, and what a crashed
-            # run left is garbage no manifest names.
-            return out
         taken = set(taken or ())
+        if self.remote:
+            return self._adopt_remote(out, taken)
         for d in run_dirs(self.store):
             info = run_info(d)
             if (d == self.dir or info is None or info.get("key") != self.key
@@ -289,6 +344,46 @@ class RunJournal:
                 out.shards.append(info)
                 self._record(info, rec["transform"], rec["quantizer"])
             shutil.rmtree(d, ignore_errors=True)
+        if out.shards:
+            log.info("reusing %d shard(s), %d documents, written by an earlier run of this "
+                     "command", len(out.shards), sum(s.num_docs for s in out.shards))
+        return out
+
+    def _adopt_remote(self, out: Adopted, taken: set[str]) -> Adopted:
+        """``adopt`` on a store at a URL: the same rules, each candidate's files fetched into a
+        local staging directory to be checksummed (cheaper than encoding them again)."""
+        io = ObjectStoreIO(self.store)
+        for run in remote_runs(io):
+            info = _remote_json(io, f"{run}/{RUN_FILE}")
+            if (run == self.relpath or not isinstance(info, dict)
+                    or info.get("key") != self.key or info.get("parent") != self.parent
+                    or remote_is_live(io, run)):
+                continue
+            if out.transform is None:
+                fitted = _remote_json(io, f"{run}/{FITTED_FILE}")
+                try:
+                    transform = _refs(TransformSpec, fitted["transform"])
+                    index = _refs(IndexSpec, fitted["index"])
+                except (KeyError, TypeError):
+                    transform = index = None
+                if transform is None or not _staged_ok(self.store,
+                                                       [transform.file, index.quantizer]):
+                    io.remove(run)  # nothing reusable: its files are garbage for gc
+                    continue
+                out.transform, out.index = transform, index
+                self._put_json(FITTED_FILE, fitted)
+            for rec in remote_recorded(io, run):
+                info = rec["shard"]
+                if (rec.get("transform") != out.transform.file.sha256
+                        or rec.get("quantizer") != out.index.quantizer.sha256):
+                    continue
+                doc_ids = _staged_ok(self.store, info.files(), info.shard_id)
+                if not doc_ids or len(doc_ids) != info.num_docs or doc_ids & taken:
+                    continue
+                taken |= doc_ids
+                out.shards.append(info)
+                self._record(info, rec["transform"], rec["quantizer"])
+            io.remove(run)
         if out.shards:
             log.info("reusing %d shard(s), %d documents, written by an earlier run of this "
                      "command", len(out.shards), sum(s.num_docs for s in out.shards))
@@ -341,12 +436,21 @@ class RunJournal:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _finish_remote(self, named: set[str]) -> None:
+        """``finish`` on object storage, in the local order: extra shards, then the run's
+        other files, the shard records and run.json last (see ``finish``)."""
         io = ObjectStoreIO(self.store)
-        for name in io.listdir(self.relpath):
-            if name.startswith("shard-") and name.endswith(".json"):
-                sid = name[len("shard-"):-len(".json")]
-                if sid not in named:
-                    io.remove(shard_relpath(sid))
+        names = io.listdir(self.relpath)
+        extra = [n[len("shard-"):-len(".json")] for n in names
+                 if n.startswith("shard-") and n.endswith(".json")]
+        for i, sid in enumerate(s for s in extra if s not in named):
+            io.remove(shard_relpath(sid))
+            if i == 0:
+                maybe_fail("during_cleanup")
+        for i, name in enumerate(n for n in names if n != RUN_FILE
+                                 and not n.startswith("shard-")):
+            io.remove(f"{self.relpath}/{name}")
+            if i == 0:
+                maybe_fail("during_cleanup")
         io.remove(self.relpath)
 
     # --- pipeline side ---------------------------------------------------------------------

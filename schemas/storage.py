@@ -64,8 +64,12 @@ def storage_options(url: str) -> dict:
 
 def filesystem(url: str):
     """(fsspec filesystem, path without the scheme) of a URL."""
+    import logging
+
     import fsspec
 
+    # aiobotocore logs at INFO where it found credentials, on every process: noise in a CLI.
+    logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)
     return fsspec.core.url_to_fs(url, **storage_options(url))
 
 

@@ -332,3 +332,32 @@ def test_a_crashed_update_on_s3_never_blocks_the_store(point, s3_endpoint, corpo
     again = update_store(corpora["b"], store, _config(tiny_llama_dir))
     assert again.generation == 2 and again.num_docs == 2
     assert load_store(store).manifest.generation == 2
+
+
+@pytest.mark.parametrize("point", ["after_shard_record", "after_manifest", "during_cleanup"])
+def test_a_crashed_build_on_s3_is_completed_by_its_rerun(point, s3_endpoint, corpora,
+                                                         tiny_llama_dir, monkeypatch, caplog):
+    """The remote run journal: a rerun reuses the checksummed shards of the crashed run, or,
+    when the crash came after the commit, finishes at once."""
+    from pipelines import faults
+    from pipelines.gc import collect_garbage
+
+    store = f"s3://{_bucket()}/store"
+    config = _config(tiny_llama_dir, shard_tokens=1500)
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, point)
+    with pytest.raises(Exception, match="injected fault"):  # noqa: B017 - Beam may wrap it
+        build_store(corpora["first"], store, config)
+    monkeypatch.delenv(faults.ENV)
+    faults.reset()
+    io = ObjectStoreIO(store)
+    assert io.listdir("journal")  # the crashed run's journal is there to be adopted
+    with caplog.at_level(logging.INFO):
+        m = build_store(corpora["first"], store, config)
+    if point == "after_shard_record":
+        assert "reusing 1 shard(s)" in caplog.text
+    else:
+        assert "committed by an earlier run of this command" in caplog.text
+    assert (m.generation, m.num_docs) == (1, 3) and io.listdir("journal") == []
+    collect_garbage(store, grace_s=0)
+    assert set(io.listdir("shards")) == {s.shard_id for s in m.shards}
