@@ -70,7 +70,10 @@ def filesystem(url: str):
 
     # aiobotocore logs at INFO where it found credentials, on every process: noise in a CLI.
     logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)
-    return fsspec.core.url_to_fs(url, **storage_options(url))
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options(url))
+    except ImportError as e:  # the backend is an optional package (s3fs: the 's3' extra)
+        raise RuntimeError(f"{url}: {e}") from None
 
 
 class ObjectStoreIO:
