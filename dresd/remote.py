@@ -16,13 +16,15 @@ downloaded under a temporary name, its sha256 and size checked against the manif
 then renamed into place; a mismatch is a ``StoreFormatError`` and leaves nothing under the
 final name. Each verified checksum is recorded (schemas.integrity), so the load that follows
 does not read the large files again. A second load of a generation whose ``complete`` marker
-exists, with every file present at its recorded size, downloads nothing. The key archive
+exists, whose cached manifest is byte for byte the store's and every file present at its
+recorded size, downloads nothing but that manifest. The key archive
 (``keys.npy``), which the runtime never opens, is not downloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import uuid
@@ -93,29 +95,28 @@ def sync_store(url: str, generation: int | None = None) -> tuple[Path, int, int]
     root = cache_dir(url)
     marker = root / COMPLETE_DIR / f"gen-{generation:06d}"
     rel = manifest_relpath(generation)
-    if marker.is_file() and (root / rel).is_file():
-        from schemas import read_manifest
-
-        manifest = read_manifest(root, generation)
-        try:
-            check_present(root, _runtime_files(manifest))
-            return root, generation, 0
-        except StoreFormatError:
-            log.info("%s: cached copy of generation %d is incomplete; syncing again", url,
-                     generation)
     try:
-        data = io.read(rel)
+        data = io.read(rel)  # one small read: the manifest decides what the cache must hold
     except FileNotFoundError:
         raise StoreFormatError(f"manifest generation {generation} is missing: "
                                f"{io.location(rel)}") from None
-    import json
-
     try:
         manifest = Manifest.from_dict(json.loads(data.decode("utf-8")))
     except (UnicodeDecodeError, ValueError) as e:
         if isinstance(e, StoreFormatError):
             raise
         raise StoreFormatError(f"manifest {io.location(rel)} is not valid JSON text") from None
+    cached = root / rel
+    # The cached copy counts only if it is this very manifest (a store deleted and built again
+    # at the same URL starts again at generation 1) and every file it names is still there.
+    if marker.is_file() and cached.is_file() and cached.read_bytes() == data:
+        try:
+            check_present(root, _runtime_files(manifest))
+            return root, generation, 0
+        except StoreFormatError:
+            log.info("%s: cached copy of generation %d is incomplete; syncing again", url,
+                     generation)
+    marker.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     (root / SOURCE_FILE).write_text(url.rstrip("/") + "\n")
     records = Records(root)

@@ -169,6 +169,19 @@ def test_load_store_from_s3_syncs_once_and_verifies(s3_and_local, tmp_path, monk
     old = load_store(store, generation=1)
     assert old.manifest.generation == 1 and 0 < len(fetched) <= len(old.manifest.files())
 
+    # The same URL rebuilt from scratch: generation 1 again, other files; the cache follows.
+    rebuilt = f"s3://{_bucket()}/store"
+    io_new = ObjectStoreIO(rebuilt)
+    io_old = ObjectStoreIO(store)
+    for rel in ("manifests/gen-000001.json", *(f.path for f in old.manifest.files())):
+        io_new.replace(rel, io_old.read(rel))
+    first = load_store(rebuilt, generation=1)
+    assert first.manifest.generation == 1
+    manifest = json.loads(io_new.read("manifests/gen-000001.json"))
+    manifest["note"] = "rebuilt"
+    io_new.replace("manifests/gen-000001.json", json.dumps(manifest).encode())
+    assert load_store(rebuilt).manifest.note == "rebuilt"
+
     # A corrupt object is refused on download and nothing lands under its name.
     monkeypatch.setenv("DRESD_CACHE", str(tmp_path / "cache2"))
     io = ObjectStoreIO(store)
