@@ -294,7 +294,7 @@ def _sources(store, manifest):
 
 
 
-def test_local_corpus_into_an_s3_store(s3_endpoint, corpora, tiny_llama_dir):
+def test_local_corpus_into_an_s3_store(s3_endpoint, corpora, tiny_llama_dir, capsys):
     """Mixed locations: a local corpus into an s3 store; a second build, a missing bucket and
     an update of no store are clear errors."""
     store = f"s3://{_bucket()}/nested/store"
@@ -302,6 +302,9 @@ def test_local_corpus_into_an_s3_store(s3_endpoint, corpora, tiny_llama_dir):
     assert m.num_docs == 1
     with pytest.raises(ValueError, match="already a store"):
         build_store(corpora["b"], store, _config(tiny_llama_dir))
+    assert dresd_main(["update", store, str(corpora["b"]), "--glob", "*.py", "--no-progress",
+                       "--rebase"]) == 0
+    assert "generation 2: 2 shard(s), 2 documents" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="bucket does not exist"):
         build_store(corpora["b"], "s3://no-such-bucket-here/store", _config(tiny_llama_dir))
     with pytest.raises(FileNotFoundError, match="no store at"):
@@ -374,3 +377,25 @@ def test_a_crashed_build_on_s3_is_completed_by_its_rerun(point, s3_endpoint, cor
     assert (m.generation, m.num_docs) == (1, 3) and io.listdir("journal") == []
     collect_garbage(store, grace_s=0)
     assert set(io.listdir("shards")) == {s.shard_id for s in m.shards}
+
+
+def test_staged_uploads_what_a_step_wrote_and_nothing_after_an_error(s3_endpoint, tmp_path):
+    from schemas.storage import staged
+
+    with staged(tmp_path) as root:  # a local store is worked on in place
+        assert root == tmp_path
+    io = ObjectStoreIO(f"s3://{_bucket()}/store")
+    io.replace("shards/s-1/tokens.arrow", b"tokens")
+    io.replace("shards/s-1/keys.npy", b"keys")
+    with staged(io.url, ["shards/s-1/tokens.arrow", "shards/s-1/keys.npy"]) as root:
+        assert (root / "shards/s-1/tokens.arrow").read_bytes() == b"tokens"
+        (root / "shards/s-1/keys.npy").unlink()  # removed there too
+        (root / "shards/s-1/ivf.lists").write_bytes(b"lists")  # uploaded
+        (root / "shards/s-1/.ivf.lists.part").write_bytes(b"x")  # scratch: not uploaded
+    assert io.listdir("shards/s-1") == ["ivf.lists", "tokens.arrow"]
+    with pytest.raises(RuntimeError, match="step failed"):
+        with staged(io.url) as root:
+            (root / "shards/s-2").mkdir(parents=True)
+            (root / "shards/s-2/tokens.arrow").write_bytes(b"half")
+            raise RuntimeError("step failed")
+    assert io.listdir("shards") == ["s-1"]
