@@ -304,6 +304,10 @@ def manifest_bytes(manifest: Manifest) -> bytes:
 
 
 def _check_written_form(path: Path, raw: bytes, d: dict) -> None:
+    if "sha256" not in d:
+        raise StoreFormatError(f"manifest {path} has no sha256 field: it was written before "
+                               f"manifests were sealed, or the field was removed; "
+                               f"{UPGRADE_HINT}")
     if d.get("sha256") != _content_digest(d):
         raise StoreFormatError(f"manifest {path} is corrupt: its content does not match its "
                                "sha256 field")
