@@ -1,10 +1,11 @@
 """Encode documents into shards: token stream, documents, and one transformed key per position.
 
-The model loads once per worker (``setup``). Documents are buffered until they hold
-``shard_tokens`` tokens (or the bundle ends), then encoded longest-window-first under the token
-budget and written as one shard. A key exists for every position t with t + 1 < length: its
-vector is transform(h_t) in float16, staged in ``keys.npy`` (row t) until the fill step encodes
-it into the shard's inverted lists, filed under the token at t + 1.
+The model loads once per worker process, shared with the sampling step (``pipelines.encoder``).
+Documents are buffered until they hold ``shard_tokens`` tokens (or the bundle ends), then encoded
+longest-window-first under the token budget and written as one shard. A key exists for every
+position t with t + 1 < length: its vector is transform(h_t) in float16, staged in ``keys.npy``
+(row t) until the fill step encodes it into the shard's inverted lists, filed under the token at
+t + 1.
 
 Every worker reports its timings as Beam metrics (see ``EncodeTiming``), so a launcher on any
 runner can tell the encode throughput without the model load, tokenization or the other stages.
@@ -106,10 +107,12 @@ class EncodeShardsFn(beam.DoFn):
         self.store = store
 
     def setup(self):
-        from pipelines.forward import HiddenStateModel
+        from pipelines.encoder import EncoderSpec, acquire_encoder
 
         start = time.perf_counter()
-        self.model = HiddenStateModel(self.config.model, self.config.device, self.config.dtype)
+        # The process's one encoder, shared with the sampling step (pipelines.encoder): only
+        # the first acquire in a process loads it, so setup_ms is ~0 where sampling loaded it.
+        self.model = acquire_encoder(EncoderSpec.of(self.config))
         # Metrics reported in setup are lost; the first bundle reports this one.
         self.setup_ms = int((time.perf_counter() - start) * 1000)
 

@@ -54,9 +54,10 @@ class EncodeSampleFn(beam.DoFn):
         self.config = config
 
     def setup(self):
-        from pipelines.forward import HiddenStateModel
+        from pipelines.encoder import EncoderSpec, acquire_encoder
 
-        self.model = HiddenStateModel(self.config.model, self.config.device, self.config.dtype)
+        # The process's one encoder, shared with the encoding step (pipelines.encoder).
+        self.model = acquire_encoder(EncoderSpec.of(self.config))
 
     def process(self, docs: list[TokenizedDoc]):
         import torch
