@@ -31,7 +31,7 @@ ENCODE_FIRST_MS = "encode_first_doc_ms"  # a bundle's first document reached the
 ENCODE_DONE_MS = "encode_shard_done_ms"  # a shard's files were written
 ENCODE_FORWARD_MS = "encode_forward_ms"  # model forward + projection, per shard
 ENCODE_CPU_MS = "encode_cpu_ms"  # process CPU time from a bundle's first document, per shard
-ENCODER_SETUP_MS = "encoder_setup_ms"  # model load, per worker
+ENCODER_SETUP_MS = "encoder_setup_ms"  # model load, per worker process (sampling or encoding)
 
 
 def _now_ms() -> int:
@@ -107,14 +107,13 @@ class EncodeShardsFn(beam.DoFn):
         self.store = store
 
     def setup(self):
-        from pipelines.encoder import EncoderSpec, acquire_encoder
+        from pipelines.encoder import EncoderSpec, acquire_encoder, claim_load_ms
 
-        start = time.perf_counter()
-        # The process's one encoder, shared with the sampling step (pipelines.encoder): only
-        # the first acquire in a process loads it, so setup_ms is ~0 where sampling loaded it.
+        # The process's one encoder, shared with the sampling step (pipelines.encoder). Its
+        # load time is reported by whichever step loaded it; metrics reported in setup are
+        # lost, so the first bundle reports it.
         self.model = acquire_encoder(EncoderSpec.of(self.config))
-        # Metrics reported in setup are lost; the first bundle reports this one.
-        self.setup_ms = int((time.perf_counter() - start) * 1000)
+        self.setup_ms = claim_load_ms(self.model)
 
     def start_bundle(self):
         self.buffer: list[TokenizedDoc] = []

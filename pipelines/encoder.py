@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import dataclass
 
 from apache_beam.utils.shared import Shared
@@ -50,7 +51,18 @@ def _load(spec: EncoderSpec):
 
     with _LOCK:
         LOADS[spec.tag] += 1
-    return HiddenStateModel(spec.model, spec.device, spec.dtype)
+    start = time.perf_counter()
+    model = HiddenStateModel(spec.model, spec.device, spec.dtype)
+    model.load_ms = int((time.perf_counter() - start) * 1000)
+    return model
+
+
+def claim_load_ms(model) -> int | None:
+    """The time ``model`` took to load, to the first step that asks (None afterwards): the
+    step that happens to load it reports the load once, whichever step that is."""
+    with _LOCK:
+        ms, model.load_ms = getattr(model, "load_ms", None), None
+    return ms
 
 
 def acquire_encoder(spec: EncoderSpec):
