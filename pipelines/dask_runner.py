@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import pickle
 import threading
 import typing as t
@@ -50,18 +51,41 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 
 METRICS_TOPIC = "dresd-beam-metrics"
 
-# Set-up DoFn instances of this process, by step id, waiting for their next bundle.
-_IDLE: dict[str, list] = collections.defaultdict(list)
+# Set-up DoFn instances of this process waiting for their next bundle, by run and step.
+_IDLE: dict[str, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
 _IDLE_LOCK = threading.Lock()
 
 
-def _take_dofn(step_id: str, fresh):
+def _take_dofn(run_id: str, step_id: str, fresh):
     """A set-up instance of the step's DoFn: an idle one of this process, else ``fresh``
-    (just unpickled from the task) after its ``setup``."""
+    (just unpickled from the task), which the caller sets up."""
     with _IDLE_LOCK:
-        if _IDLE[step_id]:
-            return _IDLE[step_id].pop(), False
+        idle = _IDLE[run_id][step_id]
+        if idle:
+            return idle.pop(), False
     return fresh, True
+
+
+def _give_back(run_id: str, step_id: str, do_fn) -> None:
+    with _IDLE_LOCK:
+        _IDLE[run_id][step_id].append(do_fn)
+
+
+def release_run(run_id: str) -> int:
+    """Tear down and forget this process's idle DoFns of a finished run (run on every worker
+    when the run ends, so a long-lived worker does not keep every past run's DoFns, and the
+    models they hold, alive). The number torn down."""
+    with _IDLE_LOCK:
+        steps = _IDLE.pop(run_id, {})
+    n = 0
+    for fns in steps.values():
+        for fn in fns:
+            try:
+                fn.teardown()
+            except Exception:  # teardown is best effort in Beam too
+                logging.getLogger(__name__).warning("teardown of %s failed", fn, exc_info=True)
+            n += 1
+    return n
 
 
 def _report_metrics(run_id: str, updates) -> None:
@@ -84,7 +108,7 @@ def run_bundle(items, spec: _ParDoSpec, *side_values):
     from apache_beam.transforms.sideinputs import SideInputMap
     from apache_beam.utils.counters import CounterFactory
 
-    do_fn, new = _take_dofn(spec.step_id, spec.do_fn)
+    do_fn, new = _take_dofn(spec.run_id, spec.step_id, spec.do_fn)
     receivers = te.OneReceiver()
     handler = _OutputHandler(
         window_fn=spec.window_fn, main_receivers=receivers[None], tagged_receivers=receivers,
@@ -109,8 +133,7 @@ def run_bundle(items, spec: _ParDoSpec, *side_values):
             invoker.invoke_finish_bundle()  # before the outputs are read: its outputs count
     finally:
         sampler.stop()
-    with _IDLE_LOCK:
-        _IDLE[spec.step_id].append(do_fn)
+    _give_back(spec.run_id, spec.step_id, do_fn)
     _report_metrics(spec.run_id, container.get_cumulative())
     out = []
     for v in receivers.values:
@@ -181,6 +204,10 @@ class _Visitor(beam.pipeline.PipelineVisitor):
         self.consumed.update(id(pc) for pc in inputs)
         self.consumed.update(id(si.pvalue) for si in node.side_inputs)
         bags = [self.bags[pc] for pc in inputs]
+        if any(b is None for b in bags):
+            raise NotImplementedError(
+                f"{node.full_label}: an input comes from a transform the DaskRunner does not "
+                "translate (only Create, ParDo, GroupByKey and Flatten are)")
         cls = node.transform.__class__
         if cls is beam.ParDo:
             self._pardo(node, bags[0])
@@ -274,14 +301,22 @@ class DaskRunnerResult(PipelineResult):
             raise
         finally:
             if self._state != PipelineState.RUNNING:
-                # The runner opened this client for the run; left open, it outlives the
-                # cluster and logs reconnection errors when the scheduler goes away.
-                self.client.close()
+                self._close()
         return self._state
+
+    def _close(self):
+        try:
+            self.client.run(release_run, self.run_id)
+        except Exception:  # a worker gone: its DoFns went with it
+            logging.getLogger(__name__).warning("could not release the run's DoFns",
+                                                exc_info=True)
+        # The runner opened this client for the run; left open, it outlives the cluster and
+        # logs reconnection errors when the scheduler goes away.
+        self.client.close()
 
     def cancel(self):
         self.client.cancel(self.futures)
-        self.client.close()
+        self._close()
         self._state = PipelineState.CANCELLED
         return self._state
 

@@ -158,3 +158,38 @@ def test_dask_runner_fixes(tmp_path, dask_cluster):
         f"added {list(range(100, 110))}"])
     seen = result.metrics().query(beam.metrics.MetricsFilter().with_name("seen"))["counters"]
     assert sum(c.committed for c in seen) == 10
+
+
+def _boom(x):
+    raise ValueError(f"boom {x}")
+
+
+def test_dask_runner_raises_a_worker_error_and_releases_its_dofns(dask_cluster):
+    from distributed import Client
+
+    from pipelines import dask_runner
+
+    p = beam.Pipeline(options=pipeline_options(
+        ["--runner=DaskRunner", f"--dask_client_address={dask_cluster.scheduler_address}"]))
+    _ = p | beam.Create([1]) | beam.Map(_boom)
+    result = p.run()
+    with pytest.raises(ValueError, match="boom 1"):
+        result.wait_until_finish()
+    with Client(dask_cluster.scheduler_address) as client:
+        idle = client.run(lambda: sum(len(v) for s in dask_runner._IDLE.values()
+                                      for v in s.values()))
+    assert set(idle.values()) == {0}  # every finished run's DoFns were torn down
+
+
+def test_cli_knows_the_dask_options_of_the_short_runner_name():
+    """``--runner=DaskRunner`` (no module path) still makes --dask_client_address known; in a
+    fresh interpreter, where nothing imported Beam's dask runner yet."""
+    import subprocess
+    import sys
+
+    code = ("from dresd.cli import unknown_beam_options as u; "
+            "print(u(['--runner=DaskRunner', '--dask_client_address=tcp://h:1']), "
+            "u(['--runner=DirectRunner', '--dask_client_adress=x']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    assert out == "[] ['--dask_client_adress=x']"
