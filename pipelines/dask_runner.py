@@ -20,12 +20,13 @@ bags, but as shipped it cannot run these pipelines correctly; each defect below 
 6. ``setup`` and ``teardown`` run for every partition (a DoFn instance is never reused).
 
 This runner keeps Beam's translation of Create, GroupByKey and Flatten and replaces the rest:
-bags are kept per PCollection, so each output of a ParDo is its own bag (2); a ParDo partition
-runs ``finish_bundle`` before its outputs are collected (3); a side input is one dask ``Delayed``,
-computed once and handed to every task that reads it (4); every leaf PCollection is computed
-(1); each bundle runs under a metrics container whose updates go to the scheduler's event log,
-from which ``metrics()`` answers (5); set-up DoFn instances are kept in a per-process pool and
-reused by later bundles of the same step (6). Creates are split into about two partitions per
+every leaf PCollection is computed (1); bags are kept per PCollection, so each output of a
+ParDo is its own bag (2); a ParDo partition runs ``finish_bundle`` before its outputs are
+collected (3); a side input is one dask ``Delayed``, computed once and handed to every task
+that reads it (4); each bundle runs under a metrics container whose updates go to the
+scheduler's event log, from which ``metrics()`` answers (5); set-up DoFn instances wait in a
+per-process pool for later bundles of the same step, and are torn down on every worker when
+the run ends (6). Creates are split into about two partitions per
 worker thread unless ``--dask_npartitions`` or ``--dask_partition_size`` say otherwise (Beam's
 default of 128 elements per partition would run a corpus of 100 files as one task).
 
