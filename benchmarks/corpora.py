@@ -24,6 +24,7 @@ from benchmarks.prompts import (
     stdlib_sources,
     write_prompt_jsonl,
 )
+from schemas import StoreFormatError, read_manifest
 from schemas.commit import newest_generation
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"
@@ -82,8 +83,16 @@ def _options(build: dict) -> str:
 
 
 def _built(store: Path) -> bool:
-    """A generation is committed (CURRENT is only a hint: a crash may have left it behind)."""
-    return store.is_dir() and newest_generation(store) > 0
+    """A generation is committed (CURRENT is only a hint: a crash may have left it behind) in
+    the format this code reads; a store of an older format is rebuilt."""
+    if not (store.is_dir() and newest_generation(store) > 0):
+        return False
+    try:
+        read_manifest(store)
+    except StoreFormatError as e:
+        print(f"rebuilding {store}: {e}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def _fresh(store: Path) -> None:

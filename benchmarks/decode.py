@@ -319,6 +319,10 @@ def main(argv=None) -> int:
                     help="stdlib signature prompts the ID corpus is generated from, besides "
                          "HumanEval's held-out problems (552: every one Python 3.11's standard "
                          "library yields)")
+    ap.add_argument("--index-kinds", default="",
+                    help="also build each store with these index kinds and decode with them "
+                         "(e.g. ivf_flat: uncompressed float keys, against the default PQ "
+                         "codes); such a store is named <store>-<kind>")
     ap.add_argument("--out", default="", help="JSON results (default benchmarks/results/"
                                               "decode-<device>[-<dtype>].json; .png and .txt "
                                               "next to it)")
@@ -333,10 +337,13 @@ def main(argv=None) -> int:
     device = model.device.type
     stores_wanted = [s for s in args.stores.split(",") if s]
     paths = {}
-    if "ood" in stores_wanted:
-        paths["ood"] = ood_store(args.model, args.ood_tokens)
-    if "id" in stores_wanted:
-        paths["id"] = id_store(args.model, args.id_prompts)
+    variants = [{}] + [{"index_kind": k} for k in args.index_kinds.split(",") if k]
+    for build in variants:
+        tag = "".join(f"-{v}" for v in build.values())
+        if "ood" in stores_wanted:
+            paths["ood" + tag] = ood_store(args.model, args.ood_tokens, **build)
+        if "id" in stores_wanted:
+            paths["id" + tag] = id_store(args.model, args.id_prompts, **build)
     stores = {name: load_store(p, model, tokenizer) for name, p in paths.items()}
     for name, store in stores.items():
         print(f"store {name}: {store.stats.summary()}", file=sys.stderr)

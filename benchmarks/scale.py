@@ -164,9 +164,10 @@ def build(store: Path, num_keys: int, shard_tokens: int, seed: int, progress: bo
         start = time.perf_counter()
         sample = sample_keys(str(store), shards, auto_train_size(total_keys), seed)
         t["sample_s"] = time.perf_counter() - start
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fitted = train_index(sample, config, total_keys, str(store), fitted)
         t["train_s"] = time.perf_counter() - start
+        t["train_cpu_s"] = time.process_time() - cpu
         t["train_size"] = len(sample)
         del sample
         state["quantizer"] = {"transform": fitted.transform_spec.file.path,
@@ -185,9 +186,10 @@ def build(store: Path, num_keys: int, shard_tokens: int, seed: int, progress: bo
         for s in shards:
             if s.shard_id in done:
                 continue
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fill_shard_index(str(store), s.shard_id, quantizer, VOCAB, keep_keys=False)
             t["fill_s"] = t.get("fill_s", 0) + time.perf_counter() - start
+            t["fill_cpu_s"] = t.get("fill_cpu_s", 0) + time.process_time() - cpu
             info = shard_info(str(store), s.shard_id, s.num_docs, s.num_tokens, s.num_keys, 1)
             state["filled"].append(_json(info))
             _save_state(state_path, state)
@@ -349,7 +351,7 @@ def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_quer
 FIGURES = [
     ("serving_bytes_per_token", "serving bytes/token"),
     ("train_s", "index training (s)"),
-    ("fill_us_per_key", "fill time per key (us)"),
+    ("fill_cpu_us_per_key", "fill CPU time per key (us)"),
     ("load_s", "load_store (s)"),
     ("rss_after_load_mb", "RssAnon after load (MiB)"),
     ("rss_after_queries_mb", "RssAnon after queries (MiB)"),
@@ -371,6 +373,10 @@ def row_of(n: int, timings: dict, m: dict) -> dict:
         train_s=timings.get("train_s"), fill_s=timings.get("fill_s"),
         fill_keys_per_s=m["keys"] / timings["fill_s"],
         fill_us_per_key=timings["fill_s"] / m["keys"] * 1e6,
+        # CPU time of the (one-threaded) fill: what other jobs on the machine cannot inflate
+        fill_cpu_us_per_key=timings["fill_cpu_s"] / m["keys"] * 1e6
+        if "fill_cpu_s" in timings else None,
+        train_cpu_s=timings.get("train_cpu_s"),
         **{k: m[k] for k in ("load_s", "rss_before_mb", "rss_after_load_mb",
                              "rss_after_queries_mb", "load_rss_growth_mb", "p50_ms", "p99_ms",
                              "mean_ms", "queries", "full_k_fraction", "widened",
@@ -401,13 +407,14 @@ def extrapolate(rows: list[dict], target: float = 1e9) -> dict:
 def report(rows: list[dict], out: Path) -> str:
     rows = sorted(rows, key=lambda r: r["keys"])
     lines = [f"{'keys':>12} {'shards':>6} {'nlist':>6} {'serve B/t':>9} {'+archive':>8} "
-             f"{'train s':>8} {'fill k/s':>9} {'us/key':>7} {'load s':>7} {'RSS load':>9} "
+             f"{'train s':>8} {'fill k/s':>9} {'us/key':>7} {'cpu us':>7} {'load s':>7} {'RSS load':>9} "
              f"{'RSS qry':>8} {'p50 ms':>7} {'p99 ms':>7} {'R@10':>6}"]
     for r in rows:
         lines.append(
             f"{r['keys']:>12,} {r['shards']:>6} {r['nlist']:>6} "
             f"{r['serving_bytes_per_token']:>9.2f} {r['with_archive_bytes_per_token']:>8.1f} "
             f"{r['train_s']:>8.1f} {r['fill_keys_per_s']:>9.0f} {r['fill_us_per_key']:>7.1f} "
+            f"{r.get('fill_cpu_us_per_key') or float('nan'):>7.1f} "
             f"{r['load_s']:>7.2f} {r['rss_after_load_mb']:>8.0f}M "
             f"{r['rss_after_queries_mb']:>7.0f}M {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} "
             f"{r['recall_at_10']:>6.3f}")
@@ -471,6 +478,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     ap.add_argument("--remove", action="store_true", help="delete each store after measuring")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--build-only", action="store_true",
+                    help="write the stores and stop; a later run without it measures them "
+                         "(so the timed queries can wait for a quiet machine)")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     progress = not args.no_progress
@@ -489,6 +499,9 @@ def main(argv=None) -> int:
         print(f"== {n:,} keys -> {store} (build ~{est / 60:.0f} min on one thread, measured "
               "at 1M; progress bars show the rest)", flush=True)
         timings = build(store, n, shard_tokens, args.seed, progress)
+        if args.build_only:
+            print(f"built {store}: {timings}", flush=True)
+            continue
         child = subprocess.run(
             [sys.executable, __file__, "--measure", str(store), "--seed", str(args.seed),
              "--shard-tokens", str(shard_tokens), "--queries", str(args.queries),

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# pipelines.options maps --runner=DaskRunner to the builder's fixed DaskRunner, whose options
+# (--dask_client_address, ...) are those of Beam's.
+_RUNNER_MODULES = {"DaskRunner": "apache_beam.runners.dask.dask_runner"}
+
+
 def unknown_beam_options(extra: list[str]) -> list[str]:
     """The arguments among ``extra`` that no Beam pipeline options class knows (a misspelled
     dresd option such as ``--dimm`` included). A runner named by its module path
@@ -52,9 +57,12 @@ def unknown_beam_options(extra: list[str]) -> list[str]:
     for i, a in enumerate(extra):
         runner = a.split("=", 1)[1] if a.startswith("--runner=") else (
             extra[i + 1] if a == "--runner" and i + 1 < len(extra) else "")
-        if "." in runner:
+        # Short names whose options live in a module Beam does not import by itself.
+        module = _RUNNER_MODULES.get(runner) or (runner.rsplit(".", 1)[0] if "." in runner
+                                                 else "")
+        if module:
             try:
-                importlib.import_module(runner.rsplit(".", 1)[0])
+                importlib.import_module(module)
             except ImportError:
                 pass
     parser = _BeamArgumentParser(allow_abbrev=False)

@@ -24,7 +24,6 @@ recorded size, downloads nothing but that manifest. The key archive
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import uuid
@@ -33,7 +32,8 @@ from pathlib import Path
 from schemas import Manifest, StoreFormatError
 from schemas.commit import manifest_relpath, resolve_generation
 from schemas.integrity import Records, check_present
-from schemas.manifest import FileRef
+from schemas.manifest import FileRef, parse_manifest
+from schemas.paths import store_file
 from schemas.storage import ObjectStoreIO, is_remote, location_key
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,7 @@ def _runtime_files(manifest: Manifest) -> list[FileRef]:
 
 
 def _download(io: ObjectStoreIO, ref: FileRef, root: Path) -> None:
-    final = root / ref.path
-    if ".." in Path(ref.path).parts or Path(ref.path).is_absolute():
-        raise StoreFormatError(f"manifest path {ref.path!r} leaves the store")
+    final = store_file(root, ref.path)  # inside the cache, through no link
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.part")
     try:
@@ -100,12 +98,7 @@ def sync_store(url: str, generation: int | None = None) -> tuple[Path, int, int]
     except FileNotFoundError:
         raise StoreFormatError(f"manifest generation {generation} is missing: "
                                f"{io.location(rel)}") from None
-    try:
-        manifest = Manifest.from_dict(json.loads(data.decode("utf-8")))
-    except (UnicodeDecodeError, ValueError) as e:
-        if isinstance(e, StoreFormatError):
-            raise
-        raise StoreFormatError(f"manifest {io.location(rel)} is not valid JSON text") from None
+    manifest = parse_manifest(data, io.location(rel), generation)  # sealed, checked
     cached = root / rel
     # The cached copy counts only if it is this very manifest (a store deleted and built again
     # at the same URL starts again at generation 1) and every file it names is still there.

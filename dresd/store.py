@@ -45,6 +45,7 @@ from dresd.transform import KeyTransform
 from schemas import Manifest, StoreFormatError, read_manifest, shard_io
 from schemas.integrity import Records, check_present, verify_file, verify_files
 from schemas.lists import check_vocab, open_mmap_lists, unpack_ids
+from schemas.paths import store_file
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,10 @@ class Store:
 def _open_shard(root: Path, manifest: Manifest, info, base, nlist: int, code_size: int):
     sid = info.shard_id
     where = f"shard {sid} of {root}"
-    tokens = shard_io.read_tokens(root, sid)
-    docs = shard_io.read_docs(root, sid)
+    # Every path comes from the manifest entry that check_present (and verification) checked:
+    # the files loading reads are the files that were verified.
+    tokens = shard_io.open_tokens(store_file(root, info.tokens.path))
+    docs = shard_io.open_docs(store_file(root, info.docs.path))
     if len(tokens) != info.num_tokens or docs.num_rows != info.num_docs:
         raise StoreFormatError(f"{where} holds {len(tokens)} tokens and {docs.num_rows} "
                                f"documents, the manifest says {info.num_tokens} and "
@@ -210,8 +213,9 @@ def _open_shard(root: Path, manifest: Manifest, info, base, nlist: int, code_siz
         raise StoreFormatError(f"{where}: {info.num_keys} keys in the manifest, but its "
                                f"{len(tokens)} tokens in {len(starts)} documents make "
                                f"{len(tokens) - len(starts)}")
-    counts = shard_io.read_counts(root, sid, manifest.model.vocab_size, info.num_keys)
-    lists = open_mmap_lists(root / info.index.path, nlist, code_size, info.num_keys)
+    counts = shard_io.open_counts(store_file(root, info.counts.path), manifest.model.vocab_size,
+                                  info.num_keys)
+    lists = open_mmap_lists(store_file(root, info.index.path), nlist, code_size, info.num_keys)
     return (_Shard(sid, tokens, starts, lengths, info.num_keys, counts),
             shard_searcher(base, lists))
 
@@ -268,13 +272,13 @@ def load_store(
         records = Records(root)
         unverified = sum(r.bytes for r in large if not records.is_verified(r))
 
-    transform = KeyTransform.load(root / manifest.transform.file.path)
+    transform = KeyTransform.load(store_file(root, manifest.transform.file.path))
     if (transform.input_dim, transform.dim) != (spec.hidden_size, manifest.dim):
         raise StoreFormatError(
             f"transform {manifest.transform.file.path} maps {transform.input_dim} -> "
             f"{transform.dim}, the manifest says {spec.hidden_size} -> {manifest.dim}"
         )
-    qpath = root / manifest.index.quantizer.path
+    qpath = store_file(root, manifest.index.quantizer.path)
     try:
         base = faiss.read_index(str(qpath))
         ivf = faiss.extract_index_ivf(base)

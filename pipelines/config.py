@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dresd.config import option
+from schemas.ranges import MAX_VALUE_LEN
 
 INDEX_KINDS = ("ivf_flat", "ivf_pq")
 
@@ -51,8 +52,8 @@ class BuildConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        if self.value_len < 2:
-            raise ValueError("value_len must be at least 2")
+        if not 2 <= self.value_len <= MAX_VALUE_LEN:
+            raise ValueError(f"value_len must be 2..{MAX_VALUE_LEN}, not {self.value_len}")
         if self.nlist < 0 or self.train_size < 0 or self.pq_m < 0:
             raise ValueError("nlist, train_size and pq_m must be 0 (auto) or positive")
         if self.batch_tokens < self.max_len:

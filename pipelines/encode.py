@@ -1,10 +1,11 @@
 """Encode documents into shards: token stream, documents, and one transformed key per position.
 
-The model loads once per worker (``setup``). Documents are buffered until they hold
-``shard_tokens`` tokens (or the bundle ends), then encoded longest-window-first under the token
-budget and written as one shard. A key exists for every position t with t + 1 < length: its
-vector is transform(h_t) in float16, staged in ``keys.npy`` (row t) until the fill step encodes
-it into the shard's inverted lists, filed under the token at t + 1.
+The model loads once per worker process, shared with the sampling step (``pipelines.encoder``).
+Documents are buffered until they hold ``shard_tokens`` tokens (or the bundle ends), then encoded
+longest-window-first under the token budget and written as one shard. A key exists for every
+position t with t + 1 < length: its vector is transform(h_t) in float16, staged in ``keys.npy``
+(row t) until the fill step encodes it into the shard's inverted lists, filed under the token at
+t + 1.
 
 Every worker reports its timings as Beam metrics (see ``EncodeTiming``), so a launcher on any
 runner can tell the encode throughput without the model load, tokenization or the other stages.
@@ -30,7 +31,7 @@ ENCODE_FIRST_MS = "encode_first_doc_ms"  # a bundle's first document reached the
 ENCODE_DONE_MS = "encode_shard_done_ms"  # a shard's files were written
 ENCODE_FORWARD_MS = "encode_forward_ms"  # model forward + projection, per shard
 ENCODE_CPU_MS = "encode_cpu_ms"  # process CPU time from a bundle's first document, per shard
-ENCODER_SETUP_MS = "encoder_setup_ms"  # model load, per worker
+ENCODER_SETUP_MS = "encoder_setup_ms"  # model load, per worker process (sampling or encoding)
 
 
 def _now_ms() -> int:
@@ -106,12 +107,13 @@ class EncodeShardsFn(beam.DoFn):
         self.store = store
 
     def setup(self):
-        from pipelines.forward import HiddenStateModel
+        from pipelines.encoder import EncoderSpec, acquire_encoder, claim_load_ms
 
-        start = time.perf_counter()
-        self.model = HiddenStateModel(self.config.model, self.config.device, self.config.dtype)
-        # Metrics reported in setup are lost; the first bundle reports this one.
-        self.setup_ms = int((time.perf_counter() - start) * 1000)
+        # The process's one encoder, shared with the sampling step (pipelines.encoder). Its
+        # load time is reported by whichever step loaded it; metrics reported in setup are
+        # lost, so the first bundle reports it.
+        self.model = acquire_encoder(EncoderSpec.of(self.config))
+        self.setup_ms = claim_load_ms(self.model)
 
     def start_bundle(self):
         self.buffer: list[TokenizedDoc] = []

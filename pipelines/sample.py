@@ -54,15 +54,25 @@ class EncodeSampleFn(beam.DoFn):
         self.config = config
 
     def setup(self):
-        from pipelines.forward import HiddenStateModel
+        from pipelines.encoder import EncoderSpec, acquire_encoder, claim_load_ms
 
-        self.model = HiddenStateModel(self.config.model, self.config.device, self.config.dtype)
+        # The process's one encoder, shared with the encoding step (pipelines.encoder).
+        self.model = acquire_encoder(EncoderSpec.of(self.config))
+        self.load_ms = claim_load_ms(self.model)  # reported from the first bundle
 
     def process(self, docs: list[TokenizedDoc]):
         import torch
 
         from pipelines.forward import encode_stream
 
+        if self.load_ms is not None:
+            from apache_beam.metrics import Metrics
+
+            from pipelines.dedupe import NAMESPACE
+            from pipelines.encode import ENCODER_SETUP_MS
+
+            Metrics.distribution(NAMESPACE, ENCODER_SETUP_MS).update(self.load_ms)
+            self.load_ms = None
         if not docs:
             return
         streams, budget = [], OVERSAMPLE * self.config.sample_size

@@ -107,7 +107,9 @@ class LocalStoreIO:
         self._sync_dir(path.parent)
 
     def read(self, relpath: str) -> bytes:
-        return (self.root / relpath).read_bytes()
+        from schemas.paths import store_file  # a planted link is refused, never followed
+
+        return store_file(self.root, relpath).read_bytes()
 
     def exists(self, relpath: str) -> bool:
         return (self.root / relpath).exists()

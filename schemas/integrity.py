@@ -26,15 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.manifest import FileRef, StoreFormatError, file_digest
+from schemas.paths import store_file
 
 VERIFIED_DIR = "verified"
 
 
 def _resolve(root: Path, ref: FileRef) -> Path:
-    path = root / ref.path
-    if ".." in Path(ref.path).parts or Path(ref.path).is_absolute():
-        raise StoreFormatError(f"manifest path {ref.path!r} leaves the store")
-    return path
+    return store_file(root, ref.path)
 
 
 def check_present(root: str | os.PathLike, refs: Iterable[FileRef]) -> None:

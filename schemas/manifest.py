@@ -7,6 +7,7 @@ an older generation keeps reading files that no writer ever modifies.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -153,6 +154,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
         validate_manifest_dict(d)
+        d = {k: v for k, v in d.items() if k != "sha256"}
 
         def ref(x: dict) -> FileRef:
             return FileRef(**x)
@@ -186,6 +188,11 @@ class Manifest:
         )
 
 
+@functools.cache
+def _schema() -> dict:
+    return json.loads(_SCHEMA_PATH.read_text())
+
+
 def validate_manifest_dict(d: dict) -> None:
     if not isinstance(d, dict):
         raise StoreFormatError("manifest is not a JSON object")
@@ -198,12 +205,14 @@ def validate_manifest_dict(d: dict) -> None:
         raise StoreFormatError(
             f"store format version {version!r} is not supported (this dresd reads {FORMAT_VERSION})"
         )
-    schema = json.loads(_SCHEMA_PATH.read_text())
     try:
-        jsonschema.validate(d, schema)
+        jsonschema.validate(d, _schema())
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "<root>"
         raise StoreFormatError(f"invalid manifest at {where}: {e.message}") from None
+    from schemas.ranges import check_ranges
+
+    check_ranges(d)
 
 
 def file_digest(path: str | os.PathLike) -> tuple[str, int]:
@@ -248,35 +257,75 @@ def current_generation(store: str | os.PathLike) -> int:
 
 
 def read_manifest(store: str | os.PathLike, generation: int | None = None) -> Manifest:
-    """The live manifest (or a given generation) of a store."""
+    """The live manifest (or a given generation) of a store, local or at a URL."""
+    from schemas.paths import store_file
     from schemas.storage import ObjectStoreIO, is_remote, join
 
     if generation is None:
         generation = current_generation(store)
-    if is_remote(store):  # a URL: read through the filesystem layer (schemas.storage)
-        rel = f"{MANIFEST_DIR}/gen-{generation:06d}.json"
-        path, read = join(str(store), rel), lambda: ObjectStoreIO(str(store)).read(rel)
-    else:
-        path = generation_path(store, generation)
-        read = path.read_bytes
+    rel = f"{MANIFEST_DIR}/gen-{generation:06d}.json"
+    remote = is_remote(store)  # a URL: read through the filesystem layer (schemas.storage)
+    path = join(str(store), rel) if remote else generation_path(store, generation)
     try:
-        d = json.loads(read().decode("utf-8"))
+        raw = (ObjectStoreIO(str(store)).read(rel) if remote
+               else store_file(store, f"{MANIFEST_DIR}/{path.name}").read_bytes())
     except FileNotFoundError:
         raise StoreFormatError(f"manifest generation {generation} is missing: {path}") from None
+    except IsADirectoryError:
+        raise StoreFormatError(f"manifest {path} is a directory, not a file") from None
+    return parse_manifest(raw, path, generation)
+
+
+def parse_manifest(raw: bytes, path: str | os.PathLike, generation: int) -> Manifest:
+    """The manifest of ``generation`` from its file's bytes (read from ``path``, named in
+    errors), with every check ``read_manifest`` makes: UTF-8 JSON, schema and ranges, the
+    sealed written form, the generation its file name says."""
+    try:
+        d = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise StoreFormatError(f"manifest {path} is not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise StoreFormatError(f"manifest {path} is not valid JSON: {e.msg} at line {e.lineno} "
                                f"column {e.colno}") from None
-    except IsADirectoryError:
-        raise StoreFormatError(f"manifest {path} is a directory, not a file") from None
-    return Manifest.from_dict(d)
+    validate_manifest_dict(d)  # the format version first: an old store gets the upgrade hint
+    _check_written_form(path, raw, d)
+    manifest = Manifest.from_dict(d)
+    if manifest.generation != generation:
+        raise StoreFormatError(f"manifest {path} says it is generation {manifest.generation}: "
+                               "a manifest's generation is the number in its file name")
+    return manifest
+
+
+def _content_digest(d: dict) -> str:
+    """sha256 of the manifest's content: every field but ``sha256``, in canonical form."""
+    content = {k: v for k, v in d.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def _render(d: dict) -> bytes:
+    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
 
 def manifest_bytes(manifest: Manifest) -> bytes:
+    """The manifest file: its content, checksummed by its ``sha256`` field, in the one form
+    dresd writes (so any changed byte, even one that keeps the JSON valid, is detected)."""
     d = manifest.to_dict()
     validate_manifest_dict(d)
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
+    return _render({**d, "sha256": _content_digest(d)})
+
+
+def _check_written_form(path: Path, raw: bytes, d: dict) -> None:
+    if "sha256" not in d:
+        raise StoreFormatError(f"manifest {path} has no sha256 field: it was written before "
+                               f"manifests were sealed, or the field was removed; "
+                               f"{UPGRADE_HINT}")
+    if d.get("sha256") != _content_digest(d):
+        raise StoreFormatError(f"manifest {path} is corrupt: its content does not match its "
+                               "sha256 field")
+    if raw != _render(d):
+        raise StoreFormatError(f"manifest {path} is corrupt: its bytes are not the form dresd "
+                               "writes (changed whitespace or formatting)")
 
 
 def write_manifest(store: str | os.PathLike, manifest: Manifest) -> Path:

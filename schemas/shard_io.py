@@ -102,7 +102,11 @@ def write_shard(store: str | os.PathLike, data: ShardData, shard_id: str | None 
 
 
 def read_tokens(store: str | os.PathLike, shard_id: str, mmap: bool = True) -> np.ndarray:
-    path = Path(store) / shard_relpath(shard_id) / TOKENS_FILE
+    return open_tokens(Path(store) / shard_relpath(shard_id) / TOKENS_FILE, mmap)
+
+
+def open_tokens(path: Path, mmap: bool = True) -> np.ndarray:
+    """The int32 token stream in the Arrow file at ``path`` (memory-mapped by default)."""
     source = pa.memory_map(str(path)) if mmap else pa.OSFile(str(path))
     table = ipc.open_file(source).read_all()
     if table.schema != TOKENS_SCHEMA:
@@ -116,7 +120,10 @@ def read_tokens(store: str | os.PathLike, shard_id: str, mmap: bool = True) -> n
 
 
 def read_docs(store: str | os.PathLike, shard_id: str) -> pa.Table:
-    path = Path(store) / shard_relpath(shard_id) / DOCS_FILE
+    return open_docs(Path(store) / shard_relpath(shard_id) / DOCS_FILE)
+
+
+def open_docs(path: Path) -> pa.Table:
     return ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
@@ -149,7 +156,10 @@ def read_counts(store: str | os.PathLike, shard_id: str, vocab_size: int,
                 num_keys: int | None = None) -> np.ndarray:
     """Keys per next token [vocab_size], memory-mapped, with its shape and (when ``num_keys``
     is given) its total checked."""
-    path = shard_path(store, shard_id, COUNTS_FILE)
+    return open_counts(shard_path(store, shard_id, COUNTS_FILE), vocab_size, num_keys)
+
+
+def open_counts(path: Path, vocab_size: int, num_keys: int | None = None) -> np.ndarray:
     try:
         counts = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:

@@ -37,3 +37,22 @@ def code_corpus_dir(tmp_path_factory) -> Path:
     for p in stdlib_files(12):
         (d / p.name).write_text(p.read_text(encoding="utf-8"), encoding="utf-8")
     return d
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A dask.distributed LocalCluster: a scheduler and 2 worker processes of 1 thread each,
+    started for the session and stopped after it. Pipelines reach it with
+    ``--runner=DaskRunner --dask_client_address=<cluster.scheduler_address>``."""
+    import logging
+
+    from distributed import LocalCluster
+
+    # The nanny starts workers with OMP_NUM_THREADS=1 (dask's default pre-spawn environment),
+    # so two workers' torch threads do not fight over these 2 cores.
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    try:
+        yield cluster
+    finally:
+        cluster.close()

@@ -106,7 +106,11 @@ def test_build_reports_encode_timing(built_with_stats):
     _, manifest, stats = built_with_stats
     timing = stats["metrics"].encode
     assert timing.tokens == manifest.num_tokens and timing.shards == len(manifest.shards)
-    assert 0 < timing.forward_s <= timing.stage_s and timing.cpu_s > 0 and timing.setup_s > 0
+    assert 0 < timing.forward_s <= timing.stage_s and timing.cpu_s > 0
+    # The model load is reported by the step that loaded it; 0 when an earlier build in this
+    # process left the shared encoder loaded (pipelines.encoder; its loads are counted in
+    # test_pipeline_dask).
+    assert timing.setup_s >= 0
     assert timing.tokens_per_s == pytest.approx(timing.tokens / timing.stage_s)
     assert stats["metrics"].counters["encoded_tokens"] == manifest.num_tokens
 

@@ -1,6 +1,7 @@
 """load_store on stores built by the builder; dense drafting; bad stores give clear errors."""
 
 import dataclasses
+import os
 import shutil
 
 import numpy as np
@@ -241,14 +242,17 @@ def test_corrupt_shard_is_named(built, tmp_path, capsys, monkeypatch):
 
 
 def _rewrite_lists(path, shard_no, change):
-    """A new generation whose shard ``shard_no`` has its lists' ids passed through ``change``."""
+    """A new generation whose shard ``shard_no`` has its lists' ids passed through ``change``
+    (the lists file rewritten in place: a manifest names only its shard's own files)."""
     m = read_manifest(path)
     info = m.shards[shard_no]
     src = ListsFile(path / info.index.path)
-    rel = f"shards/{info.shard_id}/ivf-bad.lists"
+    rel = info.index.path
     h = src.header
-    write_lists(path / rel, h.nlist, h.code_size, h.sizes,
+    write_lists(path / (rel + ".new"), h.nlist, h.code_size, h.sizes,
                 ((src.list(i)[0], change(src.list(i)[1].copy())) for i in range(h.nlist)))
+    del src
+    os.replace(path / (rel + ".new"), path / rel)
     shards = list(m.shards)
     shards[shard_no] = dataclasses.replace(info, index=make_file_ref(path, rel))
     _next_generation(path, shards=tuple(shards))

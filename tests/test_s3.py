@@ -7,6 +7,7 @@ conditional put the commit rests on; two concurrent updates.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ from pipelines.build import build_store, compact_store, update_store
 from pipelines.config import BuildConfig
 from schemas import StoreFormatError, read_manifest
 from schemas.commit import CommitConflictError, commit_manifest, resolve_generation
+from schemas.manifest import manifest_bytes
 from schemas.storage import ObjectStoreIO, filesystem
 
 pytest.importorskip("s3fs")
@@ -177,10 +179,16 @@ def test_load_store_from_s3_syncs_once_and_verifies(s3_and_local, tmp_path, monk
         io_new.replace(rel, io_old.read(rel))
     first = load_store(rebuilt, generation=1)
     assert first.manifest.generation == 1
-    manifest = json.loads(io_new.read("manifests/gen-000001.json"))
-    manifest["note"] = "rebuilt"
-    io_new.replace("manifests/gen-000001.json", json.dumps(manifest).encode())
+    changed = dataclasses.replace(read_manifest(rebuilt, 1), note="rebuilt")
+    io_new.replace("manifests/gen-000001.json", manifest_bytes(changed))
     assert load_store(rebuilt).manifest.note == "rebuilt"
+    # A manifest changed in transit (its seal broken) is refused before anything is synced.
+    io_new.replace("manifests/gen-000001.json",
+                   manifest_bytes(changed).replace(b'"rebuilt"', b'"altered"'))
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path / "cache3"))
+    with pytest.raises(StoreFormatError, match="does not match its sha256"):
+        load_store(rebuilt)
+    assert not (tmp_path / "cache3").exists()
 
     # A corrupt object is refused on download and nothing lands under its name.
     monkeypatch.setenv("DRESD_CACHE", str(tmp_path / "cache2"))

@@ -1,0 +1,331 @@
+"""Hostile and corrupted stores: the runtime reads only the store's own files, refuses what does
+not add up with a StoreFormatError, and detects every flipped byte.
+
+- symbolic links at every kind of path are refused, and nothing they point to is echoed;
+- a manifest whose shard entry names another shard's files is refused;
+- fuzzed manifests (Hypothesis, >= 1,000 examples) raise only StoreFormatError and never make
+  ``load_store`` (or a search over what it loaded) open a file outside the store, which an audit
+  hook watches;
+- a single flipped byte in every file kind (CURRENT, manifest, transform, quantizer, document
+  table, counts, token stream, inverted lists, key archive) is detected: the small files by every
+  load, the large ones by ``load_store(verify="full")`` and ``dresd verify``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dresd.cli import main as dresd_main
+from dresd.store import load_store
+from pipelines.build import build_store
+from pipelines.config import BuildConfig
+from schemas import StoreFormatError, read_manifest
+from schemas.manifest import CURRENT_FILE, generation_path
+
+FUZZ_EXAMPLES = 1000
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, code_corpus_dir, tiny_llama_dir) -> Path:
+    """A two-shard store that kept its key archive (every file kind present)."""
+    root = tmp_path_factory.mktemp("hostile")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for f in sorted(code_corpus_dir.glob("*.py"), key=lambda p: p.stat().st_size)[:4]:
+        shutil.copy(f, corpus / f.name)
+    config = BuildConfig(model=str(tiny_llama_dir), dim=8, sample_size=600, glob="*.py",
+                         shard_tokens=1500, keep_keys=True, progress=False)
+    manifest = build_store(corpus, root / "s", config)
+    assert len(manifest.shards) >= 2 and all(s.keys is not None for s in manifest.shards)
+    return root / "s"
+
+
+def _copy(store: Path, dest: Path) -> Path:
+    shutil.copytree(store, dest)
+    return dest
+
+
+def _manifest_file(path: Path) -> Path:
+    return generation_path(path, read_manifest(path).generation)
+
+
+def _rewrite_manifest(path: Path, change) -> None:
+    """Rewrite the current manifest with ``change(dict)`` applied, re-sealed (its sha256 field
+    recomputed), so only the changed values can be what a reader refuses."""
+    from schemas.manifest import _content_digest, _render
+
+    f = _manifest_file(path)
+    d = json.loads(f.read_text())
+    change(d)
+    d["sha256"] = _content_digest(d)
+    f.write_bytes(_render(d))
+
+
+# --------------------------------------------------------------------------- symlinks
+def _file_kinds(path: Path) -> dict[str, str]:
+    """One store-relative path of every file kind."""
+    m = read_manifest(path)
+    s = m.shards[0]
+    return {"CURRENT": CURRENT_FILE, "manifest": f"manifests/{_manifest_file(path).name}",
+            "transform": m.transform.file.path, "quantizer": m.index.quantizer.path,
+            "tokens": s.tokens.path, "docs": s.docs.path, "counts": s.counts.path,
+            "lists": s.index.path, "keys": s.keys.path, "shard directory": f"shards/{s.shard_id}"}
+
+
+@pytest.mark.parametrize("kind", ["CURRENT", "manifest", "transform", "quantizer", "tokens",
+                                  "docs", "counts", "lists", "shard directory"])
+def test_a_symlink_anywhere_in_the_store_is_refused(store, tmp_path, kind):
+    path = _copy(store, tmp_path / "s")
+    rel = _file_kinds(path)[kind]
+    outside = tmp_path / "outside"
+    shutil.move(path / rel, outside)  # same bytes, reached through a link
+    os.symlink(outside, path / rel)
+    with pytest.raises(StoreFormatError, match="symbolic link"):
+        load_store(path, verify="full")
+
+
+def test_a_linked_current_does_not_echo_its_target(store, tmp_path, capsys):
+    path = _copy(store, tmp_path / "s")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("api_key=TOP-SECRET-42\n")
+    (path / CURRENT_FILE).unlink()
+    os.symlink(secret, path / CURRENT_FILE)
+    assert dresd_main(["info", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "TOP-SECRET" not in err
+
+
+def test_a_shard_entry_naming_another_shards_files_is_refused(store, tmp_path):
+    path = _copy(store, tmp_path / "s")
+
+    def swap(d):  # shard 0's tokens entry (path and checksum) taken from shard 1: all valid
+        d["shards"][0]["tokens"] = d["shards"][1]["tokens"]
+
+    _rewrite_manifest(path, swap)
+    with pytest.raises(StoreFormatError, match=r"shards/0/tokens/path.*not this shard's"):
+        load_store(path)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    (("model", "eos_token_id"), 10**6, "eos_token_id.*outside the vocabulary"),
+    (("model", "vocab_size"), 2**31, "vocab_size.*larger than"),
+    (("value_len",), 2**53, "value_len.*larger than"),
+    (("generation",), 7, "model|generation 7"),
+    (("shards", 0, "num_docs"), 0, "num_keys"),
+    (("dim",), 4, "transform|dim"),
+    (("index", "nprobe"), 2**20, "nprobe.*larger than"),
+])
+def test_manifest_values_out_of_range_are_named(store, tmp_path, field, value, match):
+    path = _copy(store, tmp_path / "s")
+
+    def change(d):
+        x = d
+        for k in field[:-1]:
+            x = x[k]
+        x[field[-1]] = value
+
+    _rewrite_manifest(path, change)
+    with pytest.raises(StoreFormatError, match=match):
+        load_store(path)
+
+
+# --------------------------------------------------------------------------- fuzzing
+class _OpenWatch:
+    """An audit hook (they cannot be removed, so it is installed once and switched on and off)
+    that records every file a watched call opens."""
+
+    def __init__(self):
+        self.on = False
+        self.opened: list[str] = []
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event, args):
+        if self.on and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            self.opened.append(os.fsdecode(args[0]))
+
+
+_WATCH: _OpenWatch | None = None
+
+
+def _watch() -> _OpenWatch:
+    global _WATCH
+    if _WATCH is None:
+        _WATCH = _OpenWatch()
+    return _WATCH
+
+
+def _leaves(x, path=()):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _leaves(v, (*path, i))
+    yield path
+
+
+def _values(paths: list[str]):
+    """Replacement values: plausible ones (which pass the schema and test the range checks),
+    hostile paths, and arbitrary JSON."""
+    hostile = ["../outside.txt", "/etc/passwd", "shards/../../outside.txt", "CURRENT",
+               "manifests/gen-000001.json", "shards", "", "."]
+    return st.one_of(
+        st.integers(min_value=-2, max_value=70_000),
+        st.integers(min_value=-(2**63), max_value=2**63),
+        st.sampled_from([0, 1, 2, 2**23, 2**31, 2**40, 2**53]),
+        st.sampled_from(paths + hostile),
+        st.text(max_size=12),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.none(), st.booleans(),
+        st.lists(st.integers(), max_size=2),
+        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    )
+
+
+def _apply(d: dict, path: tuple, value, delete: bool) -> None:
+    if not path:
+        return
+    parent = d
+    for k in path[:-1]:
+        parent = parent[k]
+    if delete and isinstance(parent, dict):
+        parent.pop(path[-1])
+    else:
+        parent[path[-1]] = value
+
+
+def test_fuzzed_manifests_raise_only_store_format_errors_and_stay_inside(store, tmp_path_factory,
+                                                                       monkeypatch):
+    path = _copy(store, tmp_path_factory.mktemp("fuzz") / "s")
+    cache = tmp_path_factory.mktemp("cache")  # where verification may be recorded, besides
+    monkeypatch.setenv("DRESD_CACHE", str(cache))
+    outside = path.parent / "outside.txt"
+    outside.write_text("not the store's\n")
+    f = _manifest_file(path)
+    original = json.loads(f.read_text())
+    leaves = [p for p in _leaves(original) if p]
+    paths = sorted({str(x) for p in leaves for x in [_get(original, p)]
+                    if isinstance(_get(original, p), str) and "/" in str(_get(original, p))})
+    # the store, the verification records' cache, and code (a lazy import)
+    allowed = (str(path.resolve()) + os.sep, str(cache.resolve()) + os.sep, sys.prefix,
+               sys.base_prefix,
+               str(Path(dresd_main.__code__.co_filename).resolve().parents[2]) + os.sep)
+    watch = _watch()
+    outcomes = {"loaded": 0, "refused": 0}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.sampled_from(leaves), _values(paths), st.booleans()),
+                    min_size=1, max_size=3), st.booleans())
+    def fuzz(changes, sealed):
+        from schemas.manifest import _content_digest, _render
+
+        d = json.loads(json.dumps(original))
+        for p, value, delete in changes:
+            try:
+                _apply(d, p, value, delete and len(p) > 1)
+            except (KeyError, IndexError, TypeError):
+                pass  # an earlier change removed or replaced the parent
+        if sealed:  # re-sealed: the checks behind the checksum are what must hold
+            d["sha256"] = _content_digest(d)
+        try:
+            f.write_bytes(_render(d))
+        except (TypeError, ValueError):
+            return  # not serializable as JSON (NaN is; a set is not): nothing to read
+        watch.opened.clear()
+        watch.on = True
+        try:
+            st_ = load_store(path, verify="auto")
+            token = int(np.argmax(st_.shards[0].counts))
+            q = np.ones(st_.manifest.dim, np.float32) / np.sqrt(st_.manifest.dim)
+            st_.continuations(q, token, 10)
+            outcomes["loaded"] += 1
+        except StoreFormatError:
+            outcomes["refused"] += 1
+        finally:
+            watch.on = False
+        stray = [p for p in watch.opened if not os.path.realpath(p).startswith(allowed)]
+        assert not stray, f"opened outside the store: {stray}"
+
+    fuzz()
+    assert outcomes["refused"] > 0.5 * FUZZ_EXAMPLES  # the fuzzing reached the checks
+    assert outcomes["loaded"] > 0  # ... and did not only break the JSON
+
+
+def _get(d, path):
+    for k in path:
+        d = d[k]
+    return d
+
+
+# --------------------------------------------------------------------------- corruption
+SMALL = ["CURRENT", "manifest", "transform", "quantizer", "docs", "counts"]
+LARGE = ["tokens", "lists"]  # checksummed by verify="full" and dresd verify
+ARCHIVE = ["keys"]  # never opened by the runtime: checksummed by dresd verify
+
+
+def _offsets(size: int, rng, edge: int = 32) -> list[int]:
+    """Every byte of a small file; of a larger one the first and last ``edge`` bytes and as many
+    random ones (headers, the ends and the body: a checksum does not care where, so a sample
+    stands for every byte, and keeps this test to seconds)."""
+    if size <= 4 * edge:
+        return list(range(size))
+    return sorted({*range(edge), *range(size - edge, size),
+                   *rng.integers(0, size, 2 * edge).tolist()})
+
+
+def _verify_says_corrupt(path, capsys) -> bool:
+    code = dresd_main(["verify", str(path), "--force"])
+    return code == 1 and "CORRUPT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", SMALL + LARGE + ARCHIVE)
+def test_every_single_byte_corruption_is_detected(store, tmp_path, kind, capsys):
+    path = _copy(store, tmp_path / "s")
+    rel = _file_kinds(path)[kind]
+    target = path / rel
+    good = target.read_bytes()
+    rng = np.random.default_rng(0)
+    missed = []
+    for offset in _offsets(len(good), rng, edge=256 if kind == "manifest" else 32):
+        bit = 1 << int(rng.integers(0, 8))
+        bad = bytearray(good)
+        bad[offset] ^= bit
+        target.write_bytes(bytes(bad))
+        if kind == "CURRENT":  # a hint: a flip is refused or still finds the newest commit
+            try:
+                if load_store(path).manifest.generation != read_manifest(store).generation:
+                    missed.append(offset)
+            except StoreFormatError:
+                pass
+            continue
+        if kind == "manifest":  # read at every load, before anything it names
+            try:
+                read_manifest(path)
+                missed.append(offset)
+            except StoreFormatError:
+                pass
+            continue
+        if kind in ARCHIVE:
+            if not _verify_says_corrupt(path, capsys):
+                missed.append(offset)
+            continue
+        try:
+            load_store(path, verify="auto" if kind in SMALL else "full")
+            missed.append(offset)
+        except StoreFormatError:
+            pass
+        if kind in LARGE and offset % 8 == 0:  # the CLI says so too, with exit code 1
+            assert _verify_says_corrupt(path, capsys)
+    target.write_bytes(good)
+    assert not missed, f"{len(missed)} flipped byte(s) of {rel} went undetected: {missed[:10]}"
+    load_store(path, verify="full")  # restored: loads again
