@@ -18,6 +18,11 @@ the commit does not name. A rerun of the same command (same key and parent) afte
 adopts the records of a dead run: every file of a recorded shard is checksummed again and a
 shard is reused only if it was encoded with the transform and quantizer this run uses and none
 of its documents is already taken; its documents are then not encoded again.
+
+On a store at a URL (schemas.storage) the same files are objects under ``journal/<run>/``,
+written whole by plain puts; the heartbeat rewrites ``run.json`` (an object's modification time
+changes only then), and a dead run's shards are fetched into a staging directory to be
+checksummed before they are reused.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The store format: the contract between the builder (pipelines/) and the runtime (dresd/).
 
-A store is one directory::
+A store is one directory, or the same layout under a prefix on object storage
+(``s3://bucket/prefix``, schemas.storage)::
 
     STORE/
       CURRENT                     name of the live manifest, replaced atomically
