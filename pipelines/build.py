@@ -66,7 +66,13 @@ from schemas.commit import (
 from schemas.integrity import VERIFIED_DIR
 from schemas.manifest import CURRENT_FILE, MANIFEST_DIR, generation_path
 from schemas.shard_io import SHARDS_DIR, read_docs
-from schemas.storage import ObjectStoreIO, bucket_exists, is_remote, staged
+from schemas.storage import (
+    ObjectStoreIO,
+    bucket_exists,
+    check_store_location,
+    is_remote,
+    staged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,7 @@ def _check_store_path(store: str, exists: bool = False) -> None:
     checked before anything is written, so a bad path leaves nothing half-way. A URL is
     checked by its first read or write (object stores have no directories to test)."""
     if is_remote(store):
+        check_store_location(store)
         if not bucket_exists(store):
             raise FileNotFoundError(f"{store}: its bucket does not exist (or these credentials "
                                     "cannot see it); create it first")

@@ -9,6 +9,9 @@ the layer too (``dresd.load_store("s3://...")``) and must not import Beam. fsspe
 dependency with s3fs, gcsfs and an HDFS driver behind the same calls, and a URL alone selects the
 backend (so a step that pickles only a URL string runs on any worker).
 
+Stores are accepted only where the exclusive create is known to hold (``EXCLUSIVE_CREATE``:
+S3); corpora may be on any filesystem fsspec reads.
+
 Local paths never come through here: every local read and write stays on the ``pathlib``/``os``
 code it had, so a local store behaves exactly as before. A remote store is worked on through
 ``staged``: a step copies the files it reads into a local temporary directory laid out like the
@@ -62,6 +65,20 @@ def storage_options(url: str) -> dict:
     return {}
 
 
+# Filesystems whose fsspec backend is known to send a create that fails when the object exists
+# (checked here against an S3-API server). A backend that ignored ``mode="create"`` would
+# overwrite a manifest another writer committed, so a store elsewhere is refused up front.
+EXCLUSIVE_CREATE = ("s3", "s3a")
+
+
+def check_store_location(url: str) -> None:
+    """A store URL must be on a filesystem whose exclusive create the commit can rely on."""
+    if scheme(url) not in EXCLUSIVE_CREATE:
+        raise ValueError(f"{url}: a store on {scheme(url)}:// is not supported yet (the commit "
+                         "needs a create-if-absent this backend is not known to provide; "
+                         "supported: s3://, local paths); a corpus may be anywhere fsspec reads")
+
+
 def filesystem(url: str):
     """(fsspec filesystem, path without the scheme) of a URL."""
     import logging
@@ -110,6 +127,7 @@ class ObjectStoreIO:
         return join(self.url, relpath)
 
     def create_exclusive(self, relpath: str, data: bytes) -> None:
+        check_store_location(self.url)
         try:
             self.fs.pipe_file(self.path(relpath), data, mode="create")
         except FileExistsError:

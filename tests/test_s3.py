@@ -313,6 +313,8 @@ def test_local_corpus_into_an_s3_store(s3_endpoint, corpora, tiny_llama_dir, cap
     assert dresd_main(["update", store, str(corpora["b"]), "--glob", "*.py", "--no-progress",
                        "--rebase"]) == 0
     assert "generation 2: 2 shard(s), 2 documents" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="a store on gs:// is not supported yet"):
+        build_store(corpora["b"], "gs://bucket/store", _config(tiny_llama_dir))
     with pytest.raises(FileNotFoundError, match="bucket does not exist"):
         build_store(corpora["b"], "s3://no-such-bucket-here/store", _config(tiny_llama_dir))
     with pytest.raises(FileNotFoundError, match="no store at"):
