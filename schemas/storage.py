@@ -34,8 +34,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-LOCAL_SCHEMES = ("", "file", "local")
-
 
 def scheme(location: str | os.PathLike) -> str:
     text = os.fspath(location)
@@ -43,8 +41,8 @@ def scheme(location: str | os.PathLike) -> str:
 
 
 def is_remote(location: str | os.PathLike) -> bool:
-    """A URL of a filesystem other than the local one."""
-    return scheme(location) not in LOCAL_SCHEMES
+    """A URL (anything with a scheme, ``file://`` too: it goes through fsspec), not a path."""
+    return scheme(location) != ""
 
 
 def join(root: str, relpath: str) -> str:
