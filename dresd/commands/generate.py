@@ -62,7 +62,7 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("generate", help="speculative decoding with drafts from a store, the "
                                         "live context and prompt lookup")
-    p.add_argument("--store", default="", help="store directory (needed by the dense and rest "
+    p.add_argument("--store", default="", help="store directory or s3:// URL (needed by the dense and rest "
                                                 "drafters; 'hybrid' without one drafts from the "
                                                 "context and prompt lookup only)")
     p.add_argument("--prompt", required=True, help="prompt text")
