@@ -62,9 +62,9 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("generate", help="speculative decoding with drafts from a store, the "
                                         "live context and prompt lookup")
-    p.add_argument("--store", default="", help="store directory or s3:// URL (needed by the dense and rest "
-                                                "drafters; 'hybrid' without one drafts from the "
-                                                "context and prompt lookup only)")
+    p.add_argument("--store", default="", help="store directory or s3:// URL (needed by the "
+                                                "dense and rest drafters; 'hybrid' without one "
+                                                "drafts from the context and prompt lookup only)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--model", default="default", help="model directory or 'default'")
     p.add_argument("--device", default="", help="torch device ('' picks CUDA when present)")
