@@ -115,9 +115,9 @@ def run_generate(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("build", help="build a new store from a corpus (Beam pipeline)")
-    p.add_argument("store", help="store directory to create")
+    p.add_argument("store", help="store directory to create, or an s3://bucket/prefix")
     p.add_argument("corpus", nargs="+", help="directories (files chosen by --glob), .jsonl or "
-                   ".parquet files")
+                   ".parquet files; local or URLs (s3://...)")
     add_arguments(p, BuildConfig)
     p.set_defaults(func=run_build, accepts_extra=True)
 
