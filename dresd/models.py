@@ -134,6 +134,13 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock reading after it includes that work
+    (CUDA runs asynchronously; the CPU has nothing to wait for)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def pick_dtype(dtype: str | None = None) -> torch.dtype:
     """``dtype`` by name (a floating-point torch dtype), float32 when empty, whatever the device.
 
