@@ -57,6 +57,8 @@ from benchmarks.corpora import RUNS, id_store, ood_store  # noqa: E402
 from benchmarks.oracle import OracleDrafter  # noqa: E402
 from benchmarks.prompts import EVAL_PROMPTS, chat, humaneval_prompts  # noqa: E402
 from dresd.decode import DecodeConfig, encode_prompt, generate  # noqa: E402
+from dresd.drafters.registry import DRAFTERS as REGISTERED  # noqa: E402
+from dresd.drafters.registry import hybrid_names  # noqa: E402
 from dresd.models import dtype_name, load_model  # noqa: E402
 from dresd.store import load_store  # noqa: E402
 
@@ -74,30 +76,23 @@ WARMUP_REQUEST = [{"role": "user", "content": "Say hi in one short sentence."}]
 WARMUP_TOKENS = 16
 
 ALL = list(BUDGETS)
+_HYBRID = ",".join(hybrid_names(has_store=True))
+# DecodeConfig.drafter of each method that runs through dresd.generate's own source selection:
+# every registered source alone, and the composites compared here
+DRAFTERS = {**{name: name for name in REGISTERED},
+            "rest+pl": "rest,prompt_lookup", "hybrid": _HYBRID, "hybrid+rest": _HYBRID + ",rest"}
 # method -> (needs a store, budgets it runs at)
 METHODS = {
     "ar": (False, [""]),
     "hf_prompt_lookup": (False, [""]),
     "oracle": (False, ALL),
-    "prompt_lookup": (False, ALL + [CALIBRATED]),
-    "context": (False, ALL),
-    "rest": (True, ALL),
+    **{name: (spec.needs_store, ALL) for name, spec in REGISTERED.items()},
     "draftretriever": (True, ["4x8"]),
-    "dense": (True, ALL),
     "rest+pl": (True, ALL + [CALIBRATED]),
     "hybrid": (True, ["4x8", "10x10", CALIBRATED]),
     "hybrid+rest": (True, [CALIBRATED]),
 }
-# DecodeConfig.drafter of each method that runs through dresd.generate's own source selection
-DRAFTERS = {
-    "prompt_lookup": "prompt_lookup",
-    "context": "context",
-    "rest": "rest",
-    "dense": "dense",
-    "rest+pl": "rest,prompt_lookup",
-    "hybrid": "dense,context,prompt_lookup",
-    "hybrid+rest": "dense,context,prompt_lookup,rest",
-}
+METHODS["prompt_lookup"] = (False, ALL + [CALIBRATED])  # against the composites' calibrated
 
 
 @dataclass(frozen=True)

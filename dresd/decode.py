@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from dresd.config import option
+from dresd.drafters import registry
 from dresd.drafters.base import Drafter, DraftRequest
 from dresd.drafters.registry import DRAFTER_NAMES, as_drafter, drafter_names
 from dresd.models import synchronize
@@ -56,9 +57,10 @@ class DecodeConfig:
     seed: int = option(0, "random seed for sampling")
     stop_strings: tuple[str, ...] = option((), "stop when the text contains one of these")
     drafter: str = option(
-        "hybrid", "draft sources when decoding from a store (or from none): 'hybrid' (dense "
-        "store + context + prompt_lookup in one tree; without a store, context + "
-        "prompt_lookup) or a comma-separated list of " + ", ".join(DRAFTER_NAMES))
+        "hybrid", "draft sources when decoding from a store (or from none): 'hybrid' ("
+        + " + ".join(registry.hybrid_names(True)) + " in one tree; without a store, "
+        + " + ".join(registry.hybrid_names(False)) + ") or a comma-separated list of: "
+        + registry.drafter_help())
     budget: str = option(
         "calibrated", "tree size per step: 'calibrated' (maximise expected tokens per second "
         "under this device's measured verify cost, saved by `dresd calibrate`) or 'fixed' "

@@ -16,18 +16,29 @@ for token t is the state from which the model predicted token t + 1.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 
 
 @dataclass(frozen=True)
 class Draft:
+    """A continuation of ``y``. ``score``: higher is likelier to be accepted, on the scale all
+    sources share (about [-1, 1], 1 the surest; dresd.drafters.registry states the contract),
+    which the composite's score bands assume; it must be a finite number."""
+
     tokens: tuple[int, ...]  # continuation after the decided token y
-    score: float = 1.0  # higher is more likely to be accepted (similarity, count, ...)
+    score: float = 1.0
     source: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.score, Real) or not math.isfinite(self.score):
+            raise ValueError(f"draft score must be a finite number, got {self.score!r} "
+                             f"(source {self.source or '?'})")
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,9 @@ class DraftRequest:
 
 
 class Drafter(ABC):
+    """A source of drafts. One that ``DecodeConfig.drafter`` can name is registered in
+    dresd.drafters.registry and builds itself with ``from_config(store, config)``."""
+
     name: str = "drafter"
 
     def begin(self, prompt_tokens: Sequence[int], prompt_hidden: torch.Tensor) -> None:

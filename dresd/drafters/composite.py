@@ -150,7 +150,8 @@ class CompositeDrafter(Drafter):
         ``mute_after`` / ``probe_every``: steps of misses before a source is only asked every
         ``probe_every`` steps (0 never mutes);
         ``score_bands``: edges on a source's best draft score that file its steps into bands
-        with their own hit rates (empty: one band); ``band_strength``: the weight, in steps,
+        with their own hit rates (empty: one band); the edges are on the score scale every
+        source shares (dresd.drafters.registry); ``band_strength``: the weight, in steps,
         of the pooled estimate as a band's prior;
         ``memory``: a dict that keeps the estimates from one generation to the next, also
         across composites (``dresd.generate`` passes one per model and configuration); without

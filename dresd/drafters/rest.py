@@ -287,6 +287,11 @@ class RestDrafter(Drafter):
         """REST over exactly ``store``'s documents (index built once, then cached)."""
         return cls(_cached_index(store, "rest", ".rest", cache_dir, build_rest_index), **kwargs)
 
+    @classmethod
+    def from_config(cls, store, config) -> RestDrafter:
+        """REST's own defaults: ``config.k`` counts dense neighbours, not suffix occurrences."""
+        return cls.from_store(store)
+
     def propose(self, request: DraftRequest) -> list[Draft]:
         self.last_match_len = 0
         if request.num_drafts < 1 or request.draft_len < 1:
