@@ -209,11 +209,10 @@ def _draft(run: _Decoding) -> DraftTree:
     budget = dataclasses.replace(run.budget, draft_len=min(run.budget.draft_len, remaining - 1))
 
     def build() -> DraftTree:
-        drafts = []
         if budget.draft_len > 0 and budget.num_drafts > 0:
             request = DraftRequest(run.seq, run.y_hidden, budget.num_drafts, budget.draft_len)
-            drafts = run.drafter.propose(request)
-        return DraftTree.build(run.y, drafts, budget, vocab_size=run.vocab)
+            return run.drafter.propose_tree(request, budget, run.vocab)
+        return DraftTree(run.y)
 
     return run.drafter_call(build)
 
