@@ -158,7 +158,7 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         source = OracleDrafter(len(ids), reference, vocab)
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
     elif run.method == "draftretriever":  # the PyPI package, not one of dresd's own sources
-        from dresd.drafters.rest import DraftRetrieverDrafter
+        from benchmarks.draftretriever import DraftRetrieverDrafter
 
         source = DraftRetrieverDrafter.from_store(store)
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
@@ -181,7 +181,8 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
     return dict(tokens=st.new_tokens, seconds=st.total_s, identical=result.tokens == reference,
                 steps=st.steps, step_tokens=st.step_tokens, accepted=st.accepted_tokens,
                 proposed=st.proposed_tokens, tree_tokens=st.tree_tokens,
-                retrieval_s=st.retrieval_s, verify_s=st.verify_s, prefill_s=st.prefill_s,
+                # "retrieval_s": the field name of earlier result files; it is drafting_s
+                retrieval_s=st.drafting_s, verify_s=st.verify_s, prefill_s=st.prefill_s,
                 accepted_lengths=lengths[1:])  # the first call is the prefill's token
 
 

@@ -27,11 +27,11 @@ from dresd.config import option
 from dresd.drafters import registry
 from dresd.drafters.base import Drafter, DraftRequest
 from dresd.drafters.registry import DRAFTER_NAMES, as_drafter, drafter_names
-from dresd.models import synchronize
+from dresd.models import stop_token_ids, synchronize
 from dresd.prompt import Prompt, check_plain_decoding, check_prompt, context_length, encode_prompt
 from dresd.sampling import SamplingParams, accept_among_children, sample, target_probs
 from dresd.stats import GenerationResult, GenerationStats
-from dresd.stopping import TextStream, commit, first_stop, stop_token_ids
+from dresd.stopping import TextStream, commit, first_stop
 from dresd.tree import DraftTree, TreeBudget, TreeOutput, model_forward, prune_cache, verify_tree
 
 __all__ = [
@@ -129,10 +129,10 @@ class _Decoding:
         return sample(target_probs(logits_row, self.params), self.generator)
 
     def drafter_call(self, fn, *args):
-        """Call into the drafter, its wall time counted as drafting (``retrieval_s``)."""
+        """Call into the drafter, its wall time counted in ``drafting_s``."""
         t = time.perf_counter()
         out = fn(*args)
-        self.stats.retrieval_s += time.perf_counter() - t
+        self.stats.drafting_s += time.perf_counter() - t
         return out
 
 

@@ -6,6 +6,9 @@
   the verified path of a step is the longest draft through the accepted nodes (accepted depth +
   the longest branch below the last accepted node). A step with no drafts proposes 0 tokens.
 - TPS: new tokens / total wall time (prefill included).
+- ``drafting_s``: wall time inside the drafter (``begin``, ``propose`` with its retrieval and
+  tree planning, the tree's merge, ``accept``, ``verified``); ``verify_s``: the verify passes
+  (forward, acceptance walk, cache pruning); ``other_s``: the rest (stop checks, callbacks).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class GenerationStats:
     tree_tokens: int = 0
     total_s: float = 0.0
     prefill_s: float = 0.0
-    retrieval_s: float = 0.0
+    drafting_s: float = 0.0
     verify_s: float = 0.0
     stopped_by: str = ""
 
@@ -42,21 +45,27 @@ class GenerationStats:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
     @property
+    def retrieval_s(self) -> float:
+        """``drafting_s`` under the name readers of earlier results know."""
+        return self.drafting_s
+
+    @property
     def other_s(self) -> float:
-        return max(0.0, self.total_s - self.prefill_s - self.retrieval_s - self.verify_s)
+        return max(0.0, self.total_s - self.prefill_s - self.drafting_s - self.verify_s)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(AL=self.accepted_length, AR=self.acceptance_rate, TPS=self.tokens_per_second,
-                 other_s=self.other_s)
+                 other_s=self.other_s, retrieval_s=self.retrieval_s)
         return d
 
     def summary(self) -> str:
         return (
             f"tokens {self.new_tokens} in {self.steps} steps | AL {self.accepted_length:.2f} | "
             f"AR {self.acceptance_rate:.2f} | TPS {self.tokens_per_second:.1f} | "
-            f"time {self.total_s:.2f}s: prefill {self.prefill_s:.2f}s, retrieval "
-            f"{self.retrieval_s:.3f}s, verify {self.verify_s:.2f}s, other {self.other_s:.2f}s | "
+            f"time {self.total_s:.2f}s: prefill {self.prefill_s:.2f}s, drafting (retrieval + "
+            f"planning) {self.drafting_s:.3f}s, verify {self.verify_s:.2f}s, other "
+            f"{self.other_s:.2f}s | "
             f"stopped by {self.stopped_by}"
         )
 

@@ -10,16 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """The tokens ``model.generate`` stops on: the generation config's EOS, else the tokenizer's."""
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
 def first_stop(text: str, stop_strings: Sequence[str]) -> int:
     """Where the earliest stop string starts in ``text`` (-1: none does)."""
     hits = [text.find(s) for s in stop_strings if s and s in text]

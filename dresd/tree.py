@@ -193,13 +193,9 @@ def model_forward(model, input_ids, cache, position_ids=None, attention_mask=Non
     return TreeOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
 
 
-def cache_length(cache) -> int:
-    return cache.get_seq_length()
-
-
 def verify_tree(model, tree: DraftTree, cache) -> TreeOutput:
     """Run every node of ``tree`` through ``model`` in one forward, appending to ``cache``."""
-    past = cache_length(cache)
+    past = cache.get_seq_length()
     device = model.device
     dtype = model.dtype
     return model_forward(
@@ -219,9 +215,9 @@ def prune_cache(cache, past_len: int, tree_len: int, path: Sequence[int]) -> Non
     dimension.
     """
     path = list(path)
-    if cache_length(cache) != past_len + tree_len:
+    if cache.get_seq_length() != past_len + tree_len:
         raise ValueError(
-            f"cache holds {cache_length(cache)} positions, expected {past_len} + {tree_len}"
+            f"cache holds {cache.get_seq_length()} positions, expected {past_len} + {tree_len}"
         )
     if path == list(range(len(path))):
         drop = tree_len - len(path)
