@@ -49,7 +49,8 @@ class DecodeConfig:
     num_drafts: int = option(10, "drafts merged into the tree per step")
     draft_len: int = option(10, "tokens kept of each draft")
     max_tree_tokens: int = option(64, "tree nodes verified per forward, root included")
-    k: int = option(10, "neighbours retrieved from the store per step (each is one draft)")
+    k: int = option(10, "nearest keys the dense and context sources retrieve per step (each "
+                    "is one draft)")
     nprobe: int = option(0, "IVF lists probed per search (0: the store's default)")
     temperature: float = option(0.0, "0 decodes greedily; > 0 samples")
     top_k: int = option(0, "sample among the k likeliest tokens (0: off)")

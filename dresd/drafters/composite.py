@@ -50,8 +50,9 @@ estimate of the one above): with no evidence a source's best chain of drafts is 
 on a CPU whose 8-token pass costs under twice a one-token pass; one step later the shadow scores
 take over.
 
-The composite returns one draft per leaf of the chosen subtree, scored by its probability, so
-``DraftTree.build`` rebuilds exactly that subtree.
+The composite hands the decoder the chosen subtree (``propose_tree``); ``propose`` gives the
+same subtree as one draft per leaf, scored by its probability, so ``DraftTree.build`` of those
+drafts is that tree node for node.
 """
 
 from __future__ import annotations
@@ -230,6 +231,20 @@ class CompositeDrafter(Drafter):
         self.policy.observe(tree_tokens, seconds)
 
     def propose(self, request: DraftRequest) -> list[Draft]:
+        """One draft per leaf of the chosen subtree, likeliest first, scored by its estimate."""
+        return [Draft(path, prob, src) for path, prob, src in self._step(request)]
+
+    def propose_tree(self, request: DraftRequest, budget, vocab_size: int | None = None):
+        """The chosen subtree itself: its leaves' paths inserted likeliest first, so node order
+        matches what merging ``propose``'s drafts would give (``budget`` cuts nothing when the
+        policy's cap is within it: the request already carries the drafts and depth limits)."""
+        leaves = self._step(request)
+        return DraftTree.from_paths(request.tokens[-1], [(p, src) for p, _, src in leaves],
+                                    budget, vocab_size)
+
+    def _step(self, request: DraftRequest) -> list[tuple[tuple[int, ...], float, str]]:
+        """Ask the sources, plan this step's tree and keep the step for shadow scoring; the
+        chosen leaves as (path below y, estimate, sources)."""
         t0 = time.perf_counter()
         self._settle(request.tokens)  # the committed tokens (``_seq``, kept by accept) and y
         self.steps += 1
@@ -368,9 +383,9 @@ class CompositeDrafter(Drafter):
     # -- the tree ------------------------------------------------------------------------------
 
     def _plan(self, proposals: list[list[Draft] | None], request: DraftRequest,
-              step: _PendingStep) -> list[Draft]:
+              step: _PendingStep) -> list[tuple[tuple[int, ...], float, str]]:
         """Merge the proposals into a candidate trie, estimate each node, let the policy choose,
-        and return one draft per leaf of the chosen subtree, likeliest first."""
+        and return the leaves of the chosen subtree, likeliest first."""
         cand, mass = self._candidates(proposals, request.tokens[-1], request.draft_len)
         n = len(cand)
         if n == 1:
@@ -389,14 +404,10 @@ class CompositeDrafter(Drafter):
             for s in mass[c]:
                 self.stats[s].tree_nodes += 1
         has_child = {cand.parents[c] for c in chosen}
-        drafts = []
-        for leaf in chosen:
-            if leaf in has_child:
-                continue
-            src = "+".join(self.names[s] for s in sorted(mass[leaf]))
-            drafts.append(Draft(paths[leaf], float(probs[leaf]), src))
-        drafts.sort(key=lambda x: -x.score)
-        return drafts
+        leaves = [(paths[c], float(probs[c]), "+".join(self.names[s] for s in sorted(mass[c])))
+                  for c in chosen if c not in has_child]
+        leaves.sort(key=lambda x: -x[1])  # stable: ties keep the policy's order
+        return leaves
 
     @staticmethod
     def _candidates(proposals: list[list[Draft] | None], y: int,
