@@ -3,9 +3,9 @@
 For the tiny random Llama, Qwen2 and GPT-2 models of the test suite (no files needed, so the
 check travels light to a GPU machine) on a few prompts of real Python source, and for the real
 default model (``--models ...,default``) on standard-library signature prompts in HumanEval's
-chat format, every store-free source (``context``, ``prompt_lookup``
-and both merged) under the fixed and the calibrated budget decodes each prompt; each output is compared with plain greedy ``model.generate`` on the same device, in
-float32. It also records what the calibrated budget's cost curve learned while decoding: the
+chat format, every store-free source of dresd.drafters.registry (each alone and all merged) under the fixed
+and the calibrated budget decodes each prompt; each output is compared with plain greedy
+``model.generate`` on the same device, in float32. It also records what the calibrated budget's cost curve learned while decoding: the
 saved calibration against the verify passes the decoder measured (``dresd.budget.VerifyCost``).
 
     python benchmarks/cuda_lossless.py --device cuda --models llama,qwen2,gpt2,default
@@ -30,10 +30,12 @@ from tiny_models import make_tiny_model, stdlib_files  # noqa: E402
 from benchmarks.prompts import chat, stdlib_signature_prompts  # noqa: E402
 from dresd.budget import calibrated_budget  # noqa: E402
 from dresd.decode import encode_prompt, generate  # noqa: E402
+from dresd.drafters.registry import DRAFTERS as REGISTERED  # noqa: E402
 from dresd.models import load_model  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "gpt2")
-DRAFTERS = ("context", "prompt_lookup", "context,prompt_lookup")
+_STORE_FREE = [s.name for s in REGISTERED.values() if not s.needs_store]
+DRAFTERS = (*_STORE_FREE, ",".join(_STORE_FREE))  # each store-free source, and all merged
 BUDGETS = ("fixed", "calibrated")
 
 

@@ -57,6 +57,8 @@ from benchmarks.corpora import RUNS, id_store, ood_store  # noqa: E402
 from benchmarks.oracle import OracleDrafter  # noqa: E402
 from benchmarks.prompts import EVAL_PROMPTS, chat, humaneval_prompts  # noqa: E402
 from dresd.decode import DecodeConfig, encode_prompt, generate  # noqa: E402
+from dresd.drafters.registry import DRAFTERS as REGISTERED  # noqa: E402
+from dresd.drafters.registry import hybrid_names  # noqa: E402
 from dresd.models import dtype_name, load_model  # noqa: E402
 from dresd.store import load_store  # noqa: E402
 
@@ -74,30 +76,23 @@ WARMUP_REQUEST = [{"role": "user", "content": "Say hi in one short sentence."}]
 WARMUP_TOKENS = 16
 
 ALL = list(BUDGETS)
+_HYBRID = ",".join(hybrid_names(has_store=True))
+# DecodeConfig.drafter of each method that runs through dresd.generate's own source selection:
+# every registered source alone, and the composites compared here
+DRAFTERS = {**{name: name for name in REGISTERED},
+            "rest+pl": "rest,prompt_lookup", "hybrid": _HYBRID, "hybrid+rest": _HYBRID + ",rest"}
 # method -> (needs a store, budgets it runs at)
 METHODS = {
     "ar": (False, [""]),
     "hf_prompt_lookup": (False, [""]),
     "oracle": (False, ALL),
-    "prompt_lookup": (False, ALL + [CALIBRATED]),
-    "context": (False, ALL),
-    "rest": (True, ALL),
+    **{name: (spec.needs_store, ALL) for name, spec in REGISTERED.items()},
     "draftretriever": (True, ["4x8"]),
-    "dense": (True, ALL),
     "rest+pl": (True, ALL + [CALIBRATED]),
     "hybrid": (True, ["4x8", "10x10", CALIBRATED]),
     "hybrid+rest": (True, [CALIBRATED]),
 }
-# DecodeConfig.drafter of each method that runs through dresd.generate's own source selection
-DRAFTERS = {
-    "prompt_lookup": "prompt_lookup",
-    "context": "context",
-    "rest": "rest",
-    "dense": "dense",
-    "rest+pl": "rest,prompt_lookup",
-    "hybrid": "dense,context,prompt_lookup",
-    "hybrid+rest": "dense,context,prompt_lookup,rest",
-}
+METHODS["prompt_lookup"] = (False, ALL + [CALIBRATED])  # against the composites' calibrated
 
 
 @dataclass(frozen=True)
@@ -163,7 +158,7 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         source = OracleDrafter(len(ids), reference, vocab)
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
     elif run.method == "draftretriever":  # the PyPI package, not one of dresd's own sources
-        from dresd.drafters.rest import DraftRetrieverDrafter
+        from benchmarks.draftretriever import DraftRetrieverDrafter
 
         source = DraftRetrieverDrafter.from_store(store)
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
@@ -186,7 +181,8 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
     return dict(tokens=st.new_tokens, seconds=st.total_s, identical=result.tokens == reference,
                 steps=st.steps, step_tokens=st.step_tokens, accepted=st.accepted_tokens,
                 proposed=st.proposed_tokens, tree_tokens=st.tree_tokens,
-                retrieval_s=st.retrieval_s, verify_s=st.verify_s, prefill_s=st.prefill_s,
+                # "retrieval_s": the field name of earlier result files; it is drafting_s
+                retrieval_s=st.drafting_s, verify_s=st.verify_s, prefill_s=st.prefill_s,
                 accepted_lengths=lengths[1:])  # the first call is the prefill's token
 
 

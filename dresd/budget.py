@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dresd.calibrate import Calibration
+from dresd.tree import DraftTree
 
 
 class BudgetPolicy:
@@ -183,7 +184,7 @@ class CalibratedBudget(BudgetPolicy):
 
 
 def select_nodes(
-    parents: Sequence[int],
+    tree: DraftTree | Sequence[int],
     probs: Sequence[float],
     policy: BudgetPolicy,
     max_leaves: int | None = None,
@@ -192,23 +193,19 @@ def select_nodes(
 ) -> list[int]:
     """The nodes of a candidate trie to verify, best first.
 
-    ``parents[i]`` is node i's parent (node 0 is the root, parents precede children);
-    ``probs[i]`` its estimated probability of being accepted, which must not exceed its parent's.
-    Nodes are taken in order of probability from the root's frontier, skipping those that would
-    pass ``max_depth`` or make more than ``max_leaves`` leaves (drafts); ``policy`` then keeps a
-    prefix of that order. Every prefix is a subtree, and the leaf count never falls along the
-    order, so the result respects both limits.
+    ``tree``: the candidate trie, or its parent list (node 0 is the root, parents precede
+    children); ``probs[i]`` node i's estimated probability of being accepted, which must not
+    exceed its parent's. Nodes are taken in order of probability from the root's frontier,
+    skipping those that would pass ``max_depth`` or make more than ``max_leaves`` leaves
+    (drafts); ``policy`` then keeps a prefix of that order. Every prefix is a subtree, and the
+    leaf count never falls along the order, so the result respects both limits.
     """
-    n = len(parents)
-    children: list[list[int]] = [[] for _ in range(n)]
-    depth = [0] * n
-    for i in range(1, n):
-        if not 0 <= parents[i] < i:
-            raise ValueError(f"node {i} has parent {parents[i]}: parents must precede children")
-        children[parents[i]].append(i)
-        depth[i] = depth[parents[i]] + 1
+    if not isinstance(tree, DraftTree):
+        tree = DraftTree.from_parents(tree)
+    parents, depth = tree.parents, tree.depths
+    n = len(tree)
     cap = policy.max_tree_tokens - 1
-    frontier = [(-float(probs[c]), c) for c in children[0]]
+    frontier = [(-float(probs[c]), c) for c in tree.children(0).values()]
     heapq.heapify(frontier)
     order: list[int] = []
     has_child = [False] * n
@@ -224,7 +221,7 @@ def select_nodes(
         leaves += grows
         has_child[par] = True
         order.append(c)
-        for g in children[c]:
+        for g in tree.children(c).values():
             heapq.heappush(frontier, (-float(probs[g]), g))
     keep = policy.size([float(probs[c]) for c in order], overhead_s)
     return order[:keep]

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dresd.models import cache_dir, dtype_name
+from dresd.models import cache_dir, dtype_name, synchronize
 
 DEFAULT_SIZES = tuple(range(1, 33)) + (36, 40, 48, 56, 64)
 # Calibrations saved before version 2 were forced monotone (see above); before version 3 they
@@ -150,11 +150,6 @@ def calibration_path(model_fingerprint: str, device: torch.device,
     return cache_dir() / "calibration" / name
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def measure_verify_cost(
     model, sizes=DEFAULT_SIZES, past_len: int = 256, repeats: int = 10, fingerprint: str = "",
@@ -176,10 +171,10 @@ def measure_verify_cost(
     for r in tqdm(range(repeats + 1), desc="calibrating verify cost", unit="round",
                   disable=not progress, leave=False):
         for i, tree in enumerate(trees):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             verify_tree(model, tree, cache)
-            _sync(device)
+            synchronize(device)
             if r:  # the first round warms up kernels and the allocator
                 times[i].append(time.perf_counter() - t0)
             cache.crop(-len(tree))

@@ -134,6 +134,13 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock reading after it includes that work
+    (CUDA runs asynchronously; the CPU has nothing to wait for)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def pick_dtype(dtype: str | None = None) -> torch.dtype:
     """``dtype`` by name (a floating-point torch dtype), float32 when empty, whatever the device.
 
@@ -222,12 +229,31 @@ def model_fingerprint(model, tokenizer) -> str:
     return h.hexdigest()
 
 
+def eos_ids(*candidates) -> list[int]:
+    """The EOS ids of the first candidate that names any: each candidate is an id, a list of
+    ids (as a tokenizer or a generation config gives them) or None."""
+    for eos in candidates:
+        if eos is not None:
+            return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return []
+
+
+def document_eos(tokenizer, generation_config=None, where: str = "") -> int:
+    """The EOS id a store writes after each document: the tokenizer's, else the generation
+    config's, the first of a list. The runtime pads values with the same id."""
+    ids = eos_ids(tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None))
+    if not ids:
+        raise ValueError(f"neither the tokenizer nor the generation config{where} names EOS")
+    return ids[0]
+
+
 def eos_token_id(model, tokenizer) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        eos = model.generation_config.eos_token_id
-    if isinstance(eos, list):
-        eos = eos[0]
-    if eos is None:
-        raise ValueError("the tokenizer and the model's generation config define no EOS token")
-    return int(eos)
+    return document_eos(tokenizer, model.generation_config, " of the model")
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens decoding stops on: every EOS id of the generation config, else the
+    tokenizer's. The generation config comes first because ``model.generate`` stops on it,
+    and decoding must stop where it does."""
+    gc = getattr(model, "generation_config", None)
+    return set(eos_ids(getattr(gc, "eos_token_id", None), tokenizer.eos_token_id))

@@ -1,6 +1,8 @@
 """Draft trees: merge draft continuations into a token trie, verify it in one forward, prune.
 
-A tree is rooted at ``y``, the token the model has already decided but not yet written to its KV
+``DraftTree`` is the one token trie of the runtime: drafters' drafts are merged into it, the
+composite builds its candidate trie in it and the budget selects among its nodes (dresd.budget),
+and the decoder verifies it. A tree is rooted at ``y``, the token the model has already decided but not yet written to its KV
 cache. Node 0 is the root; every other node is one draft token, and a node's index is always
 larger than its parent's, so the root-to-node path of any node is increasing and the best draft
 (inserted first) occupies the contiguous indices 0..L.
@@ -49,34 +51,61 @@ class DraftTree:
     @classmethod
     def build(cls, root: int, drafts: Sequence[Draft], budget: TreeBudget,
               vocab_size: int | None = None) -> DraftTree:
-        """Merge the highest-scoring drafts under the budget.
+        """Merge the highest-scoring drafts under the budget (see ``from_paths``)."""
+        ranked = sorted(drafts, key=lambda d: -d.score)[: budget.num_drafts]
+        return cls.from_paths(root, [(d.tokens, d.source) for d in ranked], budget, vocab_size)
 
-        Drafts are inserted best first; when the node budget runs out mid-draft, the draft's
-        prefix that fits is kept, since a prefix is still a useful (and the likeliest) guess.
+    @classmethod
+    def from_paths(cls, root: int, paths: Sequence[tuple[Sequence[int], str]],
+                   budget: TreeBudget, vocab_size: int | None = None) -> DraftTree:
+        """Insert ``(tokens, source)`` paths in order, each cut to ``budget.draft_len``.
+
+        When the node budget runs out mid-path, the prefix that fits is kept, since a prefix is
+        still a useful (and the likeliest) guess, and later paths are dropped.
         """
         tree = cls(root)
-        ranked = sorted(drafts, key=lambda d: -d.score)[: budget.num_drafts]
-        for draft in ranked:
-            toks = draft.tokens[: budget.draft_len]
+        for toks, source in paths:
+            toks = toks[: budget.draft_len]
             if vocab_size is not None:
                 bad = [t for t in toks if not 0 <= t < vocab_size]
                 if bad:
                     raise ValueError(
-                        f"drafter {draft.source or '?'} proposed token ids outside the "
+                        f"drafter {source or '?'} proposed token ids outside the "
                         f"vocabulary of size {vocab_size}: {bad[:5]}"
                     )
-            node = 0
-            for t in toks:
-                node = tree._child(node, int(t), budget.max_tree_tokens)
-                if node < 0:
-                    return tree
+            if tree.add(toks, budget.max_tree_tokens) < 0:
+                return tree
         return tree
 
-    def _child(self, node: int, token: int, limit: int) -> int:
+    @classmethod
+    def from_parents(cls, parents: Sequence[int]) -> DraftTree:
+        """The shape of a trie given by its parent list (node 0 the root, parents first);
+        each node's token is its own index."""
+        tree = cls(0)
+        for i in range(1, len(parents)):
+            if not 0 <= parents[i] < i:
+                raise ValueError(f"node {i} has parent {parents[i]}: parents must precede "
+                                 "children")
+            tree.child(parents[i], i)
+        return tree
+
+    def add(self, tokens: Sequence[int], limit: int | None = None) -> int:
+        """Insert a path below the root; its last node, or -1 when ``limit`` nodes were
+        reached first (the part that fitted stays)."""
+        node = 0
+        for t in tokens:
+            node = self.child(node, int(t), limit)
+            if node < 0:
+                return -1
+        return node
+
+    def child(self, node: int, token: int, limit: int | None = None) -> int:
+        """The child of ``node`` for ``token``, created unless the tree holds ``limit`` nodes
+        (then -1)."""
         existing = self._children[node].get(token)
         if existing is not None:
             return existing
-        if len(self.tokens) >= limit:
+        if limit is not None and len(self.tokens) >= limit:
             return -1
         idx = len(self.tokens)
         self.tokens.append(token)
@@ -123,6 +152,13 @@ class DraftTree:
     def input_ids(self, device) -> torch.Tensor:
         return torch.tensor(self.tokens, dtype=torch.long)[None].to(device)
 
+    def token_paths(self) -> list[tuple[int, ...]]:
+        """Per node, the tokens from below the root down to it (the root's is empty)."""
+        paths: list[tuple[int, ...]] = [()]
+        for i in range(1, len(self.tokens)):  # parents precede children
+            paths.append(paths[self.parents[i]] + (self.tokens[i],))
+        return paths
+
     def path_to(self, node: int) -> list[int]:
         path = []
         while node >= 0:
@@ -157,13 +193,9 @@ def model_forward(model, input_ids, cache, position_ids=None, attention_mask=Non
     return TreeOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
 
 
-def cache_length(cache) -> int:
-    return cache.get_seq_length()
-
-
 def verify_tree(model, tree: DraftTree, cache) -> TreeOutput:
     """Run every node of ``tree`` through ``model`` in one forward, appending to ``cache``."""
-    past = cache_length(cache)
+    past = cache.get_seq_length()
     device = model.device
     dtype = model.dtype
     return model_forward(
@@ -183,9 +215,9 @@ def prune_cache(cache, past_len: int, tree_len: int, path: Sequence[int]) -> Non
     dimension.
     """
     path = list(path)
-    if cache_length(cache) != past_len + tree_len:
+    if cache.get_seq_length() != past_len + tree_len:
         raise ValueError(
-            f"cache holds {cache_length(cache)} positions, expected {past_len} + {tree_len}"
+            f"cache holds {cache.get_seq_length()} positions, expected {past_len} + {tree_len}"
         )
     if path == list(range(len(path))):
         drop = tree_len - len(path)

@@ -19,18 +19,14 @@ def load_tokenizer(model: str):
     """(tokenizer, EOS id) of a model, without loading its weights."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from dresd.models import resolve_model_path
+    from dresd.models import document_eos, resolve_model_path
 
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    eos = tokenizer.eos_token_id
-    if eos is None and (path / "generation_config.json").is_file():
-        eos = GenerationConfig.from_pretrained(path).eos_token_id
-    if isinstance(eos, list):
-        eos = eos[0]
-    if eos is None:
-        raise ValueError(f"neither the tokenizer nor the generation config of {path} names EOS")
-    return tokenizer, int(eos)
+    config = None  # read only when the tokenizer names no EOS
+    if tokenizer.eos_token_id is None and (path / "generation_config.json").is_file():
+        config = GenerationConfig.from_pretrained(path)
+    return tokenizer, document_eos(tokenizer, config, f" of {path}")
 
 
 def document_tokens(tokenizer, eos_id: int, doc) -> list[int]:

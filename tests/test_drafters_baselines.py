@@ -8,15 +8,11 @@ import pytest
 import torch
 from tiny_models import greedy_reference
 
+from benchmarks.draftretriever import DraftRetrieverDrafter, build_draftretriever_index
 from dresd.decode import generate
 from dresd.drafters.base import DraftRequest
 from dresd.drafters.prompt_lookup import PromptLookupDrafter
-from dresd.drafters.rest import (
-    DraftRetrieverDrafter,
-    RestDrafter,
-    build_draftretriever_index,
-    build_rest_index,
-)
+from dresd.drafters.rest import RestDrafter, build_rest_index
 
 H = torch.zeros(4)
 

@@ -603,3 +603,40 @@ def test_cli_generate_without_a_store(tiny_llama_dir, family_stores, calibration
     assert out.startswith(tok.decode(ref[:20], skip_special_tokens=True))
     rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--drafter", "dense"])
     assert rc == 2 and "dense drafter needs a store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", [lambda: FixedBudget(12), lambda: CalibratedBudget(CPU, 32)],
+                         ids=["fixed", "calibrated"])
+def test_the_tree_handed_to_the_decoder_is_the_merge_of_the_leaf_drafts(policy):
+    """propose_tree and DraftTree.build(propose(...)) give the same tree node for node, so
+    handing the tree over changes neither greedy nor seeded sampled decoding."""
+    truth = np.random.default_rng(1).integers(0, 3, 400).tolist()
+
+    def composite():
+        rng = np.random.default_rng(7)
+
+        def fn(i, req):
+            return [Draft(tuple(t if rng.random() > 0.3 else int(rng.integers(0, 3))
+                                for t in truth[i + 1 : i + 1 + int(rng.integers(1, 6))]),
+                          float(rng.random()), "s") for _ in range(int(rng.integers(0, 5)))]
+        return CompositeDrafter([Scripted("a", fn), Scripted("b", fn)], policy())
+
+    budget = TreeBudget(4, 5, 12)
+    trees = []
+    for handed in (False, True):
+        comp = composite()
+        comp.begin(truth[:1], torch.zeros(1, 4))
+        got, i = [], 1
+        while i + 1 < len(truth):
+            req = DraftRequest(truth[: i + 1], torch.zeros(4), 4, 5)
+            tree = (comp.propose_tree(req, budget) if handed
+                    else DraftTree.build(truth[i], comp.propose(req), budget))
+            node, n = 0, 0
+            while (i + 1 + n < len(truth)
+                   and (c := tree.children(node).get(truth[i + 1 + n])) is not None):
+                node, n = c, n + 1
+            comp.accept(truth[i : i + 1 + n], torch.zeros(n + 1, 4))
+            got.append((tree.tokens, tree.parents))
+            i += 1 + n
+        trees.append(got)
+    assert trees[0] == trees[1] and any(len(t[0]) > 1 for t in trees[0])

@@ -110,3 +110,20 @@ def test_prune_rejects_a_cache_of_the_wrong_length(tiny_model):
     cache, _ = _prefill(model, PROMPT)
     with pytest.raises(ValueError, match="cache holds"):
         prune_cache(cache, len(PROMPT), 5, [0])
+
+
+def test_one_trie_for_paths_parents_and_selection():
+    from dresd.budget import FixedBudget, select_nodes
+
+    tree = DraftTree.build(7, DRAFTS, TreeBudget(10, 10, 64))
+    paths = tree.token_paths()
+    assert paths[5] == (40, 41, 50) and paths[0] == ()
+    same = DraftTree.from_paths(7, [(d.tokens, d.source) for d in DRAFTS], TreeBudget(10, 10, 64))
+    assert (same.tokens, same.parents) == (tree.tokens, tree.parents)
+    shape = DraftTree.from_parents(tree.parents)
+    assert shape.parents == tree.parents and shape.depths == tree.depths
+    assert tree.add((40, 41, 99), limit=len(tree)) == -1 and len(tree) == 10  # full: unchanged
+    probs = [1.0] + [0.9 ** d for d in tree.depths[1:]]
+    for policy in (FixedBudget(5), FixedBudget(64)):
+        assert (select_nodes(tree, probs, policy, max_leaves=2)
+                == select_nodes(tree.parents, probs, policy, max_leaves=2))

@@ -1,10 +1,9 @@
 """``dresd generate``: decode one prompt speculatively; print the text and the stats.
 
-Every DecodeConfig field is a flag: ``--drafter`` picks the draft sources (default ``hybrid``:
-the store's dense drafts, dense drafts over the live context and prompt lookup in one tree;
-``dense``, ``context``, ``prompt_lookup``, ``rest`` or a comma-separated list of them) and
+Every DecodeConfig field is a flag: ``--drafter`` picks the draft sources (default ``hybrid``;
+the registered sources are listed by dresd.drafters.registry, and so in ``--help``) and
 ``--budget`` the tree size policy (``calibrated``, fitted to this device, or ``fixed``).
-``--store`` is needed by ``dense`` and ``rest`` only.
+``--store`` is needed only by the sources that draft from a store.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import sys
 
 from dresd.config import add_arguments, from_arguments
 from dresd.decode import DecodeConfig
+from dresd.drafters.registry import DRAFTERS, hybrid_names
 from dresd.models import DTYPE_HELP
 
 
@@ -62,9 +62,10 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("generate", help="speculative decoding with drafts from a store, the "
                                         "live context and prompt lookup")
-    p.add_argument("--store", default="", help="store directory or s3:// URL (needed by the "
-                                                "dense and rest drafters; 'hybrid' without one "
-                                                "drafts from the context and prompt lookup only)")
+    needs = [s.name for s in DRAFTERS.values() if s.needs_store]
+    p.add_argument("--store", default="", help=f"store directory or s3:// URL (needed by the "
+                   f"{' and '.join(needs)} drafters; 'hybrid' without one drafts from the "
+                   f"{' and '.join(hybrid_names(False))} sources only)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--model", default="default", help="model directory or 'default'")
     p.add_argument("--device", default="", help="torch device ('' picks CUDA when present)")

@@ -3,9 +3,9 @@
 The decoder drives a drafter through one generation:
 
 1. ``begin(prompt_tokens, prompt_hidden)`` once the prompt is prefilled;
-2. each step, ``propose(request)`` with the token ``y`` the model has just decided (not yet
-   in the KV cache) and the hidden state that predicted it; the drafter returns continuations
-   that would follow ``y``;
+2. each step, ``propose_tree(request, budget)`` with the token ``y`` the model has just decided
+   (not yet in the KV cache) and the hidden state that predicted it; the drafter returns the
+   tree of continuations that would follow ``y`` (by default its ``propose`` drafts merged);
 3. ``accept(tokens, hidden)`` with the tokens committed to the cache this step (``y`` and the
    accepted draft tokens, in order) and their final hidden states;
 4. ``verified(tree_tokens, seconds)``: what that step's verify pass cost (optional).
@@ -16,18 +16,29 @@ for token t is the state from which the model predicted token t + 1.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 
 
 @dataclass(frozen=True)
 class Draft:
+    """A continuation of ``y``. ``score``: higher is likelier to be accepted, on the scale all
+    sources share (about [-1, 1], 1 the surest; dresd.drafters.registry states the contract),
+    which the composite's score bands assume; it must be a finite number."""
+
     tokens: tuple[int, ...]  # continuation after the decided token y
-    score: float = 1.0  # higher is more likely to be accepted (similarity, count, ...)
+    score: float = 1.0
     source: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.score, Real) or not math.isfinite(self.score):
+            raise ValueError(f"draft score must be a finite number, got {self.score!r} "
+                             f"(source {self.source or '?'})")
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,9 @@ class DraftRequest:
 
 
 class Drafter(ABC):
+    """A source of drafts. One that ``DecodeConfig.drafter`` can name is registered in
+    dresd.drafters.registry and builds itself with ``from_config(store, config)``."""
+
     name: str = "drafter"
 
     def begin(self, prompt_tokens: Sequence[int], prompt_hidden: torch.Tensor) -> None:
@@ -47,6 +61,14 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, request: DraftRequest) -> list[Draft]:
         """Up to ``num_drafts`` continuations of at most ``draft_len`` tokens after ``y``."""
+
+    def propose_tree(self, request: DraftRequest, budget, vocab_size: int | None = None):
+        """The tree the decoder verifies for this step: a ``dresd.tree.DraftTree`` rooted at
+        ``y`` within ``budget`` (a TreeBudget). By default this step's drafts merged best score
+        first; a drafter that plans a tree itself returns it here."""
+        from dresd.tree import DraftTree
+
+        return DraftTree.build(request.tokens[-1], self.propose(request), budget, vocab_size)
 
     def accept(self, tokens: Sequence[int], hidden: torch.Tensor) -> None:
         """Tokens committed this step (y first) and their hidden states [len(tokens), H]."""

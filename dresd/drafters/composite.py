@@ -50,8 +50,9 @@ estimate of the one above): with no evidence a source's best chain of drafts is 
 on a CPU whose 8-token pass costs under twice a one-token pass; one step later the shadow scores
 take over.
 
-The composite returns one draft per leaf of the chosen subtree, scored by its probability, so
-``DraftTree.build`` rebuilds exactly that subtree.
+The composite hands the decoder the chosen subtree (``propose_tree``); ``propose`` gives the
+same subtree as one draft per leaf, scored by its probability, so ``DraftTree.build`` of those
+drafts is that tree node for node.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ import numpy as np
 
 from dresd.budget import BudgetPolicy, FixedBudget, select_nodes
 from dresd.drafters.base import Draft, Drafter, DraftRequest
+from dresd.tree import DraftTree
 
 
 @dataclass
@@ -150,7 +152,8 @@ class CompositeDrafter(Drafter):
         ``mute_after`` / ``probe_every``: steps of misses before a source is only asked every
         ``probe_every`` steps (0 never mutes);
         ``score_bands``: edges on a source's best draft score that file its steps into bands
-        with their own hit rates (empty: one band); ``band_strength``: the weight, in steps,
+        with their own hit rates (empty: one band); the edges are on the score scale every
+        source shares (dresd.drafters.registry); ``band_strength``: the weight, in steps,
         of the pooled estimate as a band's prior;
         ``memory``: a dict that keeps the estimates from one generation to the next, also
         across composites (``dresd.generate`` passes one per model and configuration); without
@@ -228,6 +231,20 @@ class CompositeDrafter(Drafter):
         self.policy.observe(tree_tokens, seconds)
 
     def propose(self, request: DraftRequest) -> list[Draft]:
+        """One draft per leaf of the chosen subtree, likeliest first, scored by its estimate."""
+        return [Draft(path, prob, src) for path, prob, src in self._step(request)]
+
+    def propose_tree(self, request: DraftRequest, budget, vocab_size: int | None = None):
+        """The chosen subtree itself: its leaves' paths inserted likeliest first, so node order
+        matches what merging ``propose``'s drafts would give (``budget`` cuts nothing when the
+        policy's cap is within it: the request already carries the drafts and depth limits)."""
+        leaves = self._step(request)
+        return DraftTree.from_paths(request.tokens[-1], [(p, src) for p, _, src in leaves],
+                                    budget, vocab_size)
+
+    def _step(self, request: DraftRequest) -> list[tuple[tuple[int, ...], float, str]]:
+        """Ask the sources, plan this step's tree and keep the step for shadow scoring; the
+        chosen leaves as (path below y, estimate, sources)."""
         t0 = time.perf_counter()
         self._settle(request.tokens)  # the committed tokens (``_seq``, kept by accept) and y
         self.steps += 1
@@ -366,83 +383,82 @@ class CompositeDrafter(Drafter):
     # -- the tree ------------------------------------------------------------------------------
 
     def _plan(self, proposals: list[list[Draft] | None], request: DraftRequest,
-              step: _PendingStep) -> list[Draft]:
+              step: _PendingStep) -> list[tuple[tuple[int, ...], float, str]]:
         """Merge the proposals into a candidate trie, estimate each node, let the policy choose,
-        and return one draft per leaf of the chosen subtree."""
-        parents, tokens = [-1], [int(request.tokens[-1])]
-        children: list[dict[int, int]] = [{}]
-        mass: list[dict[int, float]] = [{}]  # node -> source -> rank weight through the node
+        and return the leaves of the chosen subtree, likeliest first."""
+        cand, mass = self._candidates(proposals, request.tokens[-1], request.draft_len)
+        n = len(cand)
+        if n == 1:
+            self.tree_sizes.append(0)
+            self.expected.append(0.0)
+            return []
+        raw, before, bins, probs = self._estimates(cand, mass, proposals, step,
+                                                   request.draft_len)
+        chosen = select_nodes(cand, probs, self.policy, max_leaves=request.num_drafts,
+                              max_depth=request.draft_len, overhead_s=self._overhead_s)
+        paths = cand.token_paths()
+        step.nodes = [(paths[c], raw[c], before[c], bins[c]) for c in range(1, n)]
+        self.tree_sizes.append(len(chosen))
+        self.expected.append(sum(probs[c] for c in chosen))
+        for c in chosen:
+            for s in mass[c]:
+                self.stats[s].tree_nodes += 1
+        has_child = {cand.parents[c] for c in chosen}
+        leaves = [(paths[c], float(probs[c]), "+".join(self.names[s] for s in sorted(mass[c])))
+                  for c in chosen if c not in has_child]
+        leaves.sort(key=lambda x: -x[1])  # stable: ties keep the policy's order
+        return leaves
+
+    @staticmethod
+    def _candidates(proposals: list[list[Draft] | None], y: int,
+                    draft_len: int) -> tuple[DraftTree, list[dict[int, float]]]:
+        """Every source's drafts (best score first) merged into one trie rooted at ``y``, and
+        per node each source's rank weight (1 / (rank + 1)) of the drafts through it."""
+        cand = DraftTree(int(y))
+        mass: list[dict[int, float]] = [{}]
         for s, drafts in enumerate(proposals):
             ranked = sorted(drafts or (), key=lambda x: -x.score)
             for rank, draft in enumerate(ranked):
                 w = 1.0 / (rank + 1)
                 node = 0
-                for t in draft.tokens[: request.draft_len]:
-                    t = int(t)
-                    nxt = children[node].get(t)
-                    if nxt is None:
-                        nxt = len(tokens)
-                        children[node][t] = nxt
-                        parents.append(node)
-                        tokens.append(t)
-                        children.append({})
+                for t in draft.tokens[:draft_len]:
+                    node = cand.child(node, int(t))
+                    if node == len(mass):
                         mass.append({})
-                    node = nxt
                     mass[node][s] = mass[node].get(s, 0.0) + w
-        n = len(tokens)
-        if n == 1:
-            self.tree_sizes.append(0)
-            self.expected.append(0.0)
-            return []
-        max_depth = request.draft_len
+        return cand, mass
+
+    def _estimates(self, cand: DraftTree, mass: list[dict[int, float]],
+                   proposals: list[list[Draft] | None], step: _PendingStep, max_depth: int):
+        """Per node of ``cand``: the raw path product, the depth-calibrated estimate, its
+        reliability bin and the final estimate (never above the parent's), as in the module
+        docstring."""
+        n = len(cand)
         rates = [self.hit_rates(s, max_depth, step.bands[s]).tolist() if p else None
                  for s, p in enumerate(proposals)]
         calib = [1.0] + self.calibration(max_depth).tolist()
         raw = [1.0] * n  # products of the sources' conditional estimates
         probs = [1.0] * n  # raw, scaled by g(d) and the reliability map, never above the parent
-        depth = [0] * n
         ratios = self.reliability_ratios()
         bins = [0] * n
         before = [1.0] * n  # estimates before the reliability scaling
         for node in range(n):  # parents precede children
-            kids = list(children[node].values())
+            kids = list(cand.children(node).values())
             if not kids:
                 continue
             below: dict[int, float] = {}  # source -> its mass continuing below this node
             for c in kids:
                 for s, w in mass[c].items():
                     below[s] = below.get(s, 0.0) + w
-            d = depth[node] + 1
-            q = []
-            for c in kids:
-                q.append(max(rates[s][d - 1] * w / below[s] for s, w in mass[c].items()))
+            d = cand.depths[node] + 1
+            q = [max(rates[s][d - 1] * w / below[s] for s, w in mass[c].items()) for c in kids]
             scale = raw[node] / max(1.0, sum(q))  # the model picks one token: sum(q) <= 1
             for c, qc in zip(kids, q):
                 raw[c] = qc * scale
                 before[c] = min(before[node], raw[c] * calib[d])
                 bins[c] = int(np.searchsorted(self.reliability_bins, before[c], "right"))
                 probs[c] = min(probs[node], before[c] * ratios[bins[c]])
-                depth[c] = d
-        chosen = select_nodes(parents, probs, self.policy, max_leaves=request.num_drafts,
-                              max_depth=max_depth, overhead_s=self._overhead_s)
-        path_to: list[tuple[int, ...]] = [()]  # parents precede children
-        for c in range(1, n):
-            path_to.append(path_to[parents[c]] + (tokens[c],))
-        step.nodes = [(path_to[c], raw[c], before[c], bins[c]) for c in range(1, n)]
-        self.tree_sizes.append(len(chosen))
-        self.expected.append(sum(probs[c] for c in chosen))
-        for c in chosen:
-            for s in mass[c]:
-                self.stats[s].tree_nodes += 1
-        has_child = {parents[c] for c in chosen}
-        drafts = []
-        for leaf in chosen:
-            if leaf in has_child:
-                continue
-            src = "+".join(self.names[s] for s in sorted(mass[leaf]))
-            drafts.append(Draft(path_to[leaf], float(probs[leaf]), src))
-        drafts.sort(key=lambda x: -x.score)
-        return drafts
+        return raw, before, bins, probs
 
     # -- reporting -----------------------------------------------------------------------------
 

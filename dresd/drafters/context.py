@@ -34,8 +34,9 @@ class ContextDrafter(Drafter):
         self._reset()
 
     @classmethod
-    def from_store(cls, store, k: int = 10) -> ContextDrafter:
-        return cls(store.transform, k=k)
+    def from_config(cls, store, config) -> ContextDrafter:
+        """Keys transformed as the store's when there is one, so both searches agree."""
+        return cls(store.transform if store is not None else None, k=config.k)
 
     def _reset(self) -> None:
         self.tokens: list[int] = []  # committed: the prompt and every accepted token

@@ -15,6 +15,10 @@ class StoreDrafter(Drafter):
         self.transform = store.transform
         self.eos = store.eos_token_id
 
+    @classmethod
+    def from_config(cls, store, config) -> StoreDrafter:
+        return cls(store, k=config.k, nprobe=config.nprobe)
+
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         width = prompt_hidden.shape[-1]
         if width != self.transform.input_dim:

@@ -40,6 +40,10 @@ class PromptLookupDrafter(Drafter):
         self.max_matches = max_matches
         self._reset()
 
+    @classmethod
+    def from_config(cls, store, config) -> PromptLookupDrafter:
+        return cls()
+
     def _reset(self) -> None:
         self._seq: list[int] = []
         self._ends: dict[tuple[int, ...], list[int]] = {}

@@ -15,10 +15,10 @@ pair -> next-token weights), ``search`` looks at the last two query tokens only,
 4 tokens deep, ignores ``k`` and ``long``, returns the trie in hash order without counts, and
 aborts the whole process (a Rust panic, no exception) on a query shorter than 2 tokens or
 ``choices < 2``. So REST's longest-suffix search is implemented here on a suffix array (numpy),
-and the package is offered as a baseline of its own, ``DraftRetrieverDrafter`` (ADED-style
-trigram drafts), with those inputs guarded.
+and the package is a baseline of the decode benchmark only (benchmarks/draftretriever.py,
+ADED-style trigram drafts, with those inputs guarded), built with this module's helpers.
 
-Both build their index over exactly a store's documents (``from_store``): the token streams are
+REST builds its index over exactly a store's documents (``from_store``): the token streams are
 split at document boundaries, so no match or continuation crosses from one document into the
 next. Indexes are cached under ``$DRESD_CACHE/rest`` (default ``~/.cache/dresd/rest``), keyed by
 the checksums of the store's token streams and document tables.
@@ -67,7 +67,7 @@ def store_corpus_key(store, kind: str) -> str:
     return h.hexdigest()[:24]
 
 
-def _cached_index(store, kind: str, suffix: str, cache_dir: str | os.PathLike | None,
+def cached_index(store, kind: str, suffix: str, cache_dir: str | os.PathLike | None,
                   build: Callable[[Iterable[np.ndarray], Path, int], Path]) -> Path:
     """The index of ``store``'s documents under the cache, built on first use."""
     if cache_dir is None:
@@ -83,7 +83,7 @@ def _cached_index(store, kind: str, suffix: str, cache_dir: str | os.PathLike | 
     return path
 
 
-def _check_tokens(doc: np.ndarray, vocab_size: int) -> None:
+def check_tokens(doc: np.ndarray, vocab_size: int) -> None:
     if doc.size and (int(doc.min()) < 0 or int(doc.max()) >= vocab_size):
         raise ValueError(f"token ids outside the vocabulary of size {vocab_size}: "
                          f"range {int(doc.min())}..{int(doc.max())}")
@@ -102,7 +102,7 @@ def build_rest_index(docs: Iterable[Sequence[int]], path: str | os.PathLike, voc
     num_docs = 0
     for doc in docs:
         arr = np.asarray(doc, dtype=np.int64)
-        _check_tokens(arr, vocab_size)
+        check_tokens(arr, vocab_size)
         parts += [arr.astype(np.int32), parts[0]]
         num_docs += 1
     toks = np.concatenate(parts)
@@ -285,7 +285,12 @@ class RestDrafter(Drafter):
     @classmethod
     def from_store(cls, store, cache_dir: str | os.PathLike | None = None, **kwargs) -> RestDrafter:
         """REST over exactly ``store``'s documents (index built once, then cached)."""
-        return cls(_cached_index(store, "rest", ".rest", cache_dir, build_rest_index), **kwargs)
+        return cls(cached_index(store, "rest", ".rest", cache_dir, build_rest_index), **kwargs)
+
+    @classmethod
+    def from_config(cls, store, config) -> RestDrafter:
+        """REST's own defaults: ``config.k`` counts dense neighbours, not suffix occurrences."""
+        return cls.from_store(store)
 
     def propose(self, request: DraftRequest) -> list[Draft]:
         self.last_match_len = 0
@@ -304,65 +309,3 @@ class RestDrafter(Drafter):
             leaves = continuation_trie(cont, self.choices)[: request.num_drafts]
             return [Draft(toks, c / len(cont), self.name) for toks, c in leaves]
         return []
-
-
-# ------------------------------------------------------------------ draftretriever (ADED, PyPI)
-
-
-def build_draftretriever_index(docs: Iterable[Sequence[int]], path: str | os.PathLike,
-                               vocab_size: int) -> Path:
-    """Write a ``draftretriever`` index of ``docs`` (one entry per document) to the file
-    ``path`` (written to a temporary file, then renamed) and return it."""
-    import draftretriever
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = draftretriever.Writer(tmp, vocab_size=int(vocab_size) + 1)
-        for doc in docs:
-            arr = np.asarray(doc, dtype=np.int64)
-            _check_tokens(arr, vocab_size)
-            writer.add_entry(arr.tolist())
-        writer.finalize()
-        del writer
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-class DraftRetrieverDrafter(Drafter):
-    """Drafts from the PyPI ``draftretriever`` package (ADED's trigram retriever): paths of
-    up to 4 tokens that continue the context's last two tokens."""
-
-    name = "draftretriever"
-
-    def __init__(self, index_path: str | os.PathLike, choices: int = 64):
-        import draftretriever
-
-        if not Path(index_path).is_file():
-            raise FileNotFoundError(f"no draftretriever index at {index_path}")
-        self.reader = draftretriever.Reader(index_file_path=str(index_path))
-        self.choices = max(2, int(choices))  # below 2 the package panics and aborts
-
-    @classmethod
-    def from_store(cls, store, cache_dir: str | os.PathLike | None = None,
-                   **kwargs) -> DraftRetrieverDrafter:
-        path = _cached_index(store, "draftretriever", ".idx", cache_dir,
-                             build_draftretriever_index)
-        return cls(path, **kwargs)
-
-    def propose(self, request: DraftRequest) -> list[Draft]:
-        if len(request.tokens) < 2 or request.num_drafts < 1 or request.draft_len < 1:
-            return []  # a query of fewer than 2 tokens aborts the process
-        query = [int(request.tokens[-2]), int(request.tokens[-1])]
-        paths = self.reader.search(query, choices=self.choices)[0]
-        found = {tuple(t for t in p if t >= 0)[: request.draft_len] for p in paths}
-        found.discard(())
-        leaves = sorted((p for p in found if not any(q[: len(p)] == p and q != p for q in found)),
-                        key=lambda p: (-len(p), p))[: request.num_drafts]
-        longest = max((len(p) for p in leaves), default=1)
-        return [Draft(p, len(p) / longest, self.name) for p in leaves]
