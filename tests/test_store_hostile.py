@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -145,11 +146,15 @@ class _OpenWatch:
 
     def __init__(self):
         self.on = False
+        self.thread = threading.get_ident()
         self.opened: list[str] = []
         sys.addaudithook(self._hook)
 
     def _hook(self, event, args):
-        if self.on and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        # Only the watched call's own thread: other threads of the test process (a Dask
+        # cluster's monitors, say) open files of their own.
+        if (self.on and event == "open" and threading.get_ident() == self.thread
+                and isinstance(args[0], (str, bytes, os.PathLike))):
             self.opened.append(os.fsdecode(args[0]))
 
 
