@@ -237,6 +237,35 @@ def _shardinfo(d):
     return ShardInfo(**d)
 
 
+def compacted_copy(store: Path, shard_tokens: int) -> tuple[Path, dict]:
+    """A copy of ``store`` (hard links: store files are never rewritten) compacted into shards
+    of up to ``shard_tokens`` tokens by the real `dresd compact`; returns it and the timings."""
+    import resource
+    import shutil
+
+    copy = store.parent / f"{store.name}-compact"
+    stamp = copy / ".scale-compact.json"
+    if stamp.exists():
+        return copy, json.loads(stamp.read_text())
+    if copy.exists():  # an interrupted earlier attempt
+        shutil.rmtree(copy)
+    shutil.copytree(store, copy, copy_function=os.link)
+    before = len(_state(store / ".scale-state.json")["written"])
+    print(f"compacting {copy} ({before} shards) to shards of <= {shard_tokens:,} tokens",
+          flush=True)
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "dresd"), "compact", str(copy),
+                    "--shard-tokens", str(shard_tokens)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    timings = dict(compact_s=time.perf_counter() - start,
+                   compact_cpu_s=(cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+                   compacted_from_shards=before)
+    _save_state(stamp, timings)
+    return copy, timings
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -247,6 +276,35 @@ def rss_anon() -> int:
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _layout(store: Path, m) -> list[dict]:
+    """Where each synthetic shard (in build order) lies in the store: its store shard and the
+    offset of its first token there. As built, synthetic shard s is store shard s; compaction
+    concatenates consecutive shards in manifest order (pipelines.compact.plan_merges), so a
+    compacted store holds runs of them back to back."""
+    written = _state(store / ".scale-state.json")["written"]
+    out, j, offset = [], 0, 0
+    for w in written:
+        if offset == m.shards[j].num_tokens:
+            j, offset = j + 1, 0
+        out.append(dict(shard=j, offset=offset, num_tokens=w["num_tokens"],
+                        num_keys=w["num_keys"]))
+        offset += w["num_tokens"]
+    if j != len(m.shards) - 1 or offset != m.shards[j].num_tokens:
+        raise SystemExit(f"{store}: its shards are not the synthetic shards back to back")
+    return out
+
+
+def _key_positions(st, where: dict) -> np.ndarray:
+    """Positions (in the synthetic shard) that have a key: all but each document's last."""
+    sh = st.shards[where["shard"]]
+    lo, n = where["offset"], where["num_tokens"]
+    ends = sh.doc_ends
+    ends = ends[(ends > lo) & (ends <= lo + n)] - lo
+    has = np.ones(n, bool)
+    has[ends - 1] = False
+    return np.flatnonzero(has)
 
 
 def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_queries: int,
@@ -267,24 +325,23 @@ def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_quer
     m = st.manifest
     g = _globals(seed)
 
-    # query locations: a key chosen uniformly (shard by its key count, then a position)
+    # query locations: a key chosen uniformly (synthetic shard by its key count, then a
+    # position); `layout` says where each synthetic shard lies in the store's shards
+    layout = _layout(store, m)
     rng = np.random.default_rng([seed, 3])
-    counts = np.array([s.num_keys for s in m.shards])
+    counts = np.array([w["num_keys"] for w in layout])
     q_shard = rng.choice(len(counts), queries, p=counts / counts.sum())
-    q_pos = np.empty(queries, np.int64)
+    q_pos = np.empty(queries, np.int64)  # position in the synthetic shard
     q_vec = np.empty((queries, DIM), np.float32)
     for s in np.unique(q_shard):
-        sh = st.shards[s]
-        ends = sh.doc_ends
-        has = np.ones(len(sh.tokens), bool)
-        has[ends - 1] = False
-        pos = np.flatnonzero(has)
+        pos = _key_positions(st, layout[s])
         rows = np.flatnonzero(q_shard == s)
         q_pos[rows] = rng.choice(pos, len(rows))
-    q_tok = np.array([int(st.shards[s].tokens[p + 1]) for s, p in zip(q_shard, q_pos)])
+    q_tok = np.array([int(st.shards[layout[s]["shard"]].tokens[layout[s]["offset"] + p + 1])
+                      for s, p in zip(q_shard, q_pos)])
     # pass 1: regenerate each shard's keys and perturb the chosen ones into queries
     for s in tqdm(np.unique(q_shard), desc="queries", disable=not progress):
-        keys = synthetic_shard(seed, s, m.shards[s].num_tokens, g)[3]
+        keys = synthetic_shard(seed, s, layout[s]["num_tokens"], g)[3]
         rows = np.flatnonzero(q_shard == s)
         x = keys[q_pos[rows]].astype(np.float32)
         x += QUERY_NOISE * rng.standard_normal(x.shape, dtype=np.float32)
@@ -309,12 +366,11 @@ def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_quer
     # pass 2: exact filtered top-10 over every key followed by the query's token
     r = min(recall_queries, queries)
     best = [[] for _ in range(r)]
-    for s in tqdm(range(len(m.shards)), desc="exact", disable=not progress):
-        keys = synthetic_shard(seed, s, m.shards[s].num_tokens, g)[3]
-        tokens = np.asarray(st.shards[s].tokens)
-        has = np.ones(len(tokens), bool)
-        has[st.shards[s].doc_ends - 1] = False
-        pos = np.flatnonzero(has)
+    for s in tqdm(range(len(layout)), desc="exact", disable=not progress):
+        where = layout[s]
+        keys = synthetic_shard(seed, s, where["num_tokens"], g)[3]
+        tokens = np.asarray(st.shards[where["shard"]].tokens)[where["offset"]:]
+        pos = _key_positions(st, where)
         nxt = tokens[pos + 1]
         order = np.argsort(nxt, kind="stable")
         sorted_nxt = nxt[order]
@@ -325,7 +381,8 @@ def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_quer
             cand = pos[order[lo:hi]]
             sc = keys[cand].astype(np.float32) @ q_vec[i]
             top = np.argsort(-sc)[:K]
-            best[i] += [(float(sc[j]), s, int(cand[j])) for j in top]
+            best[i] += [(float(sc[j]), where["shard"], where["offset"] + int(cand[j]))
+                        for j in top]
         del keys
     recalls = []
     for i in range(r):
@@ -377,6 +434,8 @@ def row_of(n: int, timings: dict, m: dict) -> dict:
         fill_cpu_us_per_key=timings["fill_cpu_s"] / m["keys"] * 1e6
         if "fill_cpu_s" in timings else None,
         train_cpu_s=timings.get("train_cpu_s"),
+        compact_s=timings.get("compact_s"), compact_cpu_s=timings.get("compact_cpu_s"),
+        compacted_from_shards=timings.get("compacted_from_shards"),
         **{k: m[k] for k in ("load_s", "rss_before_mb", "rss_after_load_mb",
                              "rss_after_queries_mb", "load_rss_growth_mb", "p50_ms", "p99_ms",
                              "mean_ms", "queries", "full_k_fraction", "widened",
@@ -386,8 +445,14 @@ def row_of(n: int, timings: dict, m: dict) -> dict:
 
 def extrapolate(rows: list[dict], target: float = 1e9) -> dict:
     """Each figure at ``target`` keys: a power law through the two largest sizes (log-log),
-    or the one size's value scaled as stated when only one was measured."""
-    rows = sorted(rows, key=lambda r: r["keys"])
+    or the one size's value scaled as stated when only one was measured. At each size the
+    store with the fewest shards counts (compacted, where measured): search and load time grow
+    with the shard count, and a large store is served compacted."""
+    fewest = {}
+    for r in rows:
+        if r["keys"] not in fewest or r["shards"] < fewest[r["keys"]]["shards"]:
+            fewest[r["keys"]] = r
+    rows = sorted(fewest.values(), key=lambda r: r["keys"])
     out = {}
     for key, _ in FIGURES + [("fill_s", ""), ("p50_ms", "")]:
         pts = [(r["keys"], r[key]) for r in rows if r.get(key)]
@@ -405,7 +470,7 @@ def extrapolate(rows: list[dict], target: float = 1e9) -> dict:
 
 
 def report(rows: list[dict], out: Path) -> str:
-    rows = sorted(rows, key=lambda r: r["keys"])
+    rows = sorted(rows, key=lambda r: (r["keys"], -r["shards"]))
     lines = [f"{'keys':>12} {'shards':>6} {'nlist':>6} {'serve B/t':>9} {'+archive':>8} "
              f"{'train s':>8} {'fill k/s':>9} {'us/key':>7} {'cpu us':>7} {'load s':>7} {'RSS load':>9} "
              f"{'RSS qry':>8} {'p50 ms':>7} {'p99 ms':>7} {'R@10':>6}"]
@@ -418,12 +483,18 @@ def report(rows: list[dict], out: Path) -> str:
             f"{r['load_s']:>7.2f} {r['rss_after_load_mb']:>8.0f}M "
             f"{r['rss_after_queries_mb']:>7.0f}M {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} "
             f"{r['recall_at_10']:>6.3f}")
+    for r in rows:
+        if r.get("compacted_from_shards"):
+            lines.append(f"{r['keys']:,} keys compacted from {r['compacted_from_shards']} to "
+                         f"{r['shards']} shards by `dresd compact`: {r['compact_s']:.0f} s "
+                         f"({r['compact_cpu_s']:.0f} s CPU)")
     lines.append("")
     lines.append("bytes/token by part at the largest size: " + ", ".join(
         f"{k} {v:.2f}" for k, v in rows[-1]["bytes_per_token"].items()))
     ext = extrapolate(rows)
     lines.append("")
-    lines.append("extrapolated to 1B keys (from the two largest sizes measured):")
+    lines.append("extrapolated to 1B keys (from the two largest sizes measured, each with its "
+                 "fewest shards):")
     nlist_1b = int(4 * math.sqrt(1e9))
     lines.append(f"  nlist ~ 4 sqrt(N) = {nlist_1b:,} (auto: capped by ~4.2M training keys at "
                  "~107k lists)")
@@ -448,17 +519,25 @@ def _plot(rows, ext, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    compacted = [r for r in rows if r.get("compacted_from_shards")]
+    rows = [r for r in rows if not r.get("compacted_from_shards")]
     n = [r["keys"] for r in rows]
     for ax, (key, label) in zip(axes.flat, FIGURES):
-        ax.plot(n, [r[key] for r in rows], "o-", label="measured")
+        ax.plot(n, [r[key] for r in rows], "o-", label="measured (as built)")
+        if compacted:
+            ax.plot([r["keys"] for r in compacted], [r[key] for r in compacted], "s",
+                    color="green", label="compacted")
         if key in ext:
-            ax.plot([n[-1], 1e9], [rows[-1][key], ext[key]["value"]], "o:", color="grey",
+            last = (compacted or rows)[-1]
+            ax.plot([last["keys"], 1e9], [last[key], ext[key]["value"]], "o:", color="grey",
                     label="extrapolated")
         ax.set_xscale("log")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("keys")
         ax.grid(alpha=0.3)
     axes.flat[0].axhline(32, color="red", lw=0.8, ls="--", label="32 B/token budget")
+    axes.flat[6].axhline(2, color="red", lw=0.8, ls="--", label="2 ms goal")
+    axes.flat[6].legend(fontsize=8)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("dresd scale benchmark: synthetic stores through the real writers "
                  f"({platform.machine()}, 1 thread)")
@@ -481,6 +560,9 @@ def main(argv=None) -> int:
     ap.add_argument("--build-only", action="store_true",
                     help="write the stores and stop; a later run without it measures them "
                          "(so the timed queries can wait for a quiet machine)")
+    ap.add_argument("--compact-tokens", type=float, default=None,
+                    help="measure a compacted copy of each store (hard links, then `dresd "
+                         "compact --shard-tokens N`) instead of the store as built")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     progress = not args.no_progress
@@ -492,7 +574,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    rows = {r["keys"]: r for r in previous["rows"]}
+    rows = {(r["keys"], r["shards"]): r for r in previous["rows"]}
     for n in (int(float(x)) for x in args.keys.split(",")):
         store = Path(args.workdir) / f"scale-{n:.0e}".replace("+", "")
         est = n * 30e-6 + n / 1e6 * 6  # fill ~24 us/key at 1M, plus writing and measuring
@@ -502,6 +584,9 @@ def main(argv=None) -> int:
         if args.build_only:
             print(f"built {store}: {timings}", flush=True)
             continue
+        if args.compact_tokens:
+            store, compaction = compacted_copy(store, int(args.compact_tokens))
+            timings = {**timings, **compaction}
         child = subprocess.run(
             [sys.executable, __file__, "--measure", str(store), "--seed", str(args.seed),
              "--shard-tokens", str(shard_tokens), "--queries", str(args.queries),
@@ -512,7 +597,7 @@ def main(argv=None) -> int:
         m = json.loads(next(line for line in child.stdout.splitlines()
                             if line.startswith("RESULT "))[7:])
         row = row_of(n, timings, m)
-        rows[row["keys"]] = row
+        rows[row["keys"], row["shards"]] = row
         print(row["stats_summary"])
         data = {"meta": {"machine": platform.machine(), "processor": platform.processor(),
                          "python": platform.python_version(), "threads": 1,
@@ -520,7 +605,7 @@ def main(argv=None) -> int:
                          "synthetic": {"vocab": VOCAB, "dim": DIM, "centres": CENTRES,
                                        "centres_per_token": CENTRES_PER_TOKEN,
                                        "noise_norm": 0.6, "query_noise_norm": 0.3}},
-                "rows": sorted(rows.values(), key=lambda r: r["keys"])}
+                "rows": sorted(rows.values(), key=lambda r: (r["keys"], -r["shards"]))}
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, out)
