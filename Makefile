@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# the CUDA build, TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU one.
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
+	# SuffixDecoding's suffix tree (the `suffix` drafter, a benchmark rival), compiled from the
+	# arctic-inference source distribution; needs a C++20 compiler.
+	$(BIN)/python benchmarks/build_suffix_tree.py
 	touch $(STAMP)
 
 test: install

@@ -13,8 +13,11 @@ Methods:
   continuations; dresd.drafters.rest); ``draftretriever`` (the PyPI package, which in its only
   release 0.1.1 is ADED's trigram retriever rather than REST's suffix array, so it runs as a
   baseline of its own); ``dense`` (the store); ``context`` (dense over the live context);
-  ``rest+pl``; ``hybrid`` (dense store + context + prompt lookup in one tree, the default);
-  ``hybrid+rest`` (the same plus REST); composites also under the device-calibrated budget;
+  ``suffix`` (SuffixDecoding: Arctic Inference's suffix trees over the store's documents and
+  over the prompt and output, its own frequency-scored tree cut to the budget's node limit;
+  dresd.drafters.suffix); ``rest+pl``; ``hybrid`` (dense store + context + prompt lookup in one
+  tree, the default); ``hybrid+rest`` and ``hybrid+suffix`` (the same plus REST or
+  SuffixDecoding); composites also under the device-calibrated budget;
 - ``oracle``: drafts that are the model's own greedy continuation, the ceiling at a budget.
 
 Two stores: OOD (standard-library sources) and ID (the model's completions of HumanEval's
@@ -80,7 +83,8 @@ _HYBRID = ",".join(hybrid_names(has_store=True))
 # DecodeConfig.drafter of each method that runs through dresd.generate's own source selection:
 # every registered source alone, and the composites compared here
 DRAFTERS = {**{name: name for name in REGISTERED},
-            "rest+pl": "rest,prompt_lookup", "hybrid": _HYBRID, "hybrid+rest": _HYBRID + ",rest"}
+            "rest+pl": "rest,prompt_lookup", "hybrid": _HYBRID, "hybrid+rest": _HYBRID + ",rest",
+            "hybrid+suffix": _HYBRID + ",suffix"}
 # method -> (needs a store, budgets it runs at)
 METHODS = {
     "ar": (False, [""]),
@@ -91,6 +95,7 @@ METHODS = {
     "rest+pl": (True, ALL + [CALIBRATED]),
     "hybrid": (True, ["4x8", "10x10", CALIBRATED]),
     "hybrid+rest": (True, [CALIBRATED]),
+    "hybrid+suffix": (True, [CALIBRATED]),
 }
 METHODS["prompt_lookup"] = (False, ALL + [CALIBRATED])  # against the composites' calibrated
 
@@ -268,7 +273,8 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
     best = {(r["method"], r["store"]): r["budget"] for r in best_rows(rows)}
     for (method, store), budget in sorted(best.items()):
         if store not in ("", hist_store) or method in ("ar", "hf_prompt_lookup",
-                                                       "draftretriever", "hybrid+rest"):
+                                                       "draftretriever", "hybrid+rest",
+                                                       "hybrid+suffix"):
             continue
         lens = [n for rec in records if (rec["method"], rec["store"], rec["budget"])
                 == (method, store, budget) for n in rec["accepted_lengths"]]

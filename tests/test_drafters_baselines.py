@@ -297,3 +297,122 @@ def test_repetitive_prompt_accepts_prompt_lookup_and_in_domain_rest(tiny_llama_d
                     draft_len=6)
     assert rest.tokens == ref
     assert rest.stats.accepted_length > 1
+
+
+# ------------------------------------------------------------------------------ SuffixDecoding
+
+
+def brute_suffix(seqs, ctx, max_depth, factor, min_prob):
+    """SuffixDecoding's tree draft by full scans: for each match length m (1..len(ctx)-1) the
+    nodes are the continuations Q of the context's last m tokens with
+    p(Q) = occ(match + Q) / occ(match) >= min_prob, |match + Q| <= max_depth, at most
+    m * factor of them, best p first; the draft is the match whose p sum is largest (the longer
+    on a tie). Returns {path: p} and the match length."""
+
+    def occ(pat):
+        return sum(1 for s in seqs for i in range(len(s) - len(pat) + 1)
+                   if s[i:i + len(pat)] == list(pat))
+
+    best, best_score, best_m = {}, 0.0, 0
+    for m in range(1, len(ctx)):
+        match = tuple(ctx[len(ctx) - m:])
+        base = occ(match)
+        if not base:
+            break
+        nodes, frontier = {}, [()]
+        while frontier:
+            q = frontier.pop()
+            if len(match) + len(q) >= max_depth:
+                continue
+            for t in {s[i + len(match) + len(q)] for s in seqs
+                      for i in range(len(s) - len(match) - len(q))
+                      if s[i:i + len(match) + len(q)] == list(match + q)}:
+                p = occ(match + q + (t,)) / base
+                if p >= min_prob:
+                    nodes[q + (t,)] = p
+                    frontier.append(q + (t,))
+        limit = int(m * factor + 1e-6)
+        kept = dict(sorted(nodes.items(), key=lambda kv: -kv[1])[:limit])
+        score = sum(kept.values())
+        if score >= best_score - 1e-5:
+            best, best_score, best_m = kept, score, m
+    return best, best_m
+
+
+def tree_paths(tree):
+    paths = {0: ()}
+    for i in range(1, len(tree)):
+        paths[i] = paths[tree.parents[i]] + (tree.tokens[i],)
+    return set(paths.values()) - {()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_suffix_drafter_tree_equals_brute_force(seed):
+    """The global tree (the store's documents), the local one (prompt and output) and the
+    wrapper's DraftTree against full scans (the factor and node limit are large, so every node
+    above the probability floor is drafted and ties cannot decide which are kept)."""
+    from dresd.drafters.suffix import SuffixDrafter, tree_of
+    from dresd.tree import TreeBudget
+
+    rng = random.Random(seed)
+    docs = random_docs(rng, n_docs=8, vocab=4, max_len=30)
+    prompt = random_context(rng, docs, 4)
+    d = SuffixDrafter(tree_of(docs, 12), max_depth=12, max_spec_factor=50.0,
+                      min_token_prob=0.29)
+    d.begin(prompt[:-1], None)
+    for local in (False, True):  # the store's tree alone, then with the prompt's tree too
+        if not local:
+            d.local_tree = d.module.SuffixTree(12)
+        else:
+            d.begin(prompt[:-1], None)
+        tree = d.propose_tree(request(prompt), TreeBudget(max_tree_tokens=1000), vocab_size=4)
+        # the local tree's draft wins a tie, as in Arctic Inference's cache
+        cands = ([brute_suffix([prompt[:-1]], prompt[-12:], 12, 50.0, 0.29)] if local else [])
+        cands.append(brute_suffix(docs, prompt[-12:], 12, 50.0, 0.29))
+        want = max(cands, key=lambda c: sum(c[0].values()))[0]
+        assert tree_paths(tree) == set(want)
+        # the composite's view: the leaves of that tree, scored by their probability
+        leaves = d.propose(request(prompt, num_drafts=100, draft_len=100))
+        assert {x.tokens: x.score for x in leaves} == pytest.approx(
+            {q: p for q, p in want.items() if not any(len(r) > len(q) and r[:len(q)] == q
+                                                      for r in want)})
+        assert all(x.source == "suffix" and 0 < x.score <= 1 for x in leaves)
+
+
+def test_suffix_drafter_respects_the_budget_and_follows_the_output():
+    from dresd.drafters.suffix import SuffixDrafter
+    from dresd.tree import TreeBudget
+
+    d = SuffixDrafter()  # no store: the prompt and output alone
+    seq = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
+    d.begin(seq[:-1], None)
+    tree = d.propose_tree(request(seq), TreeBudget(max_tree_tokens=4))
+    assert len(tree) == 4 and tree.tokens[1:] == [7, 8, 9]
+    # committed tokens extend the request's tree: 1 2 3 after 6 becomes the likelier path
+    d.accept([6, 1, 2, 3, 5, 6, 1, 2, 3, 5], None)
+    tree = d.propose_tree(request(seq + [1, 2, 3, 5, 6, 1, 2, 3, 5, 6]), TreeBudget())
+    assert tree.tokens[1:4] == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="before begin"):
+        SuffixDrafter().propose(request(seq))
+
+
+def test_lossless_greedy_with_suffix_decoding(tiny_llama_dir, tiny_store):
+    """SuffixDecoding alone under fixed budgets, and beside the hybrid's sources under the
+    calibrated budget: every output equals greedy decoding, and the store's tree is used."""
+    from dresd.decode import DecodeConfig
+    from dresd.drafters.suffix import SuffixDrafter
+    from dresd.models import load_model
+    from dresd.store import load_store
+
+    model, tok = load_model(tiny_llama_dir)
+    ref = greedy_reference(model, tok(PROMPT)["input_ids"], 30)
+    store = load_store(tiny_store, verify=False)
+    for budget in (dict(num_drafts=1, draft_len=7, max_tree_tokens=8),
+                   dict(num_drafts=4, draft_len=8, max_tree_tokens=16)):
+        res = generate(model, tok, SuffixDrafter.from_store(store), PROMPT, max_new_tokens=30,
+                       **budget)
+        assert res.tokens == ref
+        assert res.stats.accepted_tokens > 0
+    for drafter in ("suffix", "dense,context,prompt_lookup,suffix"):
+        config = DecodeConfig(max_new_tokens=30, drafter=drafter, budget="calibrated")
+        assert generate(model, tok, store, PROMPT, config).tokens == ref, drafter

@@ -34,7 +34,7 @@ def with_repeat(monkeypatch):
 
 
 def test_names_and_hybrid_come_from_the_registry():
-    assert registry.DRAFTER_NAMES == ("dense", "context", "prompt_lookup", "rest")
+    assert registry.DRAFTER_NAMES == ("dense", "context", "prompt_lookup", "rest", "suffix")
     assert registry.hybrid_names(True) == ["dense", "context", "prompt_lookup"]
     assert registry.hybrid_names(False) == ["context", "prompt_lookup"]
     assert registry.drafter_names("hybrid", has_store=False) == ["context", "prompt_lookup"]
@@ -53,7 +53,7 @@ def test_store_free_sources_build_and_store_sources_refuse_without_a_store():
     assert isinstance(comp, CompositeDrafter)
     assert [d.name for d in comp.drafters] == ["context", "prompt_lookup"]
     assert comp.drafters[0].k == 3
-    for name in ("dense", "rest"):
+    for name in ("dense", "rest", "suffix"):
         with pytest.raises(ValueError, match="needs a store"):
             as_drafter(None, DecodeConfig(drafter=name, budget="fixed"))
 

@@ -70,6 +70,10 @@ register("prompt_lookup", "dresd.drafters.prompt_lookup:PromptLookupDrafter",
 register("rest", "dresd.drafters.rest:RestDrafter", "share of the suffix's occurrences "
          "through the draft's leaf", needs_store=True,
          help="REST: longest context suffix in a suffix array over the store's corpus")
+register("suffix", "dresd.drafters.suffix:SuffixDrafter", "estimated probability of the "
+         "draft's last token (SuffixDecoding's path frequency, in (0, 1])", needs_store=True,
+         help="SuffixDecoding: suffix trees over the store's documents and over the prompt and "
+              "output (Arctic Inference's tree, built by benchmarks/build_suffix_tree.py)")
 
 DRAFTER_NAMES = tuple(DRAFTERS)
 
