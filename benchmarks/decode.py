@@ -1,9 +1,12 @@
 """Decode benchmark: DReSD against prompt lookup, REST and autoregressive decoding.
 
-Protocol (shared/DESIGN.md section 5): one run, one machine, one model, the same HumanEval
-prompts, the same token budget for every method; ratios are reported, not absolute times. Each
+Protocol: one run, one machine, one model, the same HumanEval prompts, the same stores and the
+same token budget for every method; ratios to autoregressive decoding on the same prompts are
+reported, not absolute times, and a difference smaller than the run-to-run spread is a tie. Each
 prompt is decoded by every method in turn (prompt-major order), so drift in the machine's speed
-hits all methods alike.
+hits all methods alike. Per method and budget: AL, AR, TPS, speedup, and whether every output
+equals autoregressive decoding's. The prompts that served development are named with the
+results (benchmarks/RESULTS.md).
 
 Methods:
 - ``ar``: ``model.generate(do_sample=False)``, the reference every output is compared to;
@@ -186,7 +189,7 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
     return dict(tokens=st.new_tokens, seconds=st.total_s, identical=result.tokens == reference,
                 steps=st.steps, step_tokens=st.step_tokens, accepted=st.accepted_tokens,
                 proposed=st.proposed_tokens, tree_tokens=st.tree_tokens,
-                # "retrieval_s": the field name of earlier result files; it is drafting_s
+                # kept as "retrieval_s", the key every result file uses; it is drafting_s
                 retrieval_s=st.drafting_s, verify_s=st.verify_s, prefill_s=st.prefill_s,
                 accepted_lengths=lengths[1:])  # the first call is the prefill's token
 
@@ -269,7 +272,7 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
         ax.set_ylabel("speedup over autoregressive")
         ax.legend(fontsize=7)
     ax = axes[-1]
-    hist_store = "id" if "id" in stores else stores[-1]  # the store the issue judges by
+    hist_store = "id" if "id" in stores else stores[-1]  # the in-domain store when there is one
     best = {(r["method"], r["store"]): r["budget"] for r in best_rows(rows)}
     for (method, store), budget in sorted(best.items()):
         if store not in ("", hist_store) or method in ("ar", "hf_prompt_lookup",

@@ -7,21 +7,20 @@ cache (the decoder's own ``verify_tree``: tree attention mask, position ids, fin
 logits for every node) and saves it per model, device and weights dtype so later runs reuse it.
 
 The budget reads a non-decreasing fit of the measured curve (isotonic regression), not the
-points themselves. The budget picks the tree size with the best expected tokens per second, so it
-seeks out any size whose cost was measured low by chance: with the raw points it verified 243 of
-466 steps at exactly 32 tokens, measured at 105 ms but costing 114 ms in decoding. A real
-non-monotone step (on an AMD EPYC MKL took longer for 2-3 rows than for 4-16) is averaged out by
-the fit, which costs little: a tree a node larger than needed. Every size up to 32 is measured,
-then sparser up to 64, round-robin, so a drift in the machine's speed hits all alike. The saved
-file keeps the raw medians.
+points themselves. The budget picks the tree size with the best expected tokens per second, so
+with the raw points it would seek out any size whose cost was measured low by chance and verify
+most steps at that size, paying its real cost. A real non-monotone step (a matmul kernel that
+takes longer for 2-3 rows than for 4-16) is averaged out by the fit, which costs little: a tree
+a node larger than needed. Every size up to 32 is measured, then sparser up to 64, round-robin,
+so a drift in the machine's speed hits all alike. The saved file keeps the raw medians.
 
-A curve measured while another process competes for the cores is wrong (on 2 cores a second
-torch process slowed calibration rounds from 4.5 s to 111 s), so every round's total time is
-kept and compared: when the rounds' spread, (slowest - fastest) / median, exceeds ``TOLERANCE``
-the curve is marked provisional. ``dresd calibrate`` then measures again and refuses to save one
-that stays provisional; a provisional curve measured on first use is saved as such, used (the
-budget corrects it with the passes it measures while decoding, see dresd.budget) and measured
-again by the next process.
+A curve measured while another process competes for the cores is wrong (two torch processes on
+the same cores slow each other by far more than 2x, since OpenMP threads wait for descheduled
+siblings), so every round's total time is kept and compared: when the rounds' spread,
+(slowest - fastest) / median, exceeds ``TOLERANCE`` the curve is marked provisional.
+``dresd calibrate`` then measures again and refuses to save one that stays provisional; a
+provisional curve measured on first use is saved as such, used (the budget corrects it with the
+passes it measures while decoding, see dresd.budget) and measured again by the next process.
 """
 
 from __future__ import annotations

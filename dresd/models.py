@@ -146,12 +146,11 @@ def pick_dtype(dtype: str | None = None) -> torch.dtype:
 
     A tree verify (n rows) and a one-token step run different kernels and round differently.
     In float32 the difference is far below the gap between a greedy argmax and the runner-up
-    almost always: every output of the CPU tests and benchmarks matched ``model.generate``
-    (not yet checked on a GPU). In bfloat16 near-ties break differently and the output drifts
-    from ``model.generate``: on an H200 each method's output, transformers' own prompt lookup's
-    too, differed on 3 or 4 of 5 HumanEval prompts, not always the same ones
-    (benchmarks/results/decode-cuda-h200-bf16-id.txt). Ask for bfloat16 explicitly where speed
-    matters more than that.
+    almost always, so speculative output equals ``model.generate``'s (the tests check it on CPU,
+    benchmarks/cuda_lossless.py on a GPU). In bfloat16 greedy near-ties break differently in
+    the two kernels and the output drifts from ``model.generate``'s, for every drafting method
+    and transformers' own prompt lookup alike (benchmarks/RESULTS.md). Ask for bfloat16
+    explicitly where speed matters more than that.
     """
     if dtype:
         found = getattr(torch, dtype, None)

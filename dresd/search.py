@@ -36,10 +36,9 @@ def _single_threaded():
     """faiss on one OpenMP thread for the duration of a search, then back.
 
     Decoding sends one query at a time, which gains nothing from threads, while idle faiss
-    threads next to torch's starve the model (a tiny model's verify step took 150 ms instead of
-    1 ms). The setting is not left at 1: faiss and torch share one OpenMP runtime here, so
-    ``faiss.omp_set_num_threads(1)`` also puts torch on one thread, which halved the speed of
-    every forward pass on a 2-core machine until it was scoped to the search.
+    threads spinning next to torch's starve the model's forward pass. The setting is restored
+    afterwards, not left at 1: where faiss and torch share one OpenMP runtime,
+    ``faiss.omp_set_num_threads(1)`` also puts torch on one thread, for every forward pass.
     """
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)

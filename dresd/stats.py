@@ -46,7 +46,7 @@ class GenerationStats:
 
     @property
     def retrieval_s(self) -> float:
-        """``drafting_s`` under the name readers of earlier results know."""
+        """``drafting_s`` under its former name, the key result files and ``to_dict`` keep."""
         return self.drafting_s
 
     @property

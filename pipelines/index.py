@@ -142,7 +142,7 @@ def train_quantizer(vectors: np.ndarray, kind: str, nlist: int, pq_m: int, pq_nb
     ivf.nprobe = nprobe
     if isinstance(ivf, faiss.IndexIVFPQ):
         # Polysemous training arranges codes for Hamming-distance filtering, which inner-product
-        # search never uses; it was 90% of the training time (25 s of 27 at 1,788 lists).
+        # search never uses, and it takes most of the training time.
         ivf.do_polysemous_training = False
     rng = np.random.default_rng(seed)
     if nlist >= TWO_LEVEL_FROM:

@@ -49,7 +49,7 @@ def dask_cluster():
     from distributed import LocalCluster
 
     # The nanny starts workers with OMP_NUM_THREADS=1 (dask's default pre-spawn environment),
-    # so two workers' torch threads do not fight over these 2 cores.
+    # so two workers' torch threads do not fight over the machine's cores.
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            dashboard_address=None, silence_logs=logging.ERROR)
     try:

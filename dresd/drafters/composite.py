@@ -14,35 +14,35 @@ estimate follows the last ten or so steps, carried over from one generation to t
 drafts' own scores sharpen it: steps are also filed by the score band of the source's best draft
 (``score_bands``: a dense draft's cosine similarity, prompt lookup's match length), and
 ``h_s(d)`` is the estimate of the current band, with the source's pooled estimate as its prior,
-so a band seen a few times already moves away from it. (Measured on HumanEval with the default
-model: the context drafter's steps whose best similarity is in the top quarter were right 4.5
-tokens deep on average, those in the bottom quarter 0.4.) ``share_s`` is the fraction of s's
-rank-weighted drafts under the parent that go through the node. Sources proposing the same node
-take the larger estimate, not a noisy OR: prompt lookup and the context drafter often propose
-the same text, and counting them as independent evidence doubled the estimates. The estimates
-under one parent are scaled to sum to at most 1. Finally the path products at depth d are
-scaled by ``g(d)``, the right tokens at depth d of recent candidate tries per token the raw
-estimates expected there, and then by a reliability map: candidate nodes are filed by that
-estimate into bins (``reliability_bins``), and each bin's estimate is scaled by how many of its
-nodes were right per one it expected. ``g(d)`` gets each depth's total right but not its
-split among branches (steps estimated at 5 or more tokens got 20% fewer, those at under 0.3
-twice as many); the map corrects the split. So what the policy maximises is calibrated against
-what was actually accepted. The budget policy (dresd.budget) takes nodes best first and keeps
-as many as pay on this device, so the budget is split by acceptance: a source that stops being
-right stops getting nodes. A source that misses ``mute_after`` steps in a row is asked only
-every ``probe_every`` steps, so it stops costing retrieval time too.
+so a band seen a few times already moves away from it: a source's score predicts how deep its
+draft is right, so steps of high and of low scores need estimates of their own. ``share_s`` is
+the fraction of s's rank-weighted drafts under the parent that go through the node. Sources
+proposing the same node take the larger estimate, not a noisy OR: prompt lookup and the context
+drafter often propose the same text, so their evidence is not independent and a noisy OR would
+count it twice. The estimates under one parent are scaled to sum to at most 1. Finally the path
+products at depth d are scaled by ``g(d)``, the right tokens at depth d of recent candidate
+tries per token the raw estimates expected there, and then by a reliability map: candidate nodes
+are filed by that estimate into bins (``reliability_bins``), and each bin's estimate is scaled
+by how many of its nodes were right per one it expected. ``g(d)`` gets each depth's total right
+but not its split among branches (high estimates stay too high, low ones too low); the map
+corrects the split. So what the policy maximises is calibrated against what was actually
+accepted. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
+this device, so the budget is split by acceptance: a source that stops being right stops getting
+nodes. A source that misses ``mute_after`` steps in a row is asked only every ``probe_every``
+steps, so it stops costing retrieval time too.
 
 Shadow scoring: every source's drafts, and every node of the candidate trie, are scored against
 the tokens the model actually produced, whether or not they were verified (it costs no forward
 pass). A step stays pending until the generated text reaches ``draft_len`` tokens past it, so a
 draft that was never verified is still tested at every depth it guessed. (Steps are scored in
-order and all at the same distance: scoring each as soon as its outcome is known scored misses
-before hits, and the decay, which weighs recent steps more, then doubled the estimates.)
-``h_s``, ``g(d)`` and the reliability map all learn from these scores, so nothing that stops
-getting budget stops learning: a source, or a band of estimates, that was written off by a run
-of misses comes back as soon as its drafts would be accepted. (Learning ``g`` and the map only from verified trees locked a source out for
-good: once its nodes were scaled below the point where the budget pays for them, no verified
-tree could show that they had become right.) Estimates carried over to the next generation keep
+order and all at the same distance: a miss is known sooner than a hit, so scoring each step as
+soon as its outcome is known would score hits after misses, and the decay, which weighs recent
+steps more, would then inflate the estimates.) ``h_s``, ``g(d)`` and the reliability map all
+learn from these scores, so nothing that stops getting budget stops learning: a source, or a
+band of estimates, that was written off by a run of misses comes back as soon as its drafts
+would be accepted. (Learning ``g`` and the map only from verified trees would lock a source out
+for good: once its nodes are scaled below the point where the budget pays for them, no verified
+tree can show that they have become right.) Estimates carried over to the next generation keep
 ``carry_over`` of their evidence, so old requests fade toward the prior.
 
 The prior is optimistic enough to try (``prior_rate`` at depth 1, each deeper depth's prior the
