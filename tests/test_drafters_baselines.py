@@ -4,6 +4,7 @@ against brute-force scans, on a builder-built store, and in lossless decoding.""
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import greedy_reference
@@ -12,7 +13,7 @@ from benchmarks.draftretriever import DraftRetrieverDrafter, build_draftretrieve
 from dresd.decode import generate
 from dresd.drafters.base import DraftRequest
 from dresd.drafters.prompt_lookup import PromptLookupDrafter
-from dresd.drafters.rest import RestDrafter, build_rest_index
+from dresd.drafters.rest import RestDrafter, build_rest_index, continuation_trie
 
 H = torch.zeros(4)
 
@@ -165,6 +166,18 @@ def test_rest_drafts_equal_brute_force(tmp_path, seed):
         (one,) = top1.propose(request(ctx, 10, dlen))
         first = Counter(c[0] for c in conts)
         assert len(one.tokens) == 1 and first[one.tokens[0]] == max(first.values())
+
+
+def test_continuation_trie_ties():
+    """The ``choices`` most frequent prefixes, ties shorter then smaller tokens first; leaves
+    by count, then deeper, then tokens; -1 ends a row."""
+    cont = np.array([[2, 5, 6], [1, 2, -1], [2, 4, -1], [1, 3, -1], [-1, 7, 7]])
+    assert continuation_trie(cont, 1) == [((1,), 2)]
+    assert continuation_trie(cont, 3) == [((2,), 2), ((1, 2), 1)]
+    assert continuation_trie(cont, 4) == [((2,), 2), ((1, 2), 1), ((1, 3), 1)]
+    assert continuation_trie(cont, 7) == continuation_trie(cont, 100) == [
+        ((2, 5, 6), 1), ((1, 2), 1), ((1, 3), 1), ((2, 4), 1)]
+    assert continuation_trie(cont[4:], 5) == continuation_trie(cont[:0], 5) == []
 
 
 def test_rest_never_crosses_documents_and_subsamples_occurrences(tmp_path):

@@ -6,8 +6,8 @@
 ``k`` of its occurrences (evenly spaced over the suffix-array range when there are more; REST
 takes the first ``k``), count every prefix of those continuations (at most ``draft_len`` tokens,
 never past a document's end), keep the ``choices`` most frequent prefixes (a trie, since a prefix
-is at least as frequent as its extensions) and draft the trie's leaves, scored by the fraction of
-occurrences that continue with them.
+is at least as frequent as its extensions; built as a ``DraftTree``) and draft the trie's leaves,
+scored by the fraction of occurrences that continue with them.
 
 Why not the ``draftretriever`` package for REST itself: the only release on PyPI (0.1.1) is
 ADED's fork, not REST's suffix array. As probed here: its index file is a trigram table (token
@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from dresd.drafters.base import Draft, Drafter, DraftRequest
+from dresd.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -215,48 +216,44 @@ def _bisect(toks, ends, j: int, tok: int, lo: int, hi: int, right: bool) -> int:
 
 def continuation_trie(cont: np.ndarray, choices: int) -> list[tuple[tuple[int, ...], int]]:
     """Leaves of the trie of the ``choices`` most frequent prefixes of the rows of ``cont``
-    (-1 ends a row), as (tokens, count), most frequent first (ties: deeper, then tokens)."""
+    (-1 ends a row), as (tokens, count), most frequent first (ties: deeper, then tokens).
+
+    Counting: with the rows sorted lexicographically, the rows that share a prefix are one
+    contiguous run, so a prefix of d tokens starts at each row that differs from the row
+    before within its first d tokens, and its count is the length of its run. The chosen
+    prefixes, in the order (count descending, length, tokens), go into a ``DraftTree``: a
+    prefix is never rarer than its extensions and is shorter, so every prefix's parent is in
+    the tree before it, and the tree's leaves are the drafts."""
     m, length = cont.shape
-    parent_of_row = np.zeros(m, np.int64)  # node id of each row's prefix so far; 0 is the root
-    parents, tokens, counts, depths = [np.zeros(1, np.int64)], [np.full(1, SEP)], \
-        [np.full(1, m)], [np.zeros(1, np.int64)]
-    base = 1
-    alive = np.ones(m, bool)
-    width = int(cont.max(initial=0)) + 2
-    for d in range(length):
-        alive &= cont[:, d] >= 0
-        if not alive.any():
-            break
-        key = parent_of_row[alive] * width + cont[alive, d]
-        uniq, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
-        parents.append(uniq // width)
-        tokens.append(uniq % width)
-        counts.append(cnt)
-        depths.append(np.full(len(uniq), d + 1))
-        parent_of_row[alive] = base + inv.reshape(-1)
-        base += len(uniq)
-    parent = np.concatenate(parents)
-    token = np.concatenate(tokens)
-    count = np.concatenate(counts)
-    depth = np.concatenate(depths)
-    if base == 1:
+    cont = np.where(np.cumsum(cont < 0, axis=1) > 0, SEP, cont)
+    if not m or cont[:, 0].max() < 0:
         return []
-    # A prefix is never rarer than its extensions and is shallower, so any head of this order
-    # holds each node's parent: it is a trie.
-    order = np.lexsort((np.arange(1, base), depth[1:], -count[1:])) + 1
-    chosen = order[:choices]
-    has_child = np.zeros(base, bool)
-    has_child[parent[chosen]] = True
-    leaves = []
-    for node in chosen.tolist():
-        if has_child[node]:
-            continue
-        path = []
-        c = int(count[node])
-        while node:
-            path.append(int(token[node]))
-            node = int(parent[node])
-        leaves.append((tuple(path[::-1]), c))
+    rows = cont[np.lexsort(cont.T[::-1])]
+    differs = rows[1:] != rows[:-1]
+    first_diff = np.concatenate(([-1], np.where(differs.any(1), differs.argmax(1), length)))
+    starts, depths, counts = [], [], []
+    for d in range(1, length + 1):
+        run = np.flatnonzero(first_diff < d)  # first rows of the runs of equal d-token prefixes
+        real = rows[run, d - 1] >= 0
+        if not real.any():
+            break
+        starts.append(run[real])
+        depths.append(np.full(int(real.sum()), d))
+        counts.append(np.diff(run, append=m)[real])
+    # Among prefixes of one length, the sorted rows' order is the tokens' order, so this key
+    # orders by (count descending, length, tokens) and is unique per prefix.
+    key = ((m - np.concatenate(counts)) * (length + 1) + np.concatenate(depths)) * m \
+        + np.concatenate(starts)
+    if len(key) > choices:
+        key = key[np.argpartition(key, choices - 1)[:choices]]
+    key = np.sort(key)
+    start, depth, count = key % m, key // m % (length + 1), m - key // m // (length + 1)
+    tree, node_count = DraftTree(SEP), [m]
+    for toks, d, c in zip(rows[start].tolist(), depth.tolist(), count.tolist()):
+        tree.add(toks[:d])
+        node_count.append(c)
+    paths = tree.token_paths()
+    leaves = [(paths[i], node_count[i]) for i in range(1, len(tree)) if not tree.children(i)]
     leaves.sort(key=lambda x: (-x[1], -len(x[0]), x[0]))
     return leaves
 
