@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from benchmarks.prompts import (
+    INSTRUCTION,
     heldout_humaneval_prompts,
+    howto_store_prompts,
     stdlib_signature_prompts,
     stdlib_sources,
     write_prompt_jsonl,
@@ -118,11 +120,13 @@ def ood_store(model: str, max_tokens: int, root: Path = RUNS, **build) -> Path:
     return store
 
 
-def completions(prompts: list[str], dest: Path, model: str, max_new_tokens: int) -> Path:
-    """``dest``: the model's greedy completions of ``prompts`` (JSONL), generated once."""
+def completions(prompts: list[str], dest: Path, model: str, max_new_tokens: int,
+                template: str = INSTRUCTION) -> Path:
+    """``dest``: the model's greedy completions of ``prompts`` (JSONL), generated once; each
+    prompt is the user's message ``template.format(code=prompt)``."""
     if dest.exists():
         return dest
-    src = write_prompt_jsonl(prompts, dest.parent / "prompts" / dest.name)
+    src = write_prompt_jsonl(prompts, dest.parent / "prompts" / dest.name, template)
     from pipelines.config import GenerateConfig
     from pipelines.generate import generate_corpus
 
@@ -154,6 +158,26 @@ def id_store(model: str, num_prompts: int, humaneval: bool = True, max_new_token
     if heldout:
         completions(heldout, corpus / "humaneval.jsonl", model, max_new_tokens)
     print(f"building the ID store from {corpus} ...", file=sys.stderr, flush=True)
+    _fresh(store)
+    build_store(corpus, store, BuildConfig(model=model, glob="*.jsonl", **build))
+    return store
+
+
+def howto_store(model: str, num_prompts: int, max_new_tokens: int = 256, root: Path = RUNS,
+                **build) -> Path:
+    """Store over the model's own answers to ``num_prompts`` howto requests of the store-side
+    modules (benchmarks.prompts: never a module the evaluation requests name)."""
+    tag = model_tag(model)
+    store = root / f"store-howto-{num_prompts}{tag}{_options(build)}"
+    if _built(store):
+        return store
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig
+
+    corpus = root / f"corpus-howto-{num_prompts}{tag}"
+    completions(howto_store_prompts(num_prompts), corpus / "answers.jsonl", model,
+                max_new_tokens, template="{code}")
+    print(f"building the howto store from {corpus} ...", file=sys.stderr, flush=True)
     _fresh(store)
     build_store(corpus, store, BuildConfig(model=model, glob="*.jsonl", **build))
     return store

@@ -59,9 +59,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.corpora import RUNS, id_store, ood_store  # noqa: E402
+from benchmarks.corpora import RUNS, howto_store, id_store, ood_store  # noqa: E402
 from benchmarks.oracle import OracleDrafter  # noqa: E402
-from benchmarks.prompts import EVAL_PROMPTS, chat, humaneval_prompts  # noqa: E402
+from benchmarks.prompts import (  # noqa: E402
+    EVAL_PROMPTS,
+    chat,
+    howto_chat,
+    howto_eval_prompts,
+    humaneval_prompts,
+)
 from dresd.decode import DecodeConfig, encode_prompt, generate  # noqa: E402
 from dresd.drafters.registry import DRAFTERS as REGISTERED  # noqa: E402
 from dresd.drafters.registry import hybrid_names  # noqa: E402
@@ -77,6 +83,7 @@ BUDGETS = {
     "10x10": dict(num_drafts=10, draft_len=10, max_tree_tokens=32),
 }
 CALIBRATED = "calibrated"
+FAMILY_NAMES = {"humaneval": "HumanEval", "howto": "howto"}
 COLD = "cold"  # a run whose composite keeps estimates of its own, untouched by the warm-up
 WARMUP_REQUEST = [{"role": "user", "content": "Say hi in one short sentence."}]
 WARMUP_TOKENS = 16
@@ -320,6 +327,11 @@ def main(argv=None) -> int:
                          "(both: also run each composite cold, to compare)")
     ap.add_argument("--stores", default="ood,id")
     ap.add_argument("--ood-tokens", type=int, default=130_000, help="size of the OOD corpus")
+    ap.add_argument("--family", choices=("humaneval", "howto"), default="humaneval",
+                    help="prompt family: HumanEval function stubs, or howto requests about the "
+                         "standard library (benchmarks/prompts.py); each has its own ID store")
+    ap.add_argument("--howto-prompts", type=int, default=256,
+                    help="howto requests (store-side modules) the howto ID store answers")
     ap.add_argument("--id-prompts", type=int, default=552,
                     help="stdlib signature prompts the ID corpus is generated from, besides "
                          "HumanEval's held-out problems (552: every one Python 3.11's standard "
@@ -334,7 +346,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-    prompts = humaneval_prompts(args.prompts)  # a bad --prompts fails before any loading
+    # a bad --prompts fails before any loading
+    howto = args.family == "howto"
+    prompts = howto_eval_prompts(args.prompts) if howto else humaneval_prompts(args.prompts)
+    messages = howto_chat if howto else chat
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model, device=args.device or None,
@@ -348,7 +363,8 @@ def main(argv=None) -> int:
         if "ood" in stores_wanted:
             paths["ood" + tag] = ood_store(args.model, args.ood_tokens, **build)
         if "id" in stores_wanted:
-            paths["id" + tag] = id_store(args.model, args.id_prompts, **build)
+            paths["id" + tag] = (howto_store(args.model, args.howto_prompts, **build) if howto
+                                 else id_store(args.model, args.id_prompts, **build))
     stores = {name: load_store(p, model, tokenizer) for name, p in paths.items()}
     for name, store in stores.items():
         print(f"store {name}: {store.stats.summary()}", file=sys.stderr)
@@ -366,7 +382,7 @@ def main(argv=None) -> int:
             f"{n}: {cal.relative_cost(n):.2f}" for n in cal.sizes), file=sys.stderr)
 
     # warm-up: first calls pay for lazy initialisation that later ones do not
-    warm = encode_prompt(tokenizer, chat(prompts[0]))
+    warm = encode_prompt(tokenizer, messages(prompts[0]))
     hf_generate(model, warm, 8)
     generate(model, tokenizer, stores[next(iter(stores))] if stores else
              OracleDrafter(len(warm), [], 1), warm, DecodeConfig(max_new_tokens=8))
@@ -387,7 +403,8 @@ def main(argv=None) -> int:
     partial = out.with_name(out.stem + ".partial.json")
     meta = dict(machine=machine(), device=device, dtype=dtype,
                 torch_threads=torch.get_num_threads(), model=args.model,
-                prompts=0, prompts_planned=len(prompts), max_new_tokens=args.max_new_tokens,
+                family=args.family, prompts=0, prompts_planned=len(prompts),
+                max_new_tokens=args.max_new_tokens,
                 repeats=args.repeats, warmup=args.warmup,
                 warmup_request=WARMUP_REQUEST if args.warmup != "off" else None,
                 budgets=BUDGETS, stores={k: str(v.relative_to(RUNS.parent)) if v.is_relative_to(
@@ -397,7 +414,7 @@ def main(argv=None) -> int:
                 started=time.strftime("%Y-%m-%d %H:%M"))
     bar = tqdm(total=len(prompts) * len(runs) * args.repeats, desc="decoding", unit="run")
     for i, prompt in enumerate(prompts):
-        ids = encode_prompt(tokenizer, chat(prompt))
+        ids = encode_prompt(tokenizer, messages(prompt))
         reference, _ = hf_generate(model, ids, args.max_new_tokens)
         tries: dict[Run, list[dict]] = defaultdict(list)
         for _ in range(args.repeats):  # whole rounds, so a slow spell hits every method alike
@@ -443,7 +460,7 @@ def write_results(out: Path, meta: dict, records: list[dict]) -> list[dict]:
         plot(rows, records, tmp)
     with _replacing(out.with_suffix(".txt")) as tmp:
         tmp.write_text(
-            f"machine: {meta['machine']} ({meta['dtype']}); {meta['prompts']} HumanEval "
+            f"machine: {meta['machine']} ({meta['dtype']}); {meta['prompts']} {FAMILY_NAMES[meta.get('family', 'humaneval')]} "
             f"prompts, {meta['max_new_tokens']} new tokens, fastest of {meta['repeats']}; "
             "speedup = TPS / TPS of ar on the same prompts\n\nall runs:\n"
             + format_table(sorted(rows, key=lambda r: (r["store"], r["method"], r["budget"])))

@@ -1,6 +1,13 @@
-"""Prompt sets for the benchmarks: HumanEval's first ``EVAL_PROMPTS`` problems (evaluation), and
-for building an in-domain store the rest of HumanEval (held out: no evaluated problem is ever in
-a store) and standard-library signatures in HumanEval's shape."""
+"""Prompt sets for the benchmarks, in two families.
+
+``humaneval``: HumanEval's first ``EVAL_PROMPTS`` problems (evaluation), and for building an
+in-domain store the rest of HumanEval (held out: no evaluated problem is ever in a store) and
+standard-library signatures in HumanEval's shape, each wrapped in "Complete this Python function".
+
+``howto``: requests as a user writes them, about a documented public function or class of the
+Python standard library ("How do I use `shlex.split` in Python? ..."), in four phrasings. Modules
+are split by a hash of their name: about one in five is evaluation-only, the rest may feed the
+in-domain store, so no evaluated request names a module the store's requests name."""
 
 from __future__ import annotations
 
@@ -84,10 +91,71 @@ def stdlib_signature_prompts(n: int, seed_files: int = 400) -> list[str]:
     return prompts[::step][:n]
 
 
-def write_prompt_jsonl(prompts: list[str], path: Path) -> Path:
+def write_prompt_jsonl(prompts: list[str], path: Path, template: str = INSTRUCTION) -> Path:
     """Chat-formatted prompts for `dresd generate-corpus` (field "prompt")."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for p in prompts:
-            f.write(json.dumps({"prompt": INSTRUCTION.format(code=p)}) + "\n")
+            f.write(json.dumps({"prompt": template.format(code=p)}) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------- the howto family
+
+HOWTO_TEMPLATES = (
+    "Explain what `{name}` from Python's `{module}` module does, and show a short example of "
+    "using it.",
+    "How do I use `{module}.{name}` in Python? Give me a small working example.",
+    "I keep seeing `{module}.{name}` in code. What is it for, and when should I use it?",
+    "Write a short script that demonstrates `{module}.{name}`, with comments explaining each "
+    "step.",
+)
+HOWTO_EVAL_SHARE = 5  # modules whose name hashes to 0 mod this are evaluation-only
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _howto_requests() -> list[tuple[str, str]]:
+    """(module, request) for every documented public module-level function and class of the
+    standard library (the files ``stdlib_sources`` lists), in a fixed pseudo-random order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in stdlib_sources():
+        rel = path.relative_to(root).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        if not parts or any(p.startswith("_") for p in parts):
+            continue
+        module = ".".join(parts)
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in tree.body:
+            if (not isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                    or node.name.startswith("_") or not ast.get_docstring(node)):
+                continue
+            key = f"{module}.{node.name}"
+            template = HOWTO_TEMPLATES[_digest(key) % len(HOWTO_TEMPLATES)]
+            out.append((module, template.format(module=module, name=node.name)))
+    out.sort(key=lambda mr: _digest(mr[1]))
+    return out
+
+
+def howto_eval_prompts(n: int = EVAL_PROMPTS) -> list[str]:
+    """The first ``n`` requests of the evaluation modules (at most ``EVAL_PROMPTS``)."""
+    if not 1 <= n <= EVAL_PROMPTS:
+        raise ValueError(f"the benchmark evaluates on at most {EVAL_PROMPTS} howto requests, "
+                         f"not {n}")
+    return [r for m, r in _howto_requests() if _digest(m) % HOWTO_EVAL_SHARE == 0][:n]
+
+
+def howto_store_prompts(n: int) -> list[str]:
+    """``n`` requests of the other modules, for an in-domain store."""
+    return [r for m, r in _howto_requests() if _digest(m) % HOWTO_EVAL_SHARE != 0][:n]
+
+
+def howto_chat(request: str) -> list[dict]:
+    """A howto request as the user's message, as it is."""
+    return [{"role": "user", "content": request}]
