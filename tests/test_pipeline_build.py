@@ -6,6 +6,7 @@ import shutil
 import faiss
 import numpy as np
 import pytest
+from tiny_models import split_corpus
 
 from dresd.cli import main as dresd_main
 from dresd.models import load_model, model_fingerprint
@@ -27,16 +28,7 @@ def _config(model_dir, **kw):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, code_corpus_dir):
     """6 code files, one non-UTF-8 file and one empty file; 3 more files kept for the update."""
-    root = tmp_path_factory.mktemp("corpus")
-    first, later = root / "first", root / "later"
-    first.mkdir()
-    later.mkdir()
-    files = sorted(code_corpus_dir.glob("*.py"))
-    for f in files[:6]:
-        shutil.copy(f, first / f.name)
-    for f in files[6:9]:
-        shutil.copy(f, later / f.name)
-    (first / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    first, later = split_corpus(tmp_path_factory.mktemp("corpus"), code_corpus_dir, 6, 3)
     (first / "empty.py").write_text("")
     return first, later
 

@@ -5,6 +5,7 @@ import shutil
 
 import apache_beam as beam
 import pytest
+from tiny_models import split_corpus
 
 from pipelines import encoder
 from pipelines.build import build_store, compact_store, update_store
@@ -36,16 +37,7 @@ def _summary(store, manifest):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, code_corpus_dir):
     """4 code files and one non-UTF-8 file (a dead letter); 2 more files for the update."""
-    root = tmp_path_factory.mktemp("dask-corpus")
-    first, later = root / "first", root / "later"
-    first.mkdir()
-    later.mkdir()
-    files = sorted(code_corpus_dir.glob("*.py"))
-    for f in files[:4]:
-        shutil.copy(f, first / f.name)
-    for f in files[4:6]:
-        shutil.copy(f, later / f.name)
-    (first / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    first, later = split_corpus(tmp_path_factory.mktemp("dask-corpus"), code_corpus_dir, 4, 2)
     return first, later
 
 

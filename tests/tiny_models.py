@@ -26,6 +26,21 @@ def stdlib_files(n: int = 40) -> list[Path]:
     return files[:n]
 
 
+def split_corpus(root: Path, code_dir: Path, first_n: int, later_n: int) -> tuple[Path, Path]:
+    """``root``/first with ``first_n`` code files of ``code_dir`` plus a non-UTF-8 file (a dead
+    letter), and ``root``/later with the next ``later_n`` (for an update)."""
+    first, later = root / "first", root / "later"
+    first.mkdir()
+    later.mkdir()
+    files = sorted(code_dir.glob("*.py"))
+    for f in files[:first_n]:
+        (first / f.name).write_bytes(f.read_bytes())
+    for f in files[first_n:first_n + later_n]:
+        (later / f.name).write_bytes(f.read_bytes())
+    (first / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    return first, later
+
+
 @functools.cache
 def tiny_tokenizer(vocab_size: int = 384):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
