@@ -51,7 +51,6 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,6 +72,7 @@ from dresd.drafters.registry import DRAFTERS as REGISTERED  # noqa: E402
 from dresd.drafters.registry import hybrid_names  # noqa: E402
 from dresd.models import dtype_name, load_model  # noqa: E402
 from dresd.store import load_store  # noqa: E402
+from schemas.atomic import replacing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -302,7 +302,6 @@ def plot(rows: list[dict], records: list[dict], path: Path) -> None:
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    import os
 
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
@@ -439,26 +438,15 @@ def main(argv=None) -> int:
     return 0 if all(r["identical"] for r in rows) else 1
 
 
-@contextmanager
-def _replacing(path: Path):
-    """A temporary path beside ``path`` to write to; it replaces ``path`` on success."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_results(out: Path, meta: dict, records: list[dict]) -> list[dict]:
     """The JSON, the plot and the tables (.txt) of the records so far; the summary rows. Each
     file is replaced atomically, so one stopped mid-write is never left truncated."""
     rows = summarize(records)
-    with _replacing(out) as tmp:
+    with replacing(out) as tmp:
         tmp.write_text(json.dumps(dict(meta=meta, rows=rows, records=records), indent=1))
-    with _replacing(out.with_suffix(".png")) as tmp:
+    with replacing(out.with_suffix(".png")) as tmp:
         plot(rows, records, tmp)
-    with _replacing(out.with_suffix(".txt")) as tmp:
+    with replacing(out.with_suffix(".txt")) as tmp:
         tmp.write_text(
             f"machine: {meta['machine']} ({meta['dtype']}); {meta['prompts']} {FAMILY_NAMES[meta.get('family', 'humaneval')]} "
             f"prompts, {meta['max_new_tokens']} new tokens, fastest of {meta['repeats']}; "

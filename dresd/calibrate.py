@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from dresd.models import cache_dir, dtype_name, synchronize
+from schemas.atomic import write_text_atomic
 
 DEFAULT_SIZES = tuple(range(1, 33)) + (36, 40, 48, 56, 64)
 # Calibrations saved before version 2 were forced monotone (see above); before version 3 they
@@ -106,10 +107,7 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
         return path
 
     @classmethod

@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from schemas import Manifest, StoreFormatError
+from schemas.atomic import write_bytes_atomic
 from schemas.commit import manifest_relpath, resolve_generation
 from schemas.integrity import Records, check_present
 from schemas.manifest import FileRef, parse_manifest
@@ -121,15 +122,10 @@ def sync_store(url: str, generation: int | None = None) -> tuple[Path, int, int]
         _download(io, ref, root)
         records.record(ref)
         downloaded += ref.bytes
-    _write_atomic(root / rel, data)
-    _write_atomic(marker, b"")
+    write_bytes_atomic(root / rel, data)
+    write_bytes_atomic(marker, b"")
     log.info("%s: generation %d synced to %s (%.1f MiB downloaded)", url, generation, root,
              downloaded / 2**20)
     return root, generation, downloaded
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

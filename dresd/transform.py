@@ -9,10 +9,11 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from schemas.atomic import write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,7 @@ class KeyTransform:
         return buf.getvalue()
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(path) + ".part")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> KeyTransform:

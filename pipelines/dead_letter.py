@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from pipelines.documents import DeadLetter
 from schemas import DEAD_LETTER_SCHEMA
+from schemas.atomic import replacing
 from schemas.storage import ObjectStoreIO, is_remote, staged
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,8 @@ def write_dead_letters(letters: list[DeadLetter], path: str) -> int:
         },
         schema=DEAD_LETTER_SCHEMA,
     )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.part"
-    pq.write_table(table, tmp)
-    Path(tmp).replace(path)
+    with replacing(path) as tmp:
+        pq.write_table(table, str(tmp))
     return len(letters)
 
 

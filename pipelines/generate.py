@@ -18,6 +18,7 @@ from pipelines.config import GenerateConfig
 from pipelines.dead_letter import write_dead_letters
 from pipelines.documents import DeadLetter
 from pipelines.readers import DEAD, utf8_error
+from schemas.atomic import write_text_atomic
 
 
 def read_prompts(path: str, prompt_field: str):
@@ -147,12 +148,7 @@ class GenerateResponsesFn(beam.DoFn):
 
 def write_jsonl(records: list[dict], path: str) -> int:
     records = sorted(records, key=lambda r: r["source"])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.part"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(records)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipelines.documents import WrittenShard
 from schemas import StoreFormatError
+from schemas.atomic import replacing
 from schemas.lists import ListsFile, check_vocab, pack_ids
 from schemas.shard_io import (
     DOCS_FILE,
@@ -167,9 +168,8 @@ def index_from_bytes(data: bytes) -> faiss.Index:
 
 
 def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
-    tmp = f"{path}.part"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def code_size(index: faiss.Index) -> int:
@@ -188,11 +188,10 @@ def fill_lists(quantizer: faiss.Index, vectors: np.ndarray, tokens: np.ndarray,
         x = np.ascontiguousarray(vectors[positions[rows]], np.float32)
         index.add_with_ids(x, ids[rows])
     ivf = faiss.extract_index_ivf(index)
-    tmp = f"{path}.part"
-    writer = faiss.FileIOWriter(tmp)
-    faiss.write_InvertedLists(ivf.invlists, writer)
-    del writer
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        writer = faiss.FileIOWriter(str(tmp))
+        faiss.write_InvertedLists(ivf.invlists, writer)
+        del writer  # closes the file before it is renamed
     return int(index.ntotal)
 
 

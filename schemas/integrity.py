@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.atomic import write_text_atomic
 from schemas.manifest import FileRef, StoreFormatError, file_digest
 from schemas.paths import store_file
 
@@ -108,11 +108,7 @@ class Records:
         text = json.dumps(stamp, sort_keys=True)
         for d in self.dirs:
             try:
-                d.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=d, prefix=".rec.", suffix=".tmp")
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.replace(tmp, d / self._name(ref))
+                write_text_atomic(d / self._name(ref), text)
                 return
             except OSError:
                 continue  # a read-only store: record in the cache instead

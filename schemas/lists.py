@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas.atomic import replacing
 from schemas.manifest import StoreFormatError
 
 TOKEN_SHIFT = 40  # low 40 bits: position in the shard's token stream
@@ -179,8 +180,7 @@ def write_lists(path: str | os.PathLike, nlist: int, code_size: int, sizes: np.n
     """Stream an ``ivf.lists`` file: ``lists`` yields (codes, ids) for every list in order,
     with the lengths given in ``sizes``. Written to a temporary name, then renamed."""
     sizes = np.asarray(sizes, np.int64)
-    tmp = Path(f"{path}.part")
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(_MAGIC + np.array([nlist, code_size], np.uint64).tobytes() + b"full")
         f.write(np.uint64(nlist).tobytes() + sizes.astype(np.uint64).tobytes())
         seen = 0
@@ -193,7 +193,6 @@ def write_lists(path: str | os.PathLike, nlist: int, code_size: int, sizes: np.n
             seen += 1
         if seen != nlist:
             raise ValueError(f"{seen} lists written, header says {nlist}")
-    os.replace(tmp, path)
 
 
 def open_mmap_lists(path: str | os.PathLike, nlist: int, code_size: int, num_entries: int):

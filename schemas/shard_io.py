@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from schemas.arrow import DOCS_SCHEMA, TOKENS_SCHEMA
+from schemas.atomic import replacing
 from schemas.manifest import FileRef, ShardInfo, StoreFormatError, make_file_ref
 
 SHARDS_DIR = "shards"
@@ -145,11 +146,8 @@ def read_keys(store: str | os.PathLike, shard_id: str) -> np.ndarray:
 
 
 def write_counts(store: str | os.PathLike, shard_id: str, counts: np.ndarray) -> None:
-    path = shard_path(store, shard_id, COUNTS_FILE)
-    tmp = path.with_name(f".{COUNTS_FILE}.part")
-    with open(tmp, "wb") as f:
+    with replacing(shard_path(store, shard_id, COUNTS_FILE)) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(counts, np.int32))
-    os.replace(tmp, path)
 
 
 def read_counts(store: str | os.PathLike, shard_id: str, vocab_size: int,
