@@ -20,6 +20,7 @@ from schemas import Manifest, ShardInfo, StoreFormatError
 from schemas.lists import MAX_POSITION, ListsFile, write_lists
 from schemas.shard_io import (
     INDEX_FILE,
+    KEY_DTYPE,
     KEYS_FILE,
     ShardData,
     read_counts,
@@ -106,7 +107,7 @@ def _merge_shards(shards: list[ShardInfo], store, nlist: int, code_size: int,
     if all(s.keys is not None for s in shards):  # every part kept its keys: so does the merge
         first = read_keys(store, shards[0].shard_id)
         out = np.lib.format.open_memmap(shard_path(store, shard_id, KEYS_FILE), "w+",
-                                        np.float16, (offset, first.shape[1]))
+                                        KEY_DTYPE, (offset, first.shape[1]))
         for s, off in zip(shards, offsets):
             k = read_keys(store, s.shard_id)
             out[off : off + len(k)] = k

@@ -24,6 +24,7 @@ from pipelines.config import BuildConfig
 from pipelines.dedupe import NAMESPACE
 from pipelines.documents import TokenizedDoc, WrittenShard
 from pipelines.faults import maybe_fail
+from schemas.shard_io import KEY_DTYPE
 
 # Distributions hold ints: wall-clock instants in epoch milliseconds, durations in milliseconds.
 ENCODED_TOKENS = "encoded_tokens"
@@ -150,7 +151,7 @@ class EncodeShardsFn(beam.DoFn):
         start = time.perf_counter()
         states = encode_stream(
             self.model, [d.tokens for d in docs], transform.dim, transform.torch_apply,
-            np.float16, self.config.batch_tokens, self.config.max_len, self.config.progress,
+            KEY_DTYPE, self.config.batch_tokens, self.config.max_len, self.config.progress,
         )
         Metrics.distribution(NAMESPACE, ENCODE_FORWARD_MS).update(
             int((time.perf_counter() - start) * 1000))

@@ -23,7 +23,8 @@ from schemas.manifest import FileRef, ShardInfo, StoreFormatError, make_file_ref
 SHARDS_DIR = "shards"
 TOKENS_FILE = "tokens.arrow"
 DOCS_FILE = "docs.arrow"
-KEYS_FILE = "keys.npy"  # float16 [T, d], row t = key of position t (staging, then archive)
+KEYS_FILE = "keys.npy"  # KEY_DTYPE [T, d], row t = key of position t (staging, then archive)
+KEY_DTYPE = np.float16  # keys need no more: they are searched through 8-bit PQ codes
 INDEX_FILE = "ivf.lists"  # the shard's inverted lists (schemas.lists)
 COUNTS_FILE = "counts.npy"  # int32 [vocab]: keys per next token (how many a search can find)
 
@@ -94,7 +95,7 @@ def write_shard(store: str | os.PathLike, data: ShardData, shard_id: str | None 
             if vectors.ndim != 2 or len(vectors) != len(data.tokens):
                 raise ValueError(f"{vectors.shape} key vectors for {len(data.tokens)} tokens: "
                                  "one row per position is expected")
-            np.save(tmp / KEYS_FILE, vectors.astype(np.float16, copy=False))
+            np.save(tmp / KEYS_FILE, vectors.astype(KEY_DTYPE, copy=False))
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,7 +141,7 @@ def read_keys(store: str | os.PathLike, shard_id: str) -> np.ndarray:
         raise StoreFormatError(f"{path} does not exist: the shard's keys were not kept "
                                "(build with --keep-keys to keep them)")
     keys = np.load(path, mmap_mode="r")
-    if keys.ndim != 2 or keys.dtype != np.float16:
+    if keys.ndim != 2 or keys.dtype != KEY_DTYPE:
         raise StoreFormatError(f"{path}: {keys.dtype} {keys.shape}, not float16 [tokens, d]")
     return keys
 
