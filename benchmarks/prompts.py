@@ -12,6 +12,7 @@ in-domain store, so no evaluated request names a module the store's requests nam
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import sysconfig
@@ -117,7 +118,8 @@ def _digest(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def _howto_requests() -> list[tuple[str, str]]:
+@functools.cache
+def _howto_requests() -> tuple[tuple[str, str], ...]:
     """(module, request) for every documented public module-level function and class of the
     standard library (the files ``stdlib_sources`` lists), in a fixed pseudo-random order."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -139,8 +141,7 @@ def _howto_requests() -> list[tuple[str, str]]:
             key = f"{module}.{node.name}"
             template = HOWTO_TEMPLATES[_digest(key) % len(HOWTO_TEMPLATES)]
             out.append((module, template.format(module=module, name=node.name)))
-    out.sort(key=lambda mr: _digest(mr[1]))
-    return out
+    return tuple(sorted(out, key=lambda mr: _digest(mr[1])))
 
 
 def howto_eval_prompts(n: int = EVAL_PROMPTS) -> list[str]:

@@ -26,11 +26,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
 from pathlib import Path
 
 from schemas import Manifest, StoreFormatError
-from schemas.atomic import write_bytes_atomic
+from schemas.atomic import replacing, write_bytes_atomic
 from schemas.commit import manifest_relpath, resolve_generation
 from schemas.integrity import Records, check_present
 from schemas.manifest import FileRef, parse_manifest
@@ -63,9 +62,8 @@ def _runtime_files(manifest: Manifest) -> list[FileRef]:
 
 def _download(io: ObjectStoreIO, ref: FileRef, root: Path) -> None:
     final = store_file(root, ref.path)  # inside the cache, through no link
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
+    # a mismatch raises inside the block, so the download is dropped and nothing replaces final
+    with replacing(final) as tmp:
         h = hashlib.sha256()
         size = 0
         with io.fs.open(io.path(ref.path), "rb") as src, open(tmp, "wb") as dst:
@@ -78,9 +76,6 @@ def _download(io: ObjectStoreIO, ref: FileRef, root: Path) -> None:
                 f"{io.location(ref.path)} is corrupt: its checksum does not match the manifest "
                 f"(sha256 {h.hexdigest()[:12]}, {size} bytes; manifest {ref.sha256[:12]}, "
                 f"{ref.bytes} bytes); nothing was cached")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def sync_store(url: str, generation: int | None = None) -> tuple[Path, int, int]:

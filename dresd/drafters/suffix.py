@@ -47,11 +47,11 @@ _GLOBAL_TREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def global_tree(store, max_depth: int):
     """The suffix tree over ``store``'s documents (one sequence id per document)."""
-    key = (max_depth,)
-    trees = _GLOBAL_TREES.setdefault(store, {})
-    if key not in trees:
-        trees[key] = tree_of(store_docs(store), max_depth, int(store.manifest.model.vocab_size))
-    return trees[key]
+    trees = _GLOBAL_TREES.setdefault(store, {})  # max_depth -> tree
+    if max_depth not in trees:
+        trees[max_depth] = tree_of(store_docs(store), max_depth,
+                                   int(store.manifest.model.vocab_size))
+    return trees[max_depth]
 
 
 def tree_of(docs, max_depth: int, vocab_size: int | None = None):
