@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -78,11 +79,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     src_dir, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
-    # A model loaded from GGUF cannot be saved as is; rebuild it from its config.
-    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with _LOADING:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name,
+                                                      dtype=torch.float32)
+        # A model loaded from GGUF cannot be saved as is; rebuild it from its config.
+        config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     if fresh.generation_config is not None:
         fresh.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -170,6 +173,14 @@ DTYPE_HELP = ("model weights dtype ('' = float32: in bfloat16 a tree verify can 
               "plain decoding)")
 
 
+# transformers' from_pretrained builds the model with process-wide patches in place (for one,
+# PreTrainedModel.tie_weights replaced by a no-op while modules are created on the meta device),
+# so a load in another thread at that moment skips tying its output embedding and is left with a
+# meta lm_head ("Cannot copy out of meta tensor"). Beam runs DoFn setups in worker threads, so
+# every load in a process takes its turn.
+_LOADING = threading.Lock()
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     device: str | None = None,
@@ -180,8 +191,9 @@ def load_model(
 
     path = resolve_model_path(name_or_path)
     dev = pick_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
+    with _LOADING:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
     model.to(dev).eval()
     model.name_or_path_for_store = str(name_or_path)
     return model, tokenizer

@@ -27,3 +27,31 @@ def test_models_load_in_float32_on_every_device_unless_asked(tiny_llama_dir):
             pick_dtype(bad)
     assert load_model(tiny_llama_dir)[0].dtype == torch.float32
     assert load_model(tiny_llama_dir, dtype="bfloat16")[0].dtype == torch.bfloat16
+
+
+def test_models_load_concurrently_from_threads(tiny_model_dirs):
+    """Beam runs DoFn setups in worker threads. transformers swaps process-wide hooks while it
+    builds a model, so unserialised loads in two threads can leave a model's tied output
+    embedding on the meta device (without dresd.models' lock, about a third of these loads
+    failed with "Cannot copy out of meta tensor")."""
+    import threading
+
+    import torch
+
+    errors, models = [], []
+
+    def load(path):
+        for _ in range(5):
+            try:
+                models.append(load_model(path, device="cpu")[0])
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in list(tiny_model_dirs.values()) * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(models) == 30
+    assert not any(p.device == torch.device("meta") for m in models for p in m.parameters())
