@@ -21,7 +21,8 @@ proposing the same node take the larger estimate, not a noisy OR: prompt lookup 
 drafter often propose the same text, so their evidence is not independent and a noisy OR would
 count it twice. The estimates under one parent are scaled to sum to at most 1. Finally the path
 products at depth d are scaled by ``g(d)``, the right tokens at depth d of recent candidate
-tries per token the raw estimates expected there, and then by a reliability map: candidate nodes
+tries per token the raw estimates expected there (recent: the last fifty steps or so, since these
+two pool every source's nodes; ``tree_decay``), and then by a reliability map: candidate nodes
 are filed by that estimate into bins (``reliability_bins``), and each bin's estimate is scaled
 by how many of its nodes were right per one it expected. ``g(d)`` gets each depth's total right
 but not its split among branches (high estimates stay too high, low ones too low); the map
@@ -144,6 +145,7 @@ class CompositeDrafter(Drafter):
         memory: dict | None = None,
         reliability_bins: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9),
         carry_over: float = 0.5,
+        tree_decay: float = 0.98,
     ):
         """``drafters``: the sources; ``policy``: the tree budget (FixedBudget() by default);
         ``prior_rate`` / ``prior_strength``: the Beta prior of a source's hit rate per depth;
@@ -159,7 +161,11 @@ class CompositeDrafter(Drafter):
         across composites (``dresd.generate`` passes one per model and configuration); without
         it a composite still carries its own estimates over from one generation to the next;
         ``carry_over``: the weight the evidence of past generations keeps at each new one
-        (1 keeps it whole, 0 starts every generation from the prior)."""
+        (1 keeps it whole, 0 starts every generation from the prior);
+        ``tree_decay``: the weight of ``g(d)``'s and the reliability map's counts at each new
+        scored step. They pool every candidate node of a step over all sources, so they follow
+        the kind of text more than any one source's run of luck, and a map of nine bins fed
+        ~10 steps (``decay``) had neighbouring bins' ratios swing between 0.2 and 2.3."""
         if not drafters:
             raise ValueError("a composite needs at least one drafter")
         if not 0 < prior_rate < 1 or prior_strength <= 0:
@@ -172,6 +178,9 @@ class CompositeDrafter(Drafter):
         self.prior_rate = prior_rate
         self.prior_strength = prior_strength
         self.decay = decay
+        if not 0 < decay <= 1 or not 0 < tree_decay <= 1:
+            raise ValueError("decay and tree_decay must be in (0, 1]")
+        self.tree_decay = tree_decay
         self.mute_after = mute_after
         self.probe_every = max(1, probe_every)
         self.score_bands = np.sort(np.asarray(score_bands, np.float64))
@@ -359,14 +368,14 @@ class CompositeDrafter(Drafter):
         depth = max(len(n[0]) for n in nodes)
         estimated = np.zeros(depth)
         hits = [False] * depth
-        self.reliability *= self.decay
+        self.reliability *= self.tree_decay
         for path, raw, before, b in nodes:
             right = path == truth[: len(path)]
             estimated[len(path) - 1] += raw
             hits[len(path) - 1] |= right
             self.reliability[0, b] += right
             self.reliability[1, b] += before
-        self.depth_fit.record(hits, self.decay, estimated.tolist())
+        self.depth_fit.record(hits, self.tree_decay, estimated.tolist())
 
     def reliability_ratios(self) -> np.ndarray:
         """Per bin of depth-calibrated node estimates: accepted nodes per expected one, over
