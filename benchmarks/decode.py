@@ -239,12 +239,13 @@ def best_rows(rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'method':<17}{'store':<6}{'budget':<16}{'AL':>6}{'AR':>6}{'TPS':>7}"
+    w = max([6] + [len(r["store"]) + 2 for r in rows])  # 'id-ivf_flat' and the like
+    head = (f"{'method':<17}{'store':<{w}}{'budget':<16}{'AL':>6}{'AR':>6}{'TPS':>7}"
             f"{'speedup':>9}{'retr%':>7}{'verify%':>9}{'tree':>6}  identical")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<17}{r['store'] or '-':<6}{r['budget'] or '-':<16}{r['AL']:>6.2f}"
+            f"{r['method']:<17}{r['store'] or '-':<{w}}{r['budget'] or '-':<16}{r['AL']:>6.2f}"
             f"{r['AR']:>6.2f}{r['TPS']:>7.1f}{r['speedup']:>8.2f}x{100 * r['retrieval_share']:>6.1f}"
             f"{100 * r['verify_share']:>8.1f}{r['mean_tree']:>7.1f}  "
             f"{'yes' if r['identical'] else 'NO'}"

@@ -129,11 +129,11 @@ def replay(drafter, ids: list[int], out: list[int], hidden: torch.Tensor, config
                 break
             accepted.append(tok)
         offered, expected = -1, -1.0
-        if isinstance(drafter, CompositeDrafter) and drafter._open is not None:
+        if isinstance(drafter, CompositeDrafter):  # 0 and 0 when it was not asked
             step = drafter._open
-            expected = drafter.expected[-1]
+            expected = drafter.expected[-1] if step is not None else 0.0
             offered = max((len(path) for path, *_ in step.nodes
-                           if path == tuple(truth[: len(path)])), default=0)
+                           if path == tuple(truth[: len(path)])), default=0) if step else 0
         drafter.accept([text[p]] + accepted, hidden[p : p + 1 + len(accepted)])
         seconds = float(cost(len(tree)))
         drafter.verified(len(tree), seconds)
@@ -154,6 +154,7 @@ def parse_prompts(spec: str) -> list[int]:
 
 
 def _bin(records: list[StepRecord]) -> tuple[int, float, float]:
+    """(steps, mean estimated accepted tokens, mean accepted tokens)."""
     if not records:
         return 0, 0.0, 0.0
     return (len(records), float(np.mean([r.expected for r in records])),
@@ -184,8 +185,7 @@ def summarize(records: list[StepRecord], ar_passes: int, ar_cost: float) -> dict
             steps_offered_not_verified=float(np.mean([r.offered > r.accepted for r in records])),
             expected_per_step=float(np.mean([r.expected for r in records])),
             # root-only steps whose candidates held the next tokens: what the budget refused
-            root_only_offered=_bin([r for r in records if r.tree == 0 and r.offered > 0])[0]
-            / steps,
+            root_only_offered=sum(r.tree == 0 and r.offered > 0 for r in records) / steps,
             root_only_offered_depth=float(np.mean([r.offered for r in records if r.tree == 0]
                                                   or [0])),
             # steps filed by the tree's estimated accepted tokens: (steps, mean estimate, mean
