@@ -130,10 +130,10 @@ def replay(drafter, ids: list[int], out: list[int], hidden: torch.Tensor, config
             accepted.append(tok)
         offered, expected = -1, -1.0
         if isinstance(drafter, CompositeDrafter):  # 0 and 0 when it was not asked
-            step = drafter._open
-            expected = drafter.expected[-1] if step is not None else 0.0
-            offered = max((len(path) for path, *_ in step.nodes
-                           if path == tuple(truth[: len(path)])), default=0) if step else 0
+            paths = drafter.open_candidates()
+            expected = drafter.expected[-1] if paths is not None else 0.0
+            offered = max((len(path) for path in paths or ()
+                           if path == tuple(truth[: len(path)])), default=0)
         drafter.accept([text[p]] + accepted, hidden[p : p + 1 + len(accepted)])
         seconds = float(cost(len(tree)))
         drafter.verified(len(tree), seconds)
@@ -221,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="",
                     help="DecodeConfig overrides for every run, e.g. 'num_drafts=4,draft_len=8'")
     ap.add_argument("--composite", default="",
-                    help="CompositeDrafter attributes set after building it, e.g. 'decay=0.8'")
+                    help="CompositeDrafter keyword arguments (JSON values, ';'-separated), "
+                         "e.g. 'tree_decay=0.95;score_bands=[0.7,0.9]'")
     ap.add_argument("--out", default="", help="JSON results (default runs/replay/<tag>.json)")
     args = ap.parse_args(argv)
 
@@ -263,11 +264,9 @@ def main(argv=None) -> int:
             config = DecodeConfig(max_new_tokens=args.max_new_tokens, drafter=DRAFTERS[method],
                                   budget=policy, **{**BUDGETS.get(budget, {}), **overrides})
             drafter = as_drafter(store, config, model, tokenizer)
-            if isinstance(drafter, CompositeDrafter):  # estimates of its own, as in decode.py
-                for k, v in attributes.items():
-                    setattr(drafter, k, np.asarray(v, np.float64) if isinstance(v, list) else v)
-                drafter.memory.clear()
-                drafter._reset(carry=1.0)
+            if isinstance(drafter, CompositeDrafter):  # estimates of its own (decode.py's cold)
+                drafter = CompositeDrafter(drafter.drafters, drafter.policy, memory={},
+                                           **attributes)
             if args.warmup == "on":
                 replay(drafter, warm_ids, *warm,
                        dataclasses.replace(config, max_new_tokens=WARMUP_TOKENS), vocab, cal.cost)
@@ -278,7 +277,7 @@ def main(argv=None) -> int:
                 records += replay(drafter, ids, ref, hidden, config, vocab, cal.cost)
                 ar_passes += len(ref) - 1
                 if isinstance(drafter, CompositeDrafter):
-                    drafter._settle(drafter._seq, final=True)
+                    drafter.settle()
                     for name, s in drafter.source_summary().items():
                         for k in ("tree_nodes", "accepted", "predicted", "calls", "seconds"):
                             sources[name][k] += s[k]

@@ -471,6 +471,16 @@ class CompositeDrafter(Drafter):
 
     # -- reporting -----------------------------------------------------------------------------
 
+    def open_candidates(self) -> list[tuple[int, ...]] | None:
+        """Paths below ``y`` of every candidate node of the step being verified (between
+        ``propose_tree`` and ``accept``), chosen or not; None when no step is open."""
+        return None if self._open is None else [n[0] for n in self._open.nodes]
+
+    def settle(self) -> None:
+        """Score the steps of the generation that just ended on what it produced (``begin``
+        does it for the previous generation; call it to read ``source_summary`` first)."""
+        self._settle(self._seq, final=True)
+
     def source_summary(self) -> dict[str, dict]:
         """Per source: calls, drafts, tree nodes, accepted tokens and pooled hit rate."""
         out = {}
