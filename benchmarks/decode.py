@@ -83,6 +83,8 @@ BUDGETS = {
     "10x10": dict(num_drafts=10, draft_len=10, max_tree_tokens=32),
 }
 CALIBRATED = "calibrated"
+ID_PROMPTS = 552  # stdlib signature prompts of the ID store: every one Python 3.11 yields
+HOWTO_PROMPTS = 256  # store-side howto requests the howto ID store answers
 FAMILY_NAMES = {"humaneval": "HumanEval", "howto": "howto"}
 COLD = "cold"  # a run whose composite keeps estimates of its own, untouched by the warm-up
 WARMUP_REQUEST = [{"role": "user", "content": "Say hi in one short sentence."}]
@@ -330,9 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--family", choices=("humaneval", "howto"), default="humaneval",
                     help="prompt family: HumanEval function stubs, or howto requests about the "
                          "standard library (benchmarks/prompts.py); each has its own ID store")
-    ap.add_argument("--howto-prompts", type=int, default=256,
+    ap.add_argument("--howto-prompts", type=int, default=HOWTO_PROMPTS,
                     help="howto requests (store-side modules) the howto ID store answers")
-    ap.add_argument("--id-prompts", type=int, default=552,
+    ap.add_argument("--id-prompts", type=int, default=ID_PROMPTS,
                     help="stdlib signature prompts the ID corpus is generated from, besides "
                          "HumanEval's held-out problems (552: every one Python 3.11's standard "
                          "library yields)")

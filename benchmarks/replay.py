@@ -48,6 +48,8 @@ from benchmarks.decode import (  # noqa: E402
     BUDGETS,
     CALIBRATED,
     DRAFTERS,
+    HOWTO_PROMPTS,
+    ID_PROMPTS,
     WARMUP_REQUEST,
     WARMUP_TOKENS,
     hf_generate,
@@ -205,6 +207,55 @@ def summarize(records: list[StepRecord], ar_passes: int, ar_cost: float) -> dict
     return out
 
 
+def replay_method(drafter, prompts: list[list[int]], prepare, config: DecodeConfig, vocab: int,
+                  cal, warm=None) -> dict:
+    """One method over every prompt: its summary, with per-source totals for a composite.
+    ``prepare(ids)`` gives (ids, greedy output, final states); it runs right before each
+    prompt's replay, as a model forward runs before each step's drafting in decoding (the
+    calibrated budget weighs the drafting time it measures, and a forward in between changes
+    it). ``warm``: the prepared warm-up request of WARMUP_TOKENS, replayed first, unscored."""
+    if warm is not None:
+        replay(drafter, *warm, dataclasses.replace(config, max_new_tokens=WARMUP_TOKENS), vocab,
+               cal.cost)
+    records, ar_passes, sources = [], 0, defaultdict(lambda: defaultdict(float))
+    for prompt in prompts:
+        ids, ref, hidden = prepare(prompt)
+        records += replay(drafter, ids, ref, hidden, config, vocab, cal.cost)
+        ar_passes += len(ref) - 1
+        if isinstance(drafter, CompositeDrafter):
+            drafter.settle()  # its per-generation counters restart at the next begin
+            for name, s in drafter.source_summary().items():
+                for k in ("tree_nodes", "accepted", "predicted", "calls", "seconds"):
+                    sources[name][k] += s[k]
+    summary = summarize(records, ar_passes, float(cal.cost(1)))
+    summary["sources"] = {k: dict(v) for k, v in sources.items()}
+    return summary
+
+
+def report(label: str, summary: dict) -> str:
+    """A few lines of a method's summary for the terminal."""
+    lines = []
+    if "by_estimate" in summary:
+        lines.append(f"  root-only steps {summary['steps_root_only']:.2f}, with the next token "
+                     f"offered {summary['root_only_offered']:.2f}, offered depth "
+                     f"{summary['root_only_offered_depth']:.2f}")
+        lines.append("  estimate bins (steps, estimated, accepted): " + "  ".join(
+            f"{k}: {n} {e:.2f}/{a:.2f}" for k, (n, e, a) in summary["by_estimate"].items()))
+    src = " ".join(f"{k}:{v['accepted']:.0f}/{v['tree_nodes']:.0f}"
+                   for k, v in summary["sources"].items())
+    lines.append(f"{label:34s} AL {summary['AL']:.3f} model-x {summary['modelled_speedup']:.3f}"
+                 f" tree {summary['mean_tree']:.1f} acc {summary['accepted_per_step']:.2f}"
+                 f" offered {summary.get('offered_per_step', float('nan')):.2f}"
+                 f" reach {summary['reachable_per_step']:.2f} draft "
+                 f"{summary['drafting_ms_per_step']:.1f} ms  {src}")
+    return "\n".join(lines)
+
+
+def pairs(spec: str, sep: str) -> list[tuple[str, str]]:
+    """'a=1<sep>b=2' as [(a, '1'), (b, '2')]."""
+    return [tuple(x.split("=", 1)) for x in spec.split(sep) if x]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
@@ -238,28 +289,25 @@ def main(argv=None) -> int:
     stores = {}
     for name in args.stores.split(","):
         build = {"index_kind": name.split("-", 1)[1]} if "-" in name else {}
-        path = howto_store(args.model, 256, **build) if howto else id_store(args.model, 552,
-                                                                           **build)
+        path = (howto_store(args.model, HOWTO_PROMPTS, **build) if howto
+                else id_store(args.model, ID_PROMPTS, **build))
         stores[name] = load_store(path, model, tokenizer)
     from dresd.budget import calibrated_budget
 
     cal = calibrated_budget(model, tokenizer).calibration
-    runs = [tuple(r.split(":")) for r in args.runs.split(",") if r]
-    overrides = {k: type(getattr(DecodeConfig(), k))(v)
-                 for k, v in (x.split("=") for x in args.set.split(",") if x)}
-    attributes = {k: json.loads(v) for k, v in (x.split("=") for x in args.composite.split(";")
-                                                 if x)}
+    overrides = {k: type(getattr(DecodeConfig(), k))(v) for k, v in pairs(args.set, ",")}
+    attributes = {k: json.loads(v) for k, v in pairs(args.composite, ";")}
 
-    def prepared(ids, max_new):
+    def prepared(ids, max_new=args.max_new_tokens):
+        """(ids, the greedy output (cached on disk), the final states of both)."""
         ref = greedy_reference(model, args.model, ids, max_new)
-        return ref, final_states(model, ids + ref)
+        return ids, ref, final_states(model, ids + ref)
 
-    warm_ids = encode_prompt(tokenizer, WARMUP_REQUEST)
-    warm = prepared(warm_ids, WARMUP_TOKENS)
+    warm = prepared(encode_prompt(tokenizer, WARMUP_REQUEST), WARMUP_TOKENS)
+    prompts = [encode_prompt(tokenizer, messages(texts[i])) for i in indices]
     results = {}
     for store_name, store in stores.items():
-        for method, budget in runs:
-            label = f"{method}/{store_name}/{budget}"
+        for method, budget in (tuple(r.split(":")) for r in args.runs.split(",") if r):
             policy = "calibrated" if budget == CALIBRATED else "fixed"
             config = DecodeConfig(max_new_tokens=args.max_new_tokens, drafter=DRAFTERS[method],
                                   budget=policy, **{**BUDGETS.get(budget, {}), **overrides})
@@ -267,38 +315,10 @@ def main(argv=None) -> int:
             if isinstance(drafter, CompositeDrafter):  # estimates of its own (decode.py's cold)
                 drafter = CompositeDrafter(drafter.drafters, drafter.policy, memory={},
                                            **attributes)
-            if args.warmup == "on":
-                replay(drafter, warm_ids, *warm,
-                       dataclasses.replace(config, max_new_tokens=WARMUP_TOKENS), vocab, cal.cost)
-            records, ar_passes, sources = [], 0, defaultdict(lambda: defaultdict(float))
-            for i in indices:
-                ids = encode_prompt(tokenizer, messages(texts[i]))
-                ref, hidden = prepared(ids, args.max_new_tokens)
-                records += replay(drafter, ids, ref, hidden, config, vocab, cal.cost)
-                ar_passes += len(ref) - 1
-                if isinstance(drafter, CompositeDrafter):
-                    drafter.settle()
-                    for name, s in drafter.source_summary().items():
-                        for k in ("tree_nodes", "accepted", "predicted", "calls", "seconds"):
-                            sources[name][k] += s[k]
-            ar_cost = float(cal.cost(1))
-            summary = summarize(records, ar_passes, ar_cost)
-            summary["sources"] = {k: dict(v) for k, v in sources.items()}
-            results[label] = summary
-            src = " ".join(f"{k}:{v['accepted']:.0f}/{v['tree_nodes']:.0f}"
-                           for k, v in summary["sources"].items())
-            if "by_estimate" in summary:
-                print(f"  root-only steps {summary['steps_root_only']:.2f}, with the next token "
-                      f"offered {summary['root_only_offered']:.2f}, offered depth "
-                      f"{summary['root_only_offered_depth']:.2f}")
-                print("  estimate bins (steps, estimated, accepted): " + "  ".join(
-                    f"{k}: {n} {e:.2f}/{a:.2f}" for k, (n, e, a) in
-                    summary["by_estimate"].items()))
-            print(f"{label:34s} AL {summary['AL']:.3f} model-x {summary['modelled_speedup']:.3f}"
-                  f" tree {summary['mean_tree']:.1f} acc {summary['accepted_per_step']:.2f}"
-                  f" offered {summary.get('offered_per_step', float('nan')):.2f}"
-                  f" reach {summary['reachable_per_step']:.2f} draft "
-                  f"{summary['drafting_ms_per_step']:.1f} ms  {src}", flush=True)
+            label = f"{method}/{store_name}/{budget}"
+            results[label] = replay_method(drafter, prompts, prepared, config, vocab, cal,
+                                           warm if args.warmup == "on" else None)
+            print(report(label, results[label]), flush=True)
     tag = f"{args.family}-{args.prompts}-{args.stores}".replace(",", "+")
     out = Path(args.out) if args.out else REPLAY / f"{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -172,14 +172,14 @@ class CompositeDrafter(Drafter):
             raise ValueError("prior_rate must be in (0, 1) and prior_strength > 0")
         if not 0 <= carry_over <= 1:
             raise ValueError(f"carry_over must be in [0, 1], got {carry_over}")
+        if not 0 < decay <= 1 or not 0 < tree_decay <= 1:
+            raise ValueError("decay and tree_decay must be in (0, 1]")
         self.carry_over = carry_over
         self.drafters = list(drafters)
         self.policy = policy or FixedBudget()
         self.prior_rate = prior_rate
         self.prior_strength = prior_strength
         self.decay = decay
-        if not 0 < decay <= 1 or not 0 < tree_decay <= 1:
-            raise ValueError("decay and tree_decay must be in (0, 1]")
         self.tree_decay = tree_decay
         self.mute_after = mute_after
         self.probe_every = max(1, probe_every)
