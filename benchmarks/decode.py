@@ -21,7 +21,9 @@ Methods:
   dresd.drafters.suffix); ``rest+pl``; ``hybrid`` (dense store + context + prompt lookup in one
   tree, the default); ``hybrid+rest`` and ``hybrid+suffix`` (the same plus REST or
   SuffixDecoding); composites also under the device-calibrated budget;
-- ``oracle``: drafts that are the model's own greedy continuation, the ceiling at a budget.
+- ``oracle``: drafts that are the model's own greedy continuation, the ceiling at a budget;
+- ``selection_oracle``: the default's candidates with the right one chosen knowing the answer
+  (benchmarks.oracle.SelectionOracle), the best any budget could do with the default's sources.
 
 Two stores: OOD (standard-library sources) and ID (the model's completions of HumanEval's
 held-out problems and of standard-library signature prompts; benchmarks/corpora.py). Each prompt
@@ -59,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.corpora import RUNS, howto_store, id_store, ood_store  # noqa: E402
-from benchmarks.oracle import OracleDrafter  # noqa: E402
+from benchmarks.oracle import OracleDrafter, SelectionOracle  # noqa: E402
 from benchmarks.prompts import (  # noqa: E402
     EVAL_PROMPTS,
     chat,
@@ -102,6 +104,7 @@ METHODS = {
     "ar": (False, [""]),
     "hf_prompt_lookup": (False, [""]),
     "oracle": (False, ALL),
+    "selection_oracle": (True, [CALIBRATED]),
     **{name: (spec.needs_store, ALL) for name, spec in REGISTERED.items()},
     "draftretriever": (True, ["4x8"]),
     "rest+pl": (True, ALL + [CALIBRATED]),
@@ -174,6 +177,12 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         vocab = model.get_output_embeddings().weight.shape[0]
         source = OracleDrafter(len(ids), reference, vocab)
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
+    elif run.method == "selection_oracle":
+        from dresd.decode import as_drafter
+
+        config = DecodeConfig(max_new_tokens=max_new_tokens, drafter=DRAFTERS["hybrid"],
+                              budget="calibrated", **budget)
+        source = SelectionOracle(as_drafter(store, config, model, tokenizer), len(ids), reference)
     elif run.method == "draftretriever":  # the PyPI package, not one of dresd's own sources
         from benchmarks.draftretriever import DraftRetrieverDrafter
 

@@ -31,3 +31,55 @@ class OracleDrafter(Drafter):
             wrong = (truth[0] + j) % self.vocab_size  # differs from the truth at depth 1
             drafts.append(Draft((wrong,) + truth[1:], 0.0, self.name))
         return drafts
+
+
+class SelectionOracle(Drafter):
+    """The default's own candidates, chosen with the answer known: each step the composite
+    proposes as usual (its sources, its candidate trie, its estimates, which go on learning),
+    and the tree verified is only the deepest candidate path the model's greedy continuation
+    follows (the root alone when no candidate has its next token).
+
+    No selection policy or budget can do better with these candidates, so this splits the
+    distance to the ceiling: from the oracle to this is drafting loss (no source had the
+    tokens), from the composite to this is selection loss (a source had them, the tree did not
+    take them, or took them at a cost)."""
+
+    name = "selection_oracle"
+
+    def __init__(self, composite, prompt_len: int, reference: Sequence[int]):
+        self.composite = composite
+        self.prompt_len = prompt_len
+        self.reference = list(reference)
+
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        self.composite.begin(prompt_tokens, prompt_hidden)
+
+    def _truth(self, request: DraftRequest) -> tuple[int, ...]:
+        i = len(request.tokens) - self.prompt_len  # as OracleDrafter
+        return tuple(self.reference[i : i + request.draft_len])
+
+    def propose(self, request: DraftRequest) -> list[Draft]:
+        path = self._right_path(request)
+        return [Draft(path, 1.0, self.name)] if path else []
+
+    def propose_tree(self, request: DraftRequest, budget, vocab_size: int | None = None):
+        from dresd.tree import DraftTree
+
+        path = self._right_path(request, budget, vocab_size)
+        return DraftTree.from_paths(request.tokens[-1], [(path, self.name)] if path else [],
+                                    budget, vocab_size)
+
+    def _right_path(self, request: DraftRequest, budget=None, vocab_size=None) -> tuple:
+        if budget is None:
+            self.composite.propose(request)
+        else:
+            self.composite.propose_tree(request, budget, vocab_size)
+        truth = self._truth(request)
+        paths = self.composite.open_candidates() or ()
+        return max((p for p in paths if p == truth[: len(p)]), key=len, default=())
+
+    def accept(self, tokens, hidden) -> None:
+        self.composite.accept(tokens, hidden)
+
+    def verified(self, tree_tokens: int, seconds: float) -> None:
+        self.composite.verified(tree_tokens, seconds)

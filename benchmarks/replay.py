@@ -54,6 +54,7 @@ from benchmarks.decode import (  # noqa: E402
     WARMUP_TOKENS,
     hf_generate,
 )
+from benchmarks.oracle import SelectionOracle  # noqa: E402
 from benchmarks.prompts import (  # noqa: E402
     EVAL_PROMPTS,
     chat,
@@ -208,19 +209,21 @@ def summarize(records: list[StepRecord], ar_passes: int, ar_cost: float) -> dict
 
 
 def replay_method(drafter, prompts: list[list[int]], prepare, config: DecodeConfig, vocab: int,
-                  cal, warm=None) -> dict:
+                  cal, warm=None, select_right: bool = False) -> dict:
     """One method over every prompt: its summary, with per-source totals for a composite.
     ``prepare(ids)`` gives (ids, greedy output, final states); it runs right before each
     prompt's replay, as a model forward runs before each step's drafting in decoding (the
     calibrated budget weighs the drafting time it measures, and a forward in between changes
-    it). ``warm``: the prepared warm-up request of WARMUP_TOKENS, replayed first, unscored."""
+    it). ``warm``: the prepared warm-up request of WARMUP_TOKENS, replayed first, unscored.
+    ``select_right``: a composite's trees are cut to the right candidate path (SelectionOracle)."""
     if warm is not None:
         replay(drafter, *warm, dataclasses.replace(config, max_new_tokens=WARMUP_TOKENS), vocab,
                cal.cost)
     records, ar_passes, sources = [], 0, defaultdict(lambda: defaultdict(float))
     for prompt in prompts:
         ids, ref, hidden = prepare(prompt)
-        records += replay(drafter, ids, ref, hidden, config, vocab, cal.cost)
+        chooser = SelectionOracle(drafter, len(ids), ref) if select_right else drafter
+        records += replay(chooser, ids, ref, hidden, config, vocab, cal.cost)
         ar_passes += len(ref) - 1
         if isinstance(drafter, CompositeDrafter):
             drafter.settle()  # its per-generation counters restart at the next begin
@@ -274,6 +277,15 @@ def main(argv=None) -> int:
     ap.add_argument("--composite", default="",
                     help="CompositeDrafter keyword arguments (JSON values, ';'-separated), "
                          "e.g. 'tree_decay=0.95;score_bands=[0.7,0.9]'")
+    ap.add_argument("--drafting-ms", type=float, default=None,
+                    help="the drafting time per step a composite's budget weighs, fixed instead "
+                         "of measured, so repeated runs choose the same trees (the measured one "
+                         "moves the modelled speedup by ~1%%); the speedup still counts the "
+                         "measured time")
+    ap.add_argument("--select-right", action="store_true",
+                    help="cut each composite's tree to the deepest candidate path the output "
+                         "follows (benchmarks.oracle.SelectionOracle): the best any budget could "
+                         "do with its sources' candidates; labels end in /right")
     ap.add_argument("--out", default="", help="JSON results (default runs/replay/<tag>.json)")
     args = ap.parse_args(argv)
 
@@ -297,6 +309,8 @@ def main(argv=None) -> int:
     cal = calibrated_budget(model, tokenizer).calibration
     overrides = {k: type(getattr(DecodeConfig(), k))(v) for k, v in pairs(args.set, ",")}
     attributes = {k: json.loads(v) for k, v in pairs(args.composite, ";")}
+    if args.drafting_ms is not None:
+        attributes.setdefault("drafting_s", args.drafting_ms / 1e3)
 
     def prepared(ids, max_new=args.max_new_tokens):
         """(ids, the greedy output (cached on disk), the final states of both)."""
@@ -315,9 +329,10 @@ def main(argv=None) -> int:
             if isinstance(drafter, CompositeDrafter):  # estimates of its own (decode.py's cold)
                 drafter = CompositeDrafter(drafter.drafters, drafter.policy, memory={},
                                            **attributes)
-            label = f"{method}/{store_name}/{budget}"
+            right = args.select_right and isinstance(drafter, CompositeDrafter)
+            label = f"{method}/{store_name}/{budget}" + ("/right" if right else "")
             results[label] = replay_method(drafter, prompts, prepared, config, vocab, cal,
-                                           warm if args.warmup == "on" else None)
+                                           warm if args.warmup == "on" else None, right)
             print(report(label, results[label]), flush=True)
     tag = f"{args.family}-{args.prompts}-{args.stores}".replace(",", "+")
     out = Path(args.out) if args.out else REPLAY / f"{tag}.json"

@@ -4,8 +4,9 @@ import pytest
 from tiny_models import greedy_reference, make_tiny_model
 
 from benchmarks import replay
-from benchmarks.oracle import OracleDrafter
-from dresd.budget import FixedBudget
+from benchmarks.oracle import OracleDrafter, SelectionOracle
+from dresd.budget import CalibratedBudget, FixedBudget
+from dresd.calibrate import Calibration
 from dresd.decode import DecodeConfig, generate
 from dresd.drafters.composite import CompositeDrafter
 from dresd.drafters.prompt_lookup import PromptLookupDrafter
@@ -53,6 +54,56 @@ def test_oracle_replay_accepts_every_reachable_token():
     summary = replay.summarize(records, ar_passes=len(ref) - 1, ar_cost=1.0)
     assert summary["AL"] == pytest.approx((len(ref) - 1) / len(records))
     assert summary["modelled_speedup"] > 1  # fewer passes than tokens, at one pass's cost
+
+
+def test_selection_oracle_verifies_only_the_right_candidate_path():
+    """Every node it verifies is accepted, it accepts at least as much as the composite whose
+    candidates it chooses from, and the output stays the model's own."""
+    model, tok = make_tiny_model("llama")
+    ids = tok(PROMPT)["input_ids"]
+    ref = greedy_reference(model, ids, CONFIG.max_new_tokens)
+
+    def composite():
+        return CompositeDrafter([PromptLookupDrafter()], FixedBudget(16))
+
+    chosen = generate(model, tok, SelectionOracle(composite(), len(ids), ref), ids, CONFIG)
+    assert chosen.tokens == ref
+    st = chosen.stats
+    assert st.accepted_tokens > 0
+    assert st.tree_tokens == st.steps + st.accepted_tokens  # root + accepted path, no waste
+    plain = generate(model, tok, composite(), ids, CONFIG)
+    assert plain.tokens == ref
+    assert plain.stats.tree_tokens > plain.stats.steps + plain.stats.accepted_tokens  # it wastes
+    assert st.accepted_length >= plain.stats.accepted_length
+
+
+# A CPU-like curve: a bigger tree costs more, never less
+CPU_CURVE = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64),
+                        (0.062, 0.104, 0.134, 0.159, 0.229))
+
+
+def test_a_fixed_drafting_time_makes_calibrated_replays_repeatable():
+    """The calibrated budget weighs the drafting time against the verify cost: fixed, the same
+    replay chooses the same trees; a larger one buys bigger trees (a node costs relatively
+    less); and a negative one is refused."""
+    model, tok = make_tiny_model("llama")
+    ids = tok(PROMPT)["input_ids"]
+    ref = greedy_reference(model, ids, CONFIG.max_new_tokens)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    hidden = replay.final_states(model, ids + ref)
+    config = DecodeConfig(max_new_tokens=48, budget="calibrated", num_drafts=4, draft_len=6)
+
+    def trees(drafting_s):
+        drafter = CompositeDrafter([PromptLookupDrafter()], CalibratedBudget(CPU_CURVE, 16),
+                                   drafting_s=drafting_s)
+        records = replay.replay(drafter, ids, ref, hidden, config, vocab, CPU_CURVE.cost)
+        return [r.tree for r in records]
+
+    quick = trees(0.0)
+    assert quick == trees(0.0)
+    assert sum(trees(1.0)) > sum(quick)
+    with pytest.raises(ValueError, match="drafting_s"):
+        CompositeDrafter([PromptLookupDrafter()], drafting_s=-0.001)
 
 
 def test_prompt_ranges():

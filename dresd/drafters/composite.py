@@ -146,6 +146,7 @@ class CompositeDrafter(Drafter):
         reliability_bins: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9),
         carry_over: float = 0.5,
         tree_decay: float = 0.98,
+        drafting_s: float | None = None,
     ):
         """``drafters``: the sources; ``policy``: the tree budget (FixedBudget() by default);
         ``prior_rate`` / ``prior_strength``: the Beta prior of a source's hit rate per depth;
@@ -165,7 +166,9 @@ class CompositeDrafter(Drafter):
         ``tree_decay``: the weight of ``g(d)``'s and the reliability map's counts at each new
         scored step. They pool every candidate node of a step over all sources, so they follow
         the kind of text more than any one source's run of luck, and a map of nine bins fed
-        ~10 steps (``decay``) had neighbouring bins' ratios swing between 0.2 and 2.3."""
+        ~10 steps (``decay``) had neighbouring bins' ratios swing between 0.2 and 2.3;
+        ``drafting_s``: the drafting time per step the budget weighs against the verify cost;
+        None (default) measures it, a fixed value makes the tree choices repeatable (replays)."""
         if not drafters:
             raise ValueError("a composite needs at least one drafter")
         if not 0 < prior_rate < 1 or prior_strength <= 0:
@@ -174,6 +177,9 @@ class CompositeDrafter(Drafter):
             raise ValueError(f"carry_over must be in [0, 1], got {carry_over}")
         if not 0 < decay <= 1 or not 0 < tree_decay <= 1:
             raise ValueError("decay and tree_decay must be in (0, 1]")
+        if drafting_s is not None and not drafting_s >= 0:
+            raise ValueError(f"drafting_s must be None or >= 0, got {drafting_s}")
+        self.drafting_s = drafting_s
         self.carry_over = carry_over
         self.drafters = list(drafters)
         self.policy = policy or FixedBudget()
@@ -217,7 +223,7 @@ class CompositeDrafter(Drafter):
         self.steps = 0
         self.tree_sizes: list[int] = []  # nodes below the root of each step's tree
         self.expected: list[float] = []  # each step's estimated accepted tokens
-        self._overhead_s = 0.0
+        self._overhead_s = self.drafting_s or 0.0
 
     # -- the drafter protocol ------------------------------------------------------------------
 
@@ -279,7 +285,7 @@ class CompositeDrafter(Drafter):
         out = self._plan(proposals, request, step)
         self._pending.append(step)
         self._open = step
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0 if self.drafting_s is None else self.drafting_s
         self._overhead_s = dt if self.steps == 1 else 0.8 * self._overhead_s + 0.2 * dt
         return out
 
