@@ -269,7 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="hybrid:calibrated,rest+pl:calibrated",
                     help="method:budget pairs; methods and budgets of benchmarks/decode.py")
     ap.add_argument("--stores", default="id",
-                    help="'id' and/or 'id-ivf_flat' (the same store with float keys)")
+                    help="'id' and/or 'id-ivf_flat' (the same store with float keys), or store "
+                         "directories (a name with a '/')")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--warmup", choices=("on", "off"), default="on")
     ap.add_argument("--set", default="",
@@ -301,8 +302,11 @@ def main(argv=None) -> int:
     stores = {}
     for name in args.stores.split(","):
         build = {"index_kind": name.split("-", 1)[1]} if "-" in name else {}
-        path = (howto_store(args.model, HOWTO_PROMPTS, **build) if howto
-                else id_store(args.model, ID_PROMPTS, **build))
+        if "/" in name:  # a store directory of one's own (e.g. built from part of a corpus)
+            path = Path(name)
+        else:
+            path = (howto_store(args.model, HOWTO_PROMPTS, **build) if howto
+                    else id_store(args.model, ID_PROMPTS, **build))
         stores[name] = load_store(path, model, tokenizer)
     from dresd.budget import calibrated_budget
 
