@@ -160,7 +160,9 @@ def hf_generate(model, ids: list[int], max_new_tokens: int, **kw) -> tuple[list[
     return out[0, len(ids):].tolist(), time.perf_counter() - t
 
 
-_COLD_MEMORIES: dict[Run, dict] = {}
+# estimates of the composites that must not share the default's memory (generate keeps one per
+# model, store and configuration): the cold runs and the selection oracle's
+_OWN_MEMORIES: dict[Run, dict] = {}
 
 
 def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference: list[int],
@@ -179,10 +181,14 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
     elif run.method == "selection_oracle":
         from dresd.decode import as_drafter
+        from dresd.drafters.composite import CompositeDrafter
 
         config = DecodeConfig(max_new_tokens=max_new_tokens, drafter=DRAFTERS["hybrid"],
                               budget="calibrated", **budget)
-        source = SelectionOracle(as_drafter(store, config, model, tokenizer), len(ids), reference)
+        default = as_drafter(store, config, model, tokenizer)
+        own = CompositeDrafter(default.drafters, default.policy,
+                               memory=_OWN_MEMORIES.setdefault(run, {}))
+        source = SelectionOracle(own, len(ids), reference)
     elif run.method == "draftretriever":  # the PyPI package, not one of dresd's own sources
         from benchmarks.draftretriever import DraftRetrieverDrafter
 
@@ -199,7 +205,7 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
 
             default = as_drafter(store, config, model, tokenizer)
             source = CompositeDrafter(default.drafters, default.policy,
-                                      memory=_COLD_MEMORIES.setdefault(run, {}))
+                                      memory=_OWN_MEMORIES.setdefault(run, {}))
     lengths: list[int] = []
     result = generate(model, tokenizer, source, ids, config,
                       on_token=lambda new, text: lengths.append(len(new)))

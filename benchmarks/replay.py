@@ -132,9 +132,10 @@ def replay(drafter, ids: list[int], out: list[int], hidden: torch.Tensor, config
                 break
             accepted.append(tok)
         offered, expected = -1, -1.0
-        if isinstance(drafter, CompositeDrafter):  # 0 and 0 when it was not asked
-            paths = drafter.open_candidates()
-            expected = drafter.expected[-1] if paths is not None else 0.0
+        composite = getattr(drafter, "composite", drafter)  # a SelectionOracle's own composite
+        if isinstance(composite, CompositeDrafter):  # 0 and 0 when it was not asked
+            paths = composite.open_candidates()
+            expected = composite.expected[-1] if paths is not None else 0.0
             offered = max((len(path) for path in paths or ()
                            if path == tuple(truth[: len(path)])), default=0)
         drafter.accept([text[p]] + accepted, hidden[p : p + 1 + len(accepted)])
@@ -216,14 +217,16 @@ def replay_method(drafter, prompts: list[list[int]], prepare, config: DecodeConf
     calibrated budget weighs the drafting time it measures, and a forward in between changes
     it). ``warm``: the prepared warm-up request of WARMUP_TOKENS, replayed first, unscored.
     ``select_right``: a composite's trees are cut to the right candidate path (SelectionOracle)."""
+    def chooser(ids, ref):
+        return SelectionOracle(drafter, len(ids), ref) if select_right else drafter
+
     if warm is not None:
-        replay(drafter, *warm, dataclasses.replace(config, max_new_tokens=WARMUP_TOKENS), vocab,
-               cal.cost)
+        replay(chooser(*warm[:2]), *warm,
+               dataclasses.replace(config, max_new_tokens=WARMUP_TOKENS), vocab, cal.cost)
     records, ar_passes, sources = [], 0, defaultdict(lambda: defaultdict(float))
     for prompt in prompts:
         ids, ref, hidden = prepare(prompt)
-        chooser = SelectionOracle(drafter, len(ids), ref) if select_right else drafter
-        records += replay(chooser, ids, ref, hidden, config, vocab, cal.cost)
+        records += replay(chooser(ids, ref), ids, ref, hidden, config, vocab, cal.cost)
         ar_passes += len(ref) - 1
         if isinstance(drafter, CompositeDrafter):
             drafter.settle()  # its per-generation counters restart at the next begin
@@ -338,7 +341,7 @@ def main(argv=None) -> int:
             results[label] = replay_method(drafter, prompts, prepared, config, vocab, cal,
                                            warm if args.warmup == "on" else None, right)
             print(report(label, results[label]), flush=True)
-    tag = f"{args.family}-{args.prompts}-{args.stores}".replace(",", "+")
+    tag = f"{args.family}-{args.prompts}-{args.stores}".replace(",", "+").replace("/", "_")
     out = Path(args.out) if args.out else REPLAY / f"{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(dict(args=vars(args), results=results), indent=1))

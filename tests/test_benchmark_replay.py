@@ -1,6 +1,7 @@
 """The acceptance replay drives a drafter through the same steps as the decoder."""
 
 import pytest
+import torch
 from tiny_models import greedy_reference, make_tiny_model
 
 from benchmarks import replay
@@ -8,6 +9,7 @@ from benchmarks.oracle import OracleDrafter, SelectionOracle
 from dresd.budget import CalibratedBudget, FixedBudget
 from dresd.calibrate import Calibration
 from dresd.decode import DecodeConfig, generate
+from dresd.drafters.base import DraftRequest
 from dresd.drafters.composite import CompositeDrafter
 from dresd.drafters.prompt_lookup import PromptLookupDrafter
 
@@ -77,6 +79,23 @@ def test_selection_oracle_verifies_only_the_right_candidate_path():
     assert st.accepted_length >= plain.stats.accepted_length
 
 
+def test_replay_with_the_right_candidate_chosen():
+    """Replayed through a SelectionOracle, a composite's steps accept every verified node and
+    exactly what its candidates offered, and the summary keeps the composite's figures."""
+    model, tok = make_tiny_model("llama")
+    ids = tok(PROMPT)["input_ids"]
+    ref = greedy_reference(model, ids, CONFIG.max_new_tokens)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    hidden = replay.final_states(model, ids + ref)
+    composite = CompositeDrafter([PromptLookupDrafter()], FixedBudget(16))
+    records = replay.replay(SelectionOracle(composite, len(ids), ref), ids, ref, hidden, CONFIG,
+                            vocab, cost=lambda n: 0.01 * n)
+    assert sum(r.accepted for r in records) > 0
+    assert all(r.tree == r.accepted == r.offered for r in records)
+    assert all(r.expected >= 0 for r in records)
+    assert "offered_per_step" in replay.summarize(records, len(ref) - 1, 0.01)
+
+
 # A CPU-like curve: a bigger tree costs more, never less
 CPU_CURVE = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64),
                         (0.062, 0.104, 0.134, 0.159, 0.229))
@@ -99,11 +118,22 @@ def test_a_fixed_drafting_time_makes_calibrated_replays_repeatable():
         records = replay.replay(drafter, ids, ref, hidden, config, vocab, CPU_CURVE.cost)
         return [r.tree for r in records]
 
-    quick = trees(0.0)
-    assert quick == trees(0.0)
-    assert sum(trees(1.0)) > sum(quick)
-    with pytest.raises(ValueError, match="drafting_s"):
-        CompositeDrafter([PromptLookupDrafter()], drafting_s=-0.001)
+    quick, slow = trees(0.0), trees(1.0)
+    assert sum(slow) > sum(quick)
+    assert slow == trees(1.0)
+
+    def first_tree(drafting_s):  # the fixed time counts from the very first step
+        drafter = CompositeDrafter([PromptLookupDrafter()], CalibratedBudget(CPU_CURVE, 16),
+                                   drafting_s=drafting_s)
+        prompt = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2]
+        drafter.begin(prompt, torch.zeros(len(prompt), 8))
+        request = DraftRequest(prompt + [3], torch.zeros(8), num_drafts=4, draft_len=6)
+        return len(drafter.propose_tree(request, config.tree_budget, vocab))
+
+    assert first_tree(1.0) > first_tree(0.0) > 1
+    for bad in (-0.001, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="drafting_s"):
+            CompositeDrafter([PromptLookupDrafter()], drafting_s=bad)
 
 
 def test_prompt_ranges():

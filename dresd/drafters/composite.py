@@ -177,8 +177,8 @@ class CompositeDrafter(Drafter):
             raise ValueError(f"carry_over must be in [0, 1], got {carry_over}")
         if not 0 < decay <= 1 or not 0 < tree_decay <= 1:
             raise ValueError("decay and tree_decay must be in (0, 1]")
-        if drafting_s is not None and not drafting_s >= 0:
-            raise ValueError(f"drafting_s must be None or >= 0, got {drafting_s}")
+        if drafting_s is not None and not 0 <= drafting_s < float("inf"):
+            raise ValueError(f"drafting_s must be None or a finite number >= 0, got {drafting_s}")
         self.drafting_s = drafting_s
         self.carry_over = carry_over
         self.drafters = list(drafters)
