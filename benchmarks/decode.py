@@ -179,16 +179,6 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         vocab = model.get_output_embeddings().weight.shape[0]
         source = OracleDrafter(len(ids), reference, vocab)
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
-    elif run.method == "selection_oracle":
-        from dresd.decode import as_drafter
-        from dresd.drafters.composite import CompositeDrafter
-
-        config = DecodeConfig(max_new_tokens=max_new_tokens, drafter=DRAFTERS["hybrid"],
-                              budget="calibrated", **budget)
-        default = as_drafter(store, config, model, tokenizer)
-        own = CompositeDrafter(default.drafters, default.policy,
-                               memory=_OWN_MEMORIES.setdefault(run, {}))
-        source = SelectionOracle(own, len(ids), reference)
     elif run.method == "draftretriever":  # the PyPI package, not one of dresd's own sources
         from benchmarks.draftretriever import DraftRetrieverDrafter
 
@@ -196,16 +186,19 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         config = DecodeConfig(max_new_tokens=max_new_tokens, **budget)
     else:
         policy = "calibrated" if run.budget.startswith(CALIBRATED) else "fixed"
-        config = DecodeConfig(max_new_tokens=max_new_tokens, drafter=DRAFTERS[run.method],
-                              budget=policy, **budget)
+        choose = run.method == "selection_oracle"  # the default's candidates, chosen by it
+        config = DecodeConfig(max_new_tokens=max_new_tokens, budget=policy, **budget,
+                              drafter=DRAFTERS["hybrid" if choose else run.method])
         source = store  # None for the store-free sources
-        if run.cold:  # the same composite, with estimates of its own
+        if run.cold or choose:  # the same composite, with estimates of its own
             from dresd.decode import as_drafter
             from dresd.drafters.composite import CompositeDrafter
 
             default = as_drafter(store, config, model, tokenizer)
             source = CompositeDrafter(default.drafters, default.policy,
                                       memory=_OWN_MEMORIES.setdefault(run, {}))
+        if choose:
+            source = SelectionOracle(source, len(ids), reference)
     lengths: list[int] = []
     result = generate(model, tokenizer, source, ids, config,
                       on_token=lambda new, text: lengths.append(len(new)))

@@ -1,8 +1,10 @@
-"""The ceiling: a drafter whose first draft is always the model's own greedy continuation.
+"""Drafters that know the answer: the model's own greedy output for the prompt.
 
-Every draft token of that draft is accepted, so decoding with it shows the best speedup any
-drafter could reach at the same budget. The other drafts fill the tree with branches that diverge
-at their first token, so each verify pass costs what a full tree of that budget costs.
+``OracleDrafter`` is the ceiling: its first draft is always that continuation, so every draft
+token of it is accepted and decoding with it shows the best speedup any drafter could reach at
+the same budget. The other drafts fill the tree with branches that diverge at their first token,
+so each verify pass costs what a full tree of that budget costs. ``SelectionOracle`` knows the
+answer only for choosing among the default composite's own candidates.
 """
 
 from __future__ import annotations
@@ -10,6 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dresd.drafters.base import Draft, Drafter, DraftRequest
+
+
+def continuation(reference: Sequence[int], prompt_len: int, request: DraftRequest) -> tuple:
+    """The next ``request.draft_len`` tokens of the greedy output after ``y``: request.tokens
+    ends with y, the token at generated index len - prompt_len - 1."""
+    i = len(request.tokens) - prompt_len
+    return tuple(reference[i : i + request.draft_len])
 
 
 class OracleDrafter(Drafter):
@@ -21,9 +30,7 @@ class OracleDrafter(Drafter):
         self.vocab_size = vocab_size
 
     def propose(self, request: DraftRequest) -> list[Draft]:
-        # request.tokens ends with y, the token at generated index i = len - prompt_len - 1
-        i = len(request.tokens) - self.prompt_len
-        truth = tuple(self.reference[i : i + request.draft_len])
+        truth = continuation(self.reference, self.prompt_len, request)
         if not truth:
             return []
         drafts = [Draft(truth, 1.0, self.name)]
@@ -54,27 +61,22 @@ class SelectionOracle(Drafter):
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.composite.begin(prompt_tokens, prompt_hidden)
 
-    def _truth(self, request: DraftRequest) -> tuple[int, ...]:
-        i = len(request.tokens) - self.prompt_len  # as OracleDrafter
-        return tuple(self.reference[i : i + request.draft_len])
-
     def propose(self, request: DraftRequest) -> list[Draft]:
+        self.composite.propose(request)
         path = self._right_path(request)
         return [Draft(path, 1.0, self.name)] if path else []
 
     def propose_tree(self, request: DraftRequest, budget, vocab_size: int | None = None):
         from dresd.tree import DraftTree
 
-        path = self._right_path(request, budget, vocab_size)
+        self.composite.propose_tree(request, budget, vocab_size)
+        path = self._right_path(request)
         return DraftTree.from_paths(request.tokens[-1], [(path, self.name)] if path else [],
                                     budget, vocab_size)
 
-    def _right_path(self, request: DraftRequest, budget=None, vocab_size=None) -> tuple:
-        if budget is None:
-            self.composite.propose(request)
-        else:
-            self.composite.propose_tree(request, budget, vocab_size)
-        truth = self._truth(request)
+    def _right_path(self, request: DraftRequest) -> tuple:
+        """The deepest of the open step's candidate paths the greedy output follows."""
+        truth = continuation(self.reference, self.prompt_len, request)
         paths = self.composite.open_candidates() or ()
         return max((p for p in paths if p == truth[: len(p)]), key=len, default=())
 
