@@ -24,6 +24,8 @@ Methods:
 - ``oracle``: drafts that are the model's own greedy continuation, the ceiling at a budget;
 - ``selection_oracle``: the default's candidates with the right one chosen knowing the answer
   (benchmarks.oracle.SelectionOracle), the best any budget could do with the default's sources.
+- ``hybrid_hand``: the default with its node model switched off (``CompositeDrafter(node_model=
+  False)``: hand-built estimates only), to measure what the model adds in the same run.
 
 Two stores: OOD (standard-library sources) and ID (the model's completions of HumanEval's
 held-out problems and of standard-library signature prompts; benchmarks/corpora.py). Each prompt
@@ -111,6 +113,7 @@ METHODS = {
     "hybrid": (True, ["4x8", "10x10", CALIBRATED]),
     "hybrid+rest": (True, [CALIBRATED]),
     "hybrid+suffix": (True, [CALIBRATED]),
+    "hybrid_hand": (True, [CALIBRATED]),  # the default with hand-built estimates only
 }
 METHODS["prompt_lookup"] = (False, ALL + [CALIBRATED])  # against the composites' calibrated
 
@@ -187,16 +190,18 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
     else:
         policy = "calibrated" if run.budget.startswith(CALIBRATED) else "fixed"
         choose = run.method == "selection_oracle"  # the default's candidates, chosen by it
+        hand = run.method == "hybrid_hand"  # the default without its node model
         config = DecodeConfig(max_new_tokens=max_new_tokens, budget=policy, **budget,
-                              drafter=DRAFTERS["hybrid" if choose else run.method])
+                              drafter=DRAFTERS["hybrid" if choose or hand else run.method])
         source = store  # None for the store-free sources
-        if run.cold or choose:  # the same composite, with estimates of its own
+        if run.cold or choose or hand:  # the same composite, with estimates of its own
             from dresd.decode import as_drafter
             from dresd.drafters.composite import CompositeDrafter
 
             default = as_drafter(store, config, model, tokenizer)
             source = CompositeDrafter(default.drafters, default.policy,
-                                      memory=_OWN_MEMORIES.setdefault(run, {}))
+                                      memory=_OWN_MEMORIES.setdefault(run, {}),
+                                      node_model=not hand)
         if choose:
             source = SelectionOracle(source, len(ids), reference)
     lengths: list[int] = []

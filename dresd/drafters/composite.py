@@ -26,8 +26,13 @@ two pool every source's nodes; ``tree_decay``), and then by a reliability map: c
 are filed by that estimate into bins (``reliability_bins``), and each bin's estimate is scaled
 by how many of its nodes were right per one it expected. ``g(d)`` gets each depth's total right
 but not its split among branches (high estimates stay too high, low ones too low); the map
-corrects the split. So what the policy maximises is calibrated against what was actually
-accepted. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
+corrects the split. Once enough candidate nodes have been scored, an online logistic model
+(dresd.drafters.node_model) takes over the final estimate: it reads, per node, everything above
+(each source's share, hit rate, its drafts' best score and number, the siblings, the hand-built
+estimate) and is fitted to the shadow scores of nodes whose parent was right, so a node's estimate
+is the product of the model's conditionals along its path. A source being probed after a run of
+misses keeps its hand-built estimate (the model's window remembers it from when it was right).
+So what the policy maximises is calibrated against what was actually accepted. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
 this device, so the budget is split by acceptance: a source that stops being right stops getting
 nodes. A source that misses ``mute_after`` steps in a row is asked only every ``probe_every``
 steps, so it stops costing retrieval time too.
@@ -58,6 +63,7 @@ drafts is that tree node for node.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,6 +72,7 @@ import numpy as np
 
 from dresd.budget import BudgetPolicy, FixedBudget, select_nodes
 from dresd.drafters.base import Draft, Drafter, DraftRequest
+from dresd.drafters.node_model import NodeAcceptanceModel
 from dresd.tree import DraftTree
 
 
@@ -78,6 +85,7 @@ class _PendingStep:
     bands: list[int | None]  # per source: the score band of its best draft
     nodes: list[tuple[tuple[int, ...], float, float, int]] = field(default_factory=list)
     # ^ every candidate node: path below y, raw estimate, depth-calibrated estimate, its bin
+    features: np.ndarray | None = None  # per candidate node (same order): the node model's
     draft_len: int = 0  # the longest guess: the step is decided this many tokens after y
     accepted: int | None = None  # draft tokens the verified tree accepted
 
@@ -147,6 +155,7 @@ class CompositeDrafter(Drafter):
         carry_over: float = 0.5,
         tree_decay: float = 0.98,
         drafting_s: float | None = None,
+        node_model: bool = True,
     ):
         """``drafters``: the sources; ``policy``: the tree budget (FixedBudget() by default);
         ``prior_rate`` / ``prior_strength``: the Beta prior of a source's hit rate per depth;
@@ -168,7 +177,9 @@ class CompositeDrafter(Drafter):
         the kind of text more than any one source's run of luck, and a map of nine bins fed
         ~10 steps (``decay``) had neighbouring bins' ratios swing between 0.2 and 2.3;
         ``drafting_s``: the drafting time per step the budget weighs against the verify cost;
-        None (default) measures it, a fixed value makes the tree choices repeatable (replays)."""
+        None (default) measures it, a fixed value makes the tree choices repeatable (replays);
+        ``node_model``: estimate nodes with the online logistic model once it is fitted
+        (dresd.drafters.node_model); False keeps the hand-built estimate alone."""
         if not drafters:
             raise ValueError("a composite needs at least one drafter")
         if not 0 < prior_rate < 1 or prior_strength <= 0:
@@ -180,6 +191,7 @@ class CompositeDrafter(Drafter):
         if drafting_s is not None and not 0 <= drafting_s < float("inf"):
             raise ValueError(f"drafting_s must be None or a finite number >= 0, got {drafting_s}")
         self.drafting_s = drafting_s
+        self.use_node_model = node_model
         self.carry_over = carry_over
         self.drafters = list(drafters)
         self.policy = policy or FixedBudget()
@@ -208,9 +220,13 @@ class CompositeDrafter(Drafter):
         if carried is not None and [st.name for st in carried] == self.names:
             self.stats = [st.carried_over(carry) for st in carried]
             self.depth_fit = self.memory["depth_fit"].carried_over(carry)
+            # the node model keeps its examples whole: they are already a recency window
+            self.node_model = self.memory["node_model"]
         else:
             self.stats = [SourceStats(n) for n in self.names]
             self.depth_fit = SourceStats("tree")  # per depth: accepted vs estimated, decayed
+            self.node_model = NodeAcceptanceModel(self.num_features)
+        self.memory["node_model"] = self.node_model
         self.memory["stats"], self.memory["depth_fit"] = self.stats, self.depth_fit
         # per bin of a node's depth-calibrated estimate: accepted nodes and their estimates
         nbins = len(self.reliability_bins) + 1
@@ -291,9 +307,12 @@ class CompositeDrafter(Drafter):
 
     # -- estimates -----------------------------------------------------------------------------
 
+    def _muting(self, st: SourceStats) -> bool:
+        """The source missed ``mute_after`` steps in a row: it is only probed."""
+        return self.mute_after > 0 and st.misses_in_a_row >= self.mute_after
+
     def _muted(self, st: SourceStats) -> bool:
-        return (self.mute_after > 0 and st.misses_in_a_row >= self.mute_after
-                and self.steps % self.probe_every != 0)
+        return self._muting(st) and self.steps % self.probe_every != 0
 
     def band(self, drafts: list[Draft] | None) -> int | None:
         """The score band of a proposal: where its best draft's score falls among the edges."""
@@ -382,6 +401,16 @@ class CompositeDrafter(Drafter):
             self.reliability[0, b] += right
             self.reliability[1, b] += before
         self.depth_fit.record(hits, self.tree_decay, estimated.tolist())
+        if step.features is not None:
+            # the node model's examples: decided nodes whose parent was right, and whether the
+            # node was too (a path's probability is the product of these conditionals)
+            rows, labels = [], []
+            for i, (path, *_rest) in enumerate(step.nodes):
+                if len(path) <= len(truth) and path[:-1] == truth[: len(path) - 1]:
+                    rows.append(i)
+                    labels.append(path[-1] == truth[len(path) - 1])
+            if rows:
+                self.node_model.add(step.features[rows], np.asarray(labels, np.float64))
 
     def reliability_ratios(self) -> np.ndarray:
         """Per bin of depth-calibrated node estimates: accepted nodes per expected one, over
@@ -401,14 +430,15 @@ class CompositeDrafter(Drafter):
               step: _PendingStep) -> list[tuple[tuple[int, ...], float, str]]:
         """Merge the proposals into a candidate trie, estimate each node, let the policy choose,
         and return the leaves of the chosen subtree, likeliest first."""
-        cand, mass = self._candidates(proposals, request.tokens[-1], request.draft_len)
+        cand, mass, drafted = self._candidates(proposals, request.tokens[-1],
+                                               request.draft_len)
         n = len(cand)
         if n == 1:
             self.tree_sizes.append(0)
             self.expected.append(0.0)
             return []
-        raw, before, bins, probs = self._estimates(cand, mass, proposals, step,
-                                                   request.draft_len)
+        raw, before, bins, probs, step.features = self._estimates(
+            cand, mass, drafted, proposals, step, request.draft_len)
         chosen = select_nodes(cand, probs, self.policy, max_leaves=request.num_drafts,
                               max_depth=request.draft_len, overhead_s=self._overhead_s)
         paths = cand.token_paths()
@@ -425,12 +455,13 @@ class CompositeDrafter(Drafter):
         return leaves
 
     @staticmethod
-    def _candidates(proposals: list[list[Draft] | None], y: int,
-                    draft_len: int) -> tuple[DraftTree, list[dict[int, float]]]:
-        """Every source's drafts (best score first) merged into one trie rooted at ``y``, and
-        per node each source's rank weight (1 / (rank + 1)) of the drafts through it."""
+    def _candidates(proposals: list[list[Draft] | None], y: int, draft_len: int):
+        """Every source's drafts (best score first) merged into one trie rooted at ``y``; per
+        node each source's rank weight (1 / (rank + 1)) of the drafts through it, and per node
+        each source's [best score, number] of the drafts through it."""
         cand = DraftTree(int(y))
         mass: list[dict[int, float]] = [{}]
+        drafted: list[dict[int, list[float]]] = [{}]
         for s, drafts in enumerate(proposals):
             ranked = sorted(drafts or (), key=lambda x: -x.score)
             for rank, draft in enumerate(ranked):
@@ -440,14 +471,27 @@ class CompositeDrafter(Drafter):
                     node = cand.child(node, int(t))
                     if node == len(mass):
                         mass.append({})
+                        drafted.append({})
                     mass[node][s] = mass[node].get(s, 0.0) + w
-        return cand, mass
+                    record = drafted[node].setdefault(s, [draft.score, 0])
+                    record[1] += 1  # ranked best first: the first draft's score is the best
+        return cand, mass, drafted
+
+    @property
+    def num_features(self) -> int:
+        """The node model's features: depth, siblings, sources proposing the node; per source
+        whether it proposes the node, its share of the source's drafts under the parent, that
+        share times the source's hit rate, the best score and log(1 + number) of its drafts
+        through the node; and the log of the hand-built conditional estimate."""
+        return 3 + 5 * len(self.drafters) + 1
 
     def _estimates(self, cand: DraftTree, mass: list[dict[int, float]],
-                   proposals: list[list[Draft] | None], step: _PendingStep, max_depth: int):
+                   drafted: list[dict[int, list[float]]], proposals: list[list[Draft] | None],
+                   step: _PendingStep, max_depth: int):
         """Per node of ``cand``: the raw path product, the depth-calibrated estimate, its
         reliability bin and the final estimate (never above the parent's), as in the module
-        docstring."""
+        docstring; and the node model's features of nodes 1.. (the final estimate is the node
+        model's path product once it is fitted)."""
         n = len(cand)
         rates = [self.hit_rates(s, max_depth, step.bands[s]).tolist() if p else None
                  for s, p in enumerate(proposals)]
@@ -457,6 +501,8 @@ class CompositeDrafter(Drafter):
         ratios = self.reliability_ratios()
         bins = [0] * n
         before = [1.0] * n  # estimates before the reliability scaling
+        width = 5 * len(self.drafters)
+        features: list[list[float]] = [[]] * n  # node 0, the root, has none
         for node in range(n):  # parents precede children
             kids = list(cand.children(node).values())
             if not kids:
@@ -473,7 +519,39 @@ class CompositeDrafter(Drafter):
                 before[c] = min(before[node], raw[c] * calib[d])
                 bins[c] = int(np.searchsorted(self.reliability_bins, before[c], "right"))
                 probs[c] = min(probs[node], before[c] * ratios[bins[c]])
-        return raw, before, bins, probs
+                row = [0.0] * width
+                for s, w in mass[c].items():
+                    share = w / below[s]
+                    best, count = drafted[c][s]
+                    row[5 * s : 5 * s + 5] = 1.0, share, rates[s][d - 1] * share, best, \
+                        math.log1p(count)
+                features[c] = [d, len(kids), len(mass[c]), *row,
+                               math.log(max(qc * scale / raw[node], 1e-6))]
+        features = np.array(features[1:], np.float64)
+        learned = self.node_model.predict(features) if self.use_node_model else None
+        if learned is not None:
+            # A source being probed after a run of misses is judged by its own recent record:
+            # the model's window still remembers it from when it was right.
+            probing = {s for s, st in enumerate(self.stats) if self._muting(st)}
+            own = [bool(mass[c]) and probing.issuperset(mass[c]) for c in range(n)]
+            probs = self._path_products(cand, np.concatenate([[1.0], learned]), probs, own)
+        return raw, before, bins, probs, features
+
+    @staticmethod
+    def _path_products(cand: DraftTree, conditional: np.ndarray, hand_built: list[float],
+                       own: list[bool]) -> list[float]:
+        """Per node, the product of the conditionals along its path, those under one parent
+        first scaled to sum to at most 1 (the model emits one token); nodes marked ``own``
+        keep their hand-built estimate (never above the parent's)."""
+        n = len(cand)
+        total = np.zeros(n)
+        np.add.at(total, cand.parents[1:], conditional[1:])
+        probs = [1.0] * n
+        for c in range(1, n):
+            p = cand.parents[c]
+            probs[c] = (min(probs[p], hand_built[c]) if own[c]
+                        else probs[p] * conditional[c] / max(1.0, total[p]))
+        return probs
 
     # -- reporting -----------------------------------------------------------------------------
 
