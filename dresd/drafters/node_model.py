@@ -4,53 +4,62 @@ The composite's hand-built estimate of a node (a source's hit rate at the node's
 share of the source's drafts through it, rescaled per depth and per estimate bin) uses one
 source's evidence at a time and ignores most of what a step knows about the node: how many drafts
 of each source pass through it, their scores, how many siblings compete with it. This model reads
-all of that (``features`` in dresd.drafters.composite) and is fitted to the composite's shadow
+all of that (``CompositeDrafter.num_features`` lists it) and is fitted to the composite's shadow
 scores: every decided candidate node whose parent was right is one example, labelled by whether
 the node was right too. The path product of its predictions is then a node's probability of
 being accepted, which is what the budget ranks and sizes trees by.
 
-It is fitted online, from this process's own steps (nothing is tuned offline, so it learns the
-kind of text it is used on): a ring of the last ``capacity`` examples, refitted every
-``refit_every`` scored steps by a few Newton steps of L2-regularised logistic regression on
-standardised features, warm-started from the last fit. Until it has ``min_examples`` examples
-(and a first fit) it predicts nothing and the composite keeps its hand-built estimate, which is
-also one of the features, so the model starts from it and learns what to correct.
+Its weights are fitted online, from this process's own steps, so it learns the kind of text it
+is used on: a ring of the last ``capacity`` examples, each weighed ``decay`` per scored step since
+its own (a memory of about a hundred steps, as the composite's other estimates follow recent
+text), refitted every ``refit_every`` scored steps by a few damped Newton steps of L2-regularised
+logistic regression on standardised features, warm-started from the last fit. Until it has
+``min_examples`` examples it predicts nothing and the composite keeps its hand-built estimate,
+which is also one of the features, so the model starts from it and learns what to correct. (The
+features and these settings were chosen on replay logs: benchmarks/RESULTS.md, 2026-12-01,
+"node model".)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 
+@dataclass
 class NodeAcceptanceModel:
-    def __init__(self, num_features: int, capacity: int = 8192, min_examples: int = 256,
-                 refit_every: int = 8, ridge: float = 1.0, newton_steps: int = 3,
-                 decay: float = 0.99):
-        if num_features < 1 or capacity < 1 or min_examples < 1 or refit_every < 1:
-            raise ValueError("num_features, capacity, min_examples and refit_every must be >= 1")
-        if ridge < 0 or newton_steps < 1:
-            raise ValueError("ridge must be >= 0 and newton_steps >= 1")
-        if not 0 < decay <= 1:
-            raise ValueError(f"decay must be in (0, 1], got {decay}")
-        self.decay = decay
-        self.num_features = num_features
-        self.capacity = capacity
-        self.min_examples = min_examples
-        self.refit_every = refit_every
-        self.ridge = ridge
-        self.newton_steps = newton_steps
-        self.max_step = 4.0  # largest change of one weight in a Newton step, in logits
-        self._x = np.zeros((capacity, num_features), np.float64)
-        self._y = np.zeros(capacity, np.float64)
-        self._step = np.zeros(capacity, np.float64)  # the scored step each example came from
+    num_features: int
+    capacity: int = 8192  # examples held: about 800 steps of ~10 decided nodes
+    min_examples: int = 256  # no prediction before this many (and a first fit)
+    refit_every: int = 8  # scored steps between fits
+    ridge: float = 1.0  # L2 penalty on the standardised weights, in examples' worth
+    newton_steps: int = 3  # per fit, warm-started
+    decay: float = 0.99  # an example's weight per scored step since its own
+    max_step: float = 4.0  # largest change of one weight in a Newton step, in logits
+
+    def __post_init__(self):
+        if min(self.num_features, self.capacity, self.min_examples, self.refit_every,
+               self.newton_steps) < 1:
+            raise ValueError("num_features, capacity, min_examples, refit_every and "
+                             "newton_steps must be >= 1")
+        if self.ridge <= 0:
+            raise ValueError(f"ridge must be > 0 (it keeps the fit finite), got {self.ridge}")
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if not self.max_step > 0:
+            raise ValueError(f"max_step must be > 0, got {self.max_step}")
+        self._x = np.zeros((self.capacity, self.num_features), np.float64)
+        self._y = np.zeros(self.capacity, np.float64)
+        self._step = np.zeros(self.capacity, np.float64)  # the scored step of each example
         self.steps = 0  # scored steps added
         self._next = 0  # ring position of the next example
         self.examples = 0  # examples held (at most capacity)
         self._since_fit = 0  # scored steps since the last fit
         self.fits = 0
-        self._mean = np.zeros(num_features)
-        self._scale = np.ones(num_features)
+        self._mean = np.zeros(self.num_features)
+        self._scale = np.ones(self.num_features)
         self._weights: np.ndarray | None = None  # intercept first, then one per feature
 
     @property
@@ -76,10 +85,10 @@ class NodeAcceptanceModel:
             self.fit()
 
     def fit(self) -> None:
-        """Newton steps on the held examples (L2 penalty ``ridge`` on every weight),
-        from the last weights. In torch, not numpy: numpy's OpenBLAS threads spin
-        after a product this size and starve the model's forward pass on a small CPU (the same
-        reason as dresd.search._single_threaded); torch's products share the model's pool."""
+        """Newton steps on the held examples (L2 penalty ``ridge`` on every weight), from the
+        last weights. In torch, not numpy: numpy's OpenBLAS threads spin after a product this
+        size and starve the model's forward pass on a small CPU (the same reason as
+        dresd.search._single_threaded); torch's products share the model's pool."""
         x = torch.from_numpy(self._x[: self.examples])
         y = torch.from_numpy(self._y[: self.examples])
         # each example weighs ``decay`` per scored step since its own, so the fit follows the
@@ -103,7 +112,7 @@ class NodeAcceptanceModel:
             hess = (z * (v * p * (1 - p))[:, None]).T @ z + torch.diag(penalty)
             step = torch.linalg.solve(hess, grad)
             # a damped step: Newton overshoots where p(1 - p) is nearly 0 (separable examples)
-            w = w - step * min(1.0, self.max_step / float(step.abs().max()))
+            w = w - step * min(1.0, self.max_step / max(float(step.abs().max()), 1e-12))
         self._mean, self._scale, self._weights = mean.numpy(), scale.numpy(), w.numpy()
         self._since_fit = 0
         self.fits += 1
