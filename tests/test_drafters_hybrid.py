@@ -13,7 +13,7 @@ from dresd.budget import CalibratedBudget, FixedBudget
 from dresd.calibrate import Calibration
 from dresd.decode import DecodeConfig, as_drafter, generate
 from dresd.drafters.base import Draft, Drafter, DraftRequest
-from dresd.drafters.composite import CompositeDrafter, SourceStats
+from dresd.drafters.composite import CompositeDrafter, SourceStats, _PendingStep
 from dresd.drafters.context import ContextDrafter
 from dresd.models import load_model
 from dresd.tree import DraftTree, TreeBudget
@@ -667,5 +667,55 @@ def test_the_node_model_learns_what_the_hand_built_estimate_misses():
             counts.append(len(tokens) - 1) or orig(tokens, hidden))
         simulate(comp, truth, 3, 4, 2, 300)
         accepted[learned] = float(np.mean(counts[100:]))
-        assert comp.node_model.fitted  # it learns either way; only one uses it
+        assert comp.node_model.fitted == learned  # off, it neither learns nor costs
     assert accepted[True] > 0.95 and accepted[False] < 0.05
+
+
+def test_node_model_examples_are_the_decided_nodes_whose_parent_was_right():
+    comp = CompositeDrafter([Scripted("s", lambda i, r: [])])
+    got = []
+    comp.node_model.add = lambda x, y: got.append((x[:, 0].tolist(), y.tolist()))
+    paths = [(5,), (5, 6), (5, 7), (8,), (8, 9), (5, 6, 1)]
+    rows = np.arange(len(paths), dtype=float)[:, None] * np.ones((1, comp.num_features))
+    step = _PendingStep(0, [None], [None], nodes=[(p, 0.1, 0.1, 0) for p in paths],
+                        features=rows)
+    comp._score_tree(step, (5, 6))  # (5, 6, 1) is undecided, (8, 9)'s parent was wrong
+    assert got == [([0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 0.0, 0.0])]
+
+
+def test_node_estimates_are_path_products_sharing_one_token():
+    tree = DraftTree(0)
+    a = tree.child(0, 1)
+    b, c = tree.child(a, 2), tree.child(a, 3)
+    d = tree.child(0, 4)
+    probs = CompositeDrafter._path_products(tree, np.array([1.0, 0.8, 0.9, 0.6, 0.6]))
+    assert probs[a] == pytest.approx(0.8 / 1.4) and probs[d] == pytest.approx(0.6 / 1.4)
+    assert probs[b] == pytest.approx(probs[a] * 0.9 / 1.5)
+    assert probs[b] + probs[c] <= probs[a] + 1e-12
+
+
+def test_node_model_feature_rows_follow_the_candidate_nodes():
+    src = Scripted("s", lambda i, r: [Draft((1, 2, 3), 0.9), Draft((1, 4), 0.5),
+                                      Draft((7,), 0.3)])
+    comp = CompositeDrafter([src])
+    comp.begin([0], torch.zeros(1, 4))
+    comp.propose(DraftRequest([0, 9], torch.zeros(4), 3, 3))
+    step = comp._pending[-1]
+    assert [p for p, *_ in step.nodes] == [(1,), (1, 2), (1, 2, 3), (1, 4), (7,)]
+    assert step.features[:, 0].tolist() == [1, 2, 3, 2, 1]  # depth
+    assert step.features[:, 1].tolist() == [2, 2, 1, 2, 2]  # siblings
+    assert step.features[:, 6].tolist() == [0.9, 0.9, 0.9, 0.5, 0.3]  # best draft score
+    assert step.features[:, 7].tolist() == pytest.approx(np.log1p([2, 1, 1, 1, 1]).tolist())
+    off = CompositeDrafter([src], node_model=False)
+    off.begin([0], torch.zeros(1, 4))
+    off.propose(DraftRequest([0, 9], torch.zeros(4), 3, 3))
+    assert off._pending[-1].features is None  # nothing built for a model that is not used
+
+
+def test_carry_over_zero_starts_the_node_model_over():
+    kept, fresh = (CompositeDrafter([Scripted("s", lambda i, r: [])], carry_over=c)
+                   for c in (0.5, 0.0))
+    before = kept.node_model, fresh.node_model
+    for comp in (kept, fresh):
+        comp.begin([0], torch.zeros(1, 4))
+    assert kept.node_model is before[0] and fresh.node_model is not before[1]

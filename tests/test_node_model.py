@@ -77,3 +77,47 @@ def test_bad_input_is_refused():
     model = NodeAcceptanceModel(3)
     with pytest.raises(ValueError, match="2 feature rows but 3 labels"):
         model.add(np.zeros((2, 3)), np.zeros(3))
+
+
+def test_the_window_keeps_the_latest_examples_across_a_wrap():
+    model = NodeAcceptanceModel(1, capacity=10, min_examples=5, refit_every=1)
+    model.add(np.arange(25.0)[:, None], np.zeros(25))
+    assert sorted(model._x[:, 0].tolist()) == list(range(15, 25))
+    model.add(np.arange(100.0, 107.0)[:, None], np.ones(7))
+    assert sorted(model._x[:, 0].tolist()) == [22.0, 23.0, 24.0] + list(range(100, 107))
+    ages = {x: model.steps - 1 - s for x, s in zip(model._x[:, 0], model._step)}
+    assert ages[22.0] == 1 and ages[106.0] == 0
+    model.add(np.arange(200.0, 205.0)[:, None], np.ones(5))  # wraps mid-batch
+    assert sorted(model._x[:, 0].tolist()) == list(range(102, 107)) + list(range(200, 205))
+
+
+def test_the_decay_is_about_a_hundred_steps():
+    """300 steps of one law, then 70 of the opposite: at decay 0.99 the two weigh about the
+    same (0.99 ** 70 ~ 0.5), so the fit is near flat; a decay ten times stronger or weaker
+    tips it."""
+    rng = np.random.default_rng(3)
+    model = NodeAcceptanceModel(2)
+    _feed(model, rng, 300, np.array([0.0, 3.0, 0.0]))
+    _feed(model, rng, 70, np.array([0.0, -3.0, 0.0]))
+    assert 0.3 < model.predict(np.array([[1.0, 0.0]]))[0] < 0.7
+
+
+def test_a_value_rare_in_the_window_does_not_make_it_certain():
+    """A column that is 1 in only three old examples (and 0 in thousands) stands far out once
+    standardised; clipped, it cannot push a prediction to near-certainty."""
+    rng = np.random.default_rng(4)
+    model = NodeAcceptanceModel(2)
+    for step in range(700):
+        x = np.column_stack([rng.normal(size=12), np.zeros(12)])
+        y = (rng.random(12) < 0.3).astype(float)
+        if step in (100, 300, 600):
+            x[0, 1], y[0] = 1.0, 1.0
+        model.add(x, y)
+    p = model.predict(np.array([[0.0, 0.0], [0.0, 1.0]]))
+    assert abs(p[0] - 0.3) < 0.05 and p[1] < 0.9
+
+
+def test_fit_with_nothing_held_does_nothing():
+    model = NodeAcceptanceModel(2)
+    model.fit()
+    assert not model.fitted and model.predict(np.zeros((1, 2))) is None

@@ -27,15 +27,17 @@ are filed by that estimate into bins (``reliability_bins``), and each bin's esti
 by how many of its nodes were right per one it expected. ``g(d)`` gets each depth's total right
 but not its split among branches (high estimates stay too high, low ones too low); the map
 corrects the split. Once enough candidate nodes have been scored, an online logistic model
-(dresd.drafters.node_model) takes over the final estimate: it reads, per node, everything above
-(each source's share, hit rate, its drafts' best score and number, the siblings, the hand-built
-estimate) and is fitted to the shadow scores of nodes whose parent was right, so a node's estimate
-is the product of the model's conditionals along its path. A source being probed after a run of
-misses keeps its hand-built estimate (the model's window remembers it from when it was right).
-So what the policy maximises is calibrated against what was actually accepted. The budget policy (dresd.budget) takes nodes best first and keeps as many as pay on
-this device, so the budget is split by acceptance: a source that stops being right stops getting
-nodes. A source that misses ``mute_after`` steps in a row is asked only every ``probe_every``
-steps, so it stops costing retrieval time too.
+(dresd.drafters.node_model) takes over the final estimate: it reads, per node, each source's
+share and share times hit rate, the best score and number of each source's drafts through the
+node, the siblings and the raw conditional estimate above, and is fitted to the shadow scores of
+nodes whose parent was right, so a node's estimate is the product of the model's conditionals
+along its path. A node proposed only by sources being probed after a run of misses keeps its
+hand-built conditional (the model's window remembers them from when they were right). So what
+the policy maximises is calibrated against what was actually accepted. The budget policy
+(dresd.budget) takes nodes best first and keeps as many as pay on this device, so the budget is
+split by acceptance: a source that stops being right stops getting nodes. A source that misses
+``mute_after`` steps in a row is asked only every ``probe_every`` steps, so it stops costing
+retrieval time too.
 
 Shadow scoring: every source's drafts, and every node of the candidate trie, are scored against
 the tokens the model actually produced, whether or not they were verified (it costs no forward
@@ -85,7 +87,7 @@ class _PendingStep:
     bands: list[int | None]  # per source: the score band of its best draft
     nodes: list[tuple[tuple[int, ...], float, float, int]] = field(default_factory=list)
     # ^ every candidate node: path below y, raw estimate, depth-calibrated estimate, its bin
-    features: np.ndarray | None = None  # per candidate node (same order): the node model's
+    features: np.ndarray | None = None  # the node model's features, a row per node of nodes
     draft_len: int = 0  # the longest guess: the step is decided this many tokens after y
     accepted: int | None = None  # draft tokens the verified tree accepted
 
@@ -171,7 +173,8 @@ class CompositeDrafter(Drafter):
         across composites (``dresd.generate`` passes one per model and configuration); without
         it a composite still carries its own estimates over from one generation to the next;
         ``carry_over``: the weight the evidence of past generations keeps at each new one
-        (1 keeps it whole, 0 starts every generation from the prior);
+        (1 keeps it whole, 0 starts every generation from the prior, the node model too; the
+        node model keeps its window whole otherwise);
         ``tree_decay``: the weight of ``g(d)``'s and the reliability map's counts at each new
         scored step. They pool every candidate node of a step over all sources, so they follow
         the kind of text more than any one source's run of luck, and a map of nine bins fed
@@ -215,18 +218,22 @@ class CompositeDrafter(Drafter):
         """A new generation: counters start at 0; the estimates go on from the last one with
         these sources, their evidence weighed by ``carry`` (a new generation of the same kind
         of text starts near where the last left off instead of at the prior, which
-        overestimated the first ten steps' acceptance by half)."""
+        overestimated the first ten steps' acceptance by half). The node model goes on whole
+        (its window already weighs recent steps most) unless ``carry`` is 0, which starts it
+        over too."""
         carried = self.memory.get("stats")
+        model = self.memory.get("node_model")
         if carried is not None and [st.name for st in carried] == self.names:
             self.stats = [st.carried_over(carry) for st in carried]
             self.depth_fit = self.memory["depth_fit"].carried_over(carry)
-            # the node model keeps its examples whole: they are already a recency window
-            self.node_model = self.memory["node_model"]
         else:
             self.stats = [SourceStats(n) for n in self.names]
             self.depth_fit = SourceStats("tree")  # per depth: accepted vs estimated, decayed
-            self.node_model = NodeAcceptanceModel(self.num_features)
-        self.memory["node_model"] = self.node_model
+            model = None  # other sources: the features mean other things
+        if (not isinstance(model, NodeAcceptanceModel) or carry == 0
+                or model.num_features != self.num_features):
+            model = NodeAcceptanceModel(self.num_features)
+        self.node_model = self.memory["node_model"] = model
         self.memory["stats"], self.memory["depth_fit"] = self.stats, self.depth_fit
         # per bin of a node's depth-calibrated estimate: accepted nodes and their estimates
         nbins = len(self.reliability_bins) + 1
@@ -482,7 +489,8 @@ class CompositeDrafter(Drafter):
         """The node model's features: depth, siblings, sources proposing the node; per source
         whether it proposes the node, its share of the source's drafts under the parent, that
         share times the source's hit rate, the best score and log(1 + number) of its drafts
-        through the node; and the log of the hand-built conditional estimate."""
+        through the node; and the log of the raw conditional estimate (before g(d) and the
+        reliability map)."""
         return 3 + 5 * len(self.drafters) + 1
 
     def _estimates(self, cand: DraftTree, mass: list[dict[int, float]],
@@ -502,6 +510,7 @@ class CompositeDrafter(Drafter):
         bins = [0] * n
         before = [1.0] * n  # estimates before the reliability scaling
         width = 5 * len(self.drafters)
+        featured = self.use_node_model  # without the model, nothing to build or learn
         features: list[list[float]] = [[]] * n  # node 0, the root, has none
         for node in range(n):  # parents precede children
             kids = list(cand.children(node).values())
@@ -513,12 +522,15 @@ class CompositeDrafter(Drafter):
                     below[s] = below.get(s, 0.0) + w
             d = cand.depths[node] + 1
             q = [max(rates[s][d - 1] * w / below[s] for s, w in mass[c].items()) for c in kids]
-            scale = raw[node] / max(1.0, sum(q))  # the model picks one token: sum(q) <= 1
+            share_of_one = max(1.0, sum(q))  # the model picks one token: sum(q) <= 1
+            scale = raw[node] / share_of_one
             for c, qc in zip(kids, q):
                 raw[c] = qc * scale
                 before[c] = min(before[node], raw[c] * calib[d])
                 bins[c] = int(np.searchsorted(self.reliability_bins, before[c], "right"))
                 probs[c] = min(probs[node], before[c] * ratios[bins[c]])
+                if not featured:
+                    continue
                 row = [0.0] * width
                 for s, w in mass[c].items():
                     share = w / below[s]
@@ -526,31 +538,35 @@ class CompositeDrafter(Drafter):
                     row[5 * s : 5 * s + 5] = 1.0, share, rates[s][d - 1] * share, best, \
                         math.log1p(count)
                 features[c] = [d, len(kids), len(mass[c]), *row,
-                               math.log(max(qc * scale / raw[node], 1e-6))]
+                               math.log(max(qc / share_of_one, 1e-6))]
+        if not featured:
+            return raw, before, bins, probs, None
         features = np.array(features[1:], np.float64)
-        learned = self.node_model.predict(features) if self.use_node_model else None
+        learned = self.node_model.predict(features)
         if learned is not None:
-            # A source being probed after a run of misses is judged by its own recent record:
-            # the model's window still remembers it from when it was right.
+            conditional = np.concatenate([[1.0], learned])
+            # A source being probed after a run of misses is judged by its own recent record
+            # (the hand-built conditional): the model's window still remembers it from when it
+            # was right.
             probing = {s for s, st in enumerate(self.stats) if self._muting(st)}
-            own = [bool(mass[c]) and probing.issuperset(mass[c]) for c in range(n)]
-            probs = self._path_products(cand, np.concatenate([[1.0], learned]), probs, own)
+            for c in range(1, n):
+                if probing.issuperset(mass[c]):
+                    parent = probs[cand.parents[c]]
+                    conditional[c] = probs[c] / parent if parent > 0 else 0.0
+            probs = self._path_products(cand, conditional)
         return raw, before, bins, probs, features
 
     @staticmethod
-    def _path_products(cand: DraftTree, conditional: np.ndarray, hand_built: list[float],
-                       own: list[bool]) -> list[float]:
+    def _path_products(cand: DraftTree, conditional: np.ndarray) -> list[float]:
         """Per node, the product of the conditionals along its path, those under one parent
-        first scaled to sum to at most 1 (the model emits one token); nodes marked ``own``
-        keep their hand-built estimate (never above the parent's)."""
+        first scaled to sum to at most 1 (the model emits one token)."""
         n = len(cand)
         total = np.zeros(n)
         np.add.at(total, cand.parents[1:], conditional[1:])
         probs = [1.0] * n
         for c in range(1, n):
             p = cand.parents[c]
-            probs[c] = (min(probs[p], hand_built[c]) if own[c]
-                        else probs[p] * conditional[c] / max(1.0, total[p]))
+            probs[c] = probs[p] * conditional[c] / max(1.0, total[p])
         return probs
 
     # -- reporting -----------------------------------------------------------------------------

@@ -105,7 +105,8 @@ class ContextDrafter(Drafter):
             return []
         query = self.embed(request.hidden[None])[0]
         idx = np.asarray(rows[::-1])  # latest first, so ties go to the most recent text
-        # torch, not numpy: see dresd.search._single_threaded (OpenBLAS threads spin)
+        # torch, not numpy: numpy's BLAS threads would spin beside torch's, as faiss's do
+        # (dresd.search._single_threaded)
         scores = torch.mv(torch.from_numpy(self._keys[idx]), torch.from_numpy(query)).numpy()
         order = np.argsort(-scores, kind="stable")
         drafts, seen = [], set()

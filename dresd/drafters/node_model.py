@@ -14,8 +14,9 @@ is used on: a ring of the last ``capacity`` examples, each weighed ``decay`` per
 its own (a memory of about a hundred steps, as the composite's other estimates follow recent
 text), refitted every ``refit_every`` scored steps by a few damped Newton steps of L2-regularised
 logistic regression on standardised features, warm-started from the last fit. Until it has
-``min_examples`` examples it predicts nothing and the composite keeps its hand-built estimate,
-which is also one of the features, so the model starts from it and learns what to correct. (The
+``min_examples`` examples it predicts nothing and the composite keeps its hand-built estimate
+(whose raw conditional is one of the features, so the model can lean on it and learn what to
+correct). (The
 features and these settings were chosen on replay logs: benchmarks/RESULTS.md, 2026-12-01,
 "node model".)
 """
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 
-@dataclass
+@dataclass(eq=False)  # two models with the same settings are not the same model
 class NodeAcceptanceModel:
     num_features: int
     capacity: int = 8192  # examples held: about 800 steps of ~10 decided nodes
@@ -38,6 +39,10 @@ class NodeAcceptanceModel:
     newton_steps: int = 3  # per fit, warm-started
     decay: float = 0.99  # an example's weight per scored step since its own
     max_step: float = 4.0  # largest change of one weight in a Newton step, in logits
+    # standardised features are clipped to +-max_z: a value rare in the window (a source that
+    # seldom proposes) would stand hundreds of standard deviations out, and the fit would
+    # extrapolate from a few old examples to near-certainty
+    max_z: float = 4.0
 
     def __post_init__(self):
         if min(self.num_features, self.capacity, self.min_examples, self.refit_every,
@@ -48,8 +53,9 @@ class NodeAcceptanceModel:
             raise ValueError(f"ridge must be > 0 (it keeps the fit finite), got {self.ridge}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
-        if not self.max_step > 0:
-            raise ValueError(f"max_step must be > 0, got {self.max_step}")
+        if not self.max_step > 0 or not self.max_z > 0:
+            raise ValueError(f"max_step and max_z must be > 0, got {self.max_step}, "
+                             f"{self.max_z}")
         self._x = np.zeros((self.capacity, self.num_features), np.float64)
         self._y = np.zeros(self.capacity, np.float64)
         self._step = np.zeros(self.capacity, np.float64)  # the scored step of each example
@@ -89,6 +95,8 @@ class NodeAcceptanceModel:
         last weights. In torch, not numpy: numpy's OpenBLAS threads spin after a product this
         size and starve the model's forward pass on a small CPU (the same reason as
         dresd.search._single_threaded); torch's products share the model's pool."""
+        if self.examples == 0:
+            return
         x = torch.from_numpy(self._x[: self.examples])
         y = torch.from_numpy(self._y[: self.examples])
         # each example weighs ``decay`` per scored step since its own, so the fit follows the
@@ -100,7 +108,10 @@ class NodeAcceptanceModel:
         mean = v @ x
         scale = (v @ (x - mean) ** 2).sqrt()
         scale[scale < 1e-9] = 1.0  # a constant feature carries no information
-        z = torch.cat([torch.ones(len(x), 1, dtype=x.dtype), (x - mean) / scale], dim=1)
+        z = torch.cat([torch.ones(len(x), 1, dtype=x.dtype),
+                       ((x - mean) / scale).clamp(-self.max_z, self.max_z)], dim=1)
+        # warm start: the last fit's weights, though its mean and scale were a little different
+        # (the damped steps absorb that)
         w = (torch.zeros(z.shape[1], dtype=x.dtype) if self._weights is None
              else torch.from_numpy(self._weights.copy()))
         # v sums to 1, so the penalty is ``ridge`` over the evidence's worth in examples; it
@@ -113,6 +124,9 @@ class NodeAcceptanceModel:
             step = torch.linalg.solve(hess, grad)
             # a damped step: Newton overshoots where p(1 - p) is nearly 0 (separable examples)
             w = w - step * min(1.0, self.max_step / max(float(step.abs().max()), 1e-12))
+        if not torch.isfinite(w).all():  # never warm-start from NaN: start over next time
+            self._weights = None
+            return
         self._mean, self._scale, self._weights = mean.numpy(), scale.numpy(), w.numpy()
         self._since_fit = 0
         self.fits += 1
@@ -121,8 +135,10 @@ class NodeAcceptanceModel:
         """P(node right | parent right) per row of ``features``, or None before the first fit."""
         if self._weights is None:
             return None
-        z = (np.asarray(features, np.float64) - self._mean) / self._scale
-        return _sigmoid(self._weights[0] + z @ self._weights[1:])
+        z = np.clip((np.asarray(features, np.float64) - self._mean) / self._scale,
+                    -self.max_z, self.max_z)
+        # a sum of products, not ``z @ w``: no BLAS call, whose threads would spin (see fit)
+        return _sigmoid(self._weights[0] + (z * self._weights[1:]).sum(axis=1))
 
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:
