@@ -14,16 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.decode import Run  # noqa: E402  (the labels the decode tables print)
 
 
 def speeds(records: list[dict]) -> dict[str, dict[int, float]]:
     """label (method/store/budget, as the tables print it) -> prompt -> tokens per second."""
     out: dict[str, dict[int, float]] = {}
     for r in records:
-        label = "/".join(x for x in (r["method"], r["store"], r["budget"]) if x)
+        label = Run(r["method"], r["store"], r["budget"]).label
         out.setdefault(label, {})[r["prompt"]] = r["tokens"] / r["seconds"]
     return out
 
