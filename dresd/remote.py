@@ -73,7 +73,7 @@ def _download(io: ObjectStoreIO, ref: FileRef, root: Path) -> None:
                 dst.write(chunk)
         if h.hexdigest() != ref.sha256 or size != ref.bytes:
             raise StoreFormatError(
-                f"{io.location(ref.path)} is corrupt: its checksum does not match the manifest "
+                f"{io.where(ref.path)} is corrupt: its checksum does not match the manifest "
                 f"(sha256 {h.hexdigest()[:12]}, {size} bytes; manifest {ref.sha256[:12]}, "
                 f"{ref.bytes} bytes); nothing was cached")
 
@@ -83,7 +83,7 @@ def sync_store(url: str, generation: int | None = None) -> tuple[Path, int, int]
     into the cache; returns (local directory, generation, bytes downloaded)."""
     io = ObjectStoreIO(url)
     try:
-        generation = generation or resolve_generation(url, io)
+        generation = generation or resolve_generation(io)
     except FileNotFoundError:
         raise FileNotFoundError(f"no store at {url}") from None
     root = cache_dir(url)
@@ -93,8 +93,8 @@ def sync_store(url: str, generation: int | None = None) -> tuple[Path, int, int]
         data = io.read(rel)  # one small read: the manifest decides what the cache must hold
     except FileNotFoundError:
         raise StoreFormatError(f"manifest generation {generation} is missing: "
-                               f"{io.location(rel)}") from None
-    manifest = parse_manifest(data, io.location(rel), generation)  # sealed, checked
+                               f"{io.where(rel)}") from None
+    manifest = parse_manifest(data, io.where(rel), generation)  # sealed, checked
     cached = root / rel
     # The cached copy counts only if it is this very manifest (a store deleted and built again
     # at the same URL starts again at generation 1) and every file it names is still there.

@@ -11,12 +11,9 @@ the runner the Beam options name (DirectRunner by default), and returns the live
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import apache_beam as beam
 
@@ -40,19 +37,16 @@ from pipelines.fit import (
 from pipelines.index import FillShardIndex
 from pipelines.journal import (
     JOURNAL_DIR,
-    RUN_FILE,
     RunJournal,
     config_settings,
     recorded_shards,
-    remote_recorded,
-    remote_runs,
     run_dirs,
     run_info,
     run_key,
 )
 from pipelines.options import pipeline_options
 from pipelines.publish import RecordResult, commit_generation
-from pipelines.readers import DEAD, ReadCorpus, describe_kind, list_corpus_files
+from pipelines.readers import DEAD, ReadCorpus, list_corpus_files
 from pipelines.sample import SampleStates
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
@@ -60,19 +54,12 @@ from schemas.commit import (
     CommitConflictError,
     manifest_relpath,
     newest_generation,
-    store_io,
     update_current,
 )
 from schemas.integrity import VERIFIED_DIR
-from schemas.manifest import CURRENT_FILE, MANIFEST_DIR, generation_path
-from schemas.shard_io import SHARDS_DIR, read_docs
-from schemas.storage import (
-    ObjectStoreIO,
-    bucket_exists,
-    check_store_location,
-    is_remote,
-    staged,
-)
+from schemas.layout import CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR
+from schemas.shard_io import read_docs
+from schemas.storage import StoreIO, staged, store_io
 
 log = logging.getLogger(__name__)
 
@@ -101,62 +88,27 @@ STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DI
                  JOURNAL_DIR, VERIFIED_DIR}
 
 
-def _check_store_path(store: str, exists: bool = False) -> None:
-    """The store path is a directory (or, for a new store, absent) that this user can write:
-    checked before anything is written, so a bad path leaves nothing half-way. A URL is
-    checked by its first read or write (object stores have no directories to test)."""
-    if is_remote(store):
-        check_store_location(store)
-        if not bucket_exists(store):
-            raise FileNotFoundError(f"{store}: its bucket does not exist (or these credentials "
-                                    "cannot see it); create it first")
-        if exists and newest_generation(store) == 0:
-            raise FileNotFoundError(f"no store at {store}")
-        return
-    root = Path(store)
-    if root.exists() and not root.is_dir():
-        kind = "a file" if root.is_file() else describe_kind(root)
-        raise ValueError(f"{store} is {kind}, not a store directory")
-    if exists and not root.is_dir():
-        raise FileNotFoundError(f"no store at {store}")
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        where = "store directory" if probe == root else "directory"
-        raise PermissionError(f"{where} {probe} is not writable: the store cannot be written")
-
-
-def _check_new_store(store: str) -> None:
+def _check_new_store(io: StoreIO) -> None:
     """A new store goes into a new or empty directory, or one a failed build left behind."""
-    if is_remote(store):
-        if newest_generation(store) > 0:
-            raise ValueError(f"{store} is already a store; use update to add documents")
-        names = store_io(store).listdir("")
-    else:
-        root = Path(store)
-        if root.is_dir() and newest_generation(store) > 0:
-            raise ValueError(f"{store} is already a store; use update to add documents")
-        names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    if newest_generation(io) > 0:
+        raise ValueError(f"{io.where()} is already a store; use update to add documents")
+    names = io.listdir("")
     foreign = sorted(n for n in names if n not in STORE_ENTRIES and not n.startswith("."))
     if foreign:
-        raise ValueError(f"{store} holds files that are not a store's ({', '.join(foreign[:3])}"
-                         f"{', ...' if len(foreign) > 3 else ''}); build writes into a new or "
-                         "empty directory, named first, before the corpus")
+        raise ValueError(f"{io.where()} holds files that are not a store's "
+                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                         "build writes into a new or empty directory, named first, before the "
+                         "corpus")
 
 
-def _corpus_files(corpus: Corpus, glob: str, store: str) -> list[str]:
+def _corpus_files(corpus: Corpus, glob: str, io: StoreIO) -> list[str]:
     """The corpus files, none of which may lie inside the store (swapped arguments)."""
     files = list_corpus_files(corpus, glob)
-    if is_remote(store):
-        prefix = store.rstrip("/") + "/"
-        inside = [f for f in files if f.startswith(prefix)]
-    else:
-        root = Path(store).resolve()
-        inside = [f for f in files if not is_remote(f) and root in Path(f).resolve().parents]
+    inside = [f for f in files if io.contains(f)]
     if inside:
-        raise ValueError(f"{len(inside)} corpus file(s) lie inside the store directory {store} "
-                         f"(e.g. {inside[0]}); the store is the first argument, the corpus follows")
+        raise ValueError(f"{len(inside)} corpus file(s) lie inside the store directory "
+                         f"{io.where()} (e.g. {inside[0]}); the store is the first argument, "
+                         "the corpus follows")
     return files
 
 
@@ -244,13 +196,13 @@ def _check_device(config: BuildConfig, beam_args: Sequence[str] | None) -> None:
         check_device(config.device)
 
 
-def _start_journal(store: str, kind: str, parent: int, files: list[str], settings: dict,
+def _start_journal(store: StoreIO, kind: str, parent: int, files: list[str], settings: dict,
                    model: str) -> RunJournal:
     journal = RunJournal(store, kind, parent, run_key(kind, parent, files, settings, model))
     try:
         return journal.start()
     except PermissionError:
-        raise PermissionError(f"store directory {store} is not writable") from None
+        raise PermissionError(f"store directory {store.where()} is not writable") from None
 
 
 def _commit(journal: RunJournal, generation: int, model: ModelSpec, value_len: int,
@@ -261,52 +213,25 @@ def _commit(journal: RunJournal, generation: int, model: ModelSpec, value_len: i
     return manifest
 
 
-def _completed_earlier(store: str, kind: str, parent: int, key: str) -> Manifest | None:
+def _completed_earlier(io: StoreIO, parent: int, key: str) -> Manifest | None:
     """The generation a crashed run of this very command committed before it could finish
     (its recorded shards are all in the generation after ``parent``), CURRENT repaired and the
     run's journal removed; None otherwise."""
     generation = parent + 1
-    if is_remote(store):
-        return _completed_earlier_remote(store, parent, key)
-    if not generation_path(store, generation).is_file():
-        return None
-    manifest = read_manifest(store, generation)
-    named = {s.shard_id for s in manifest.shards}
-    for d in run_dirs(store):
-        info = run_info(d)
-        if not info or info.get("key") != key or info.get("parent") != parent:
-            continue
-        recorded = {r["shard"].shard_id for r in recorded_shards(d)}
-        if recorded and recorded <= named:
-            update_current(store, newest_generation(store))
-            shutil.rmtree(d, ignore_errors=True)
-            log.info("generation %d was committed by an earlier run of this command; "
-                     "completed it", generation)
-            return read_manifest(store)
-    return None
-
-
-def _completed_earlier_remote(store: str, parent: int, key: str) -> Manifest | None:
-    """``_completed_earlier`` for a store at a URL (its journal is objects under journal/)."""
-    io = ObjectStoreIO(store)
-    generation = parent + 1
     if not io.exists(manifest_relpath(generation)):
         return None
-    named = {s.shard_id for s in read_manifest(store, generation).shards}
-    for run in remote_runs(io):
-        try:
-            info = json.loads(io.read(f"{run}/{RUN_FILE}"))
-        except (OSError, ValueError):
+    named = {s.shard_id for s in read_manifest(io, generation).shards}
+    for run in run_dirs(io):
+        info = run_info(io, run)
+        if not info or info.get("key") != key or info.get("parent") != parent:
             continue
-        if not isinstance(info, dict) or info.get("key") != key or info.get("parent") != parent:
-            continue
-        recorded = {r["shard"].shard_id for r in remote_recorded(io, run)}
+        recorded = {r["shard"].shard_id for r in recorded_shards(io, run)}
         if recorded and recorded <= named:
-            update_current(store, newest_generation(store))
+            update_current(io, newest_generation(io))
             io.remove(run)
             log.info("generation %d was committed by an earlier run of this command; "
                      "completed it", generation)
-            return read_manifest(store)
+            return read_manifest(io)
     return None
 
 
@@ -340,18 +265,15 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     receives the run's ``RunMetrics`` under ``"metrics"`` (its ``encode`` timing included).
     """
     config = config or BuildConfig()
-    store = str(store)
-    _check_store_path(store)
+    store = store_io(store)
+    store.check_writable(must_exist=False)
     files = _corpus_files(corpus, config.glob, store)
     _check_device(config, beam_args)
     model = describe_model(config)
     key = run_key("build", 0, files, config_settings(config), model.fingerprint)
-    if ((is_remote(store) or Path(store).is_dir())
-            and (done := _completed_earlier(store, "build", 0, key))):
+    if done := _completed_earlier(store, 0, key):
         return done
     _check_new_store(store)
-    if not is_remote(store):
-        Path(store).mkdir(parents=True, exist_ok=True)
     generation = 1
     journal = _start_journal(store, "build", 0, files, config_settings(config),
                              model.fingerprint)
@@ -401,8 +323,8 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     ``rebase`` the new shards are committed on top of that writer's generation when that is
     safe (``_commit_update``).
     """
-    store = str(store)
-    _check_store_path(store, exists=True)
+    store = store_io(store)
+    store.check_writable(must_exist=True)
     current = read_manifest(store)
     config = dataclasses.replace(
         config or BuildConfig(model=current.model.name),
@@ -503,8 +425,8 @@ def compact_store(store: str | os.PathLike, shard_tokens: int | None = None,
     """Merge small shards into shards of up to ``shard_tokens`` tokens; a new generation."""
     from pipelines.compact import plan_merges, run_compaction
 
-    store = str(store)
-    _check_store_path(store, exists=True)
+    store = store_io(store)
+    store.check_writable(must_exist=True)
     current = read_manifest(store)
     groups = plan_merges(current.shards, shard_tokens or BuildConfig().shard_tokens)
     if not any(len(g) > 1 for g in groups):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from pathlib import Path
 
 import apache_beam as beam
 import pyarrow as pa
@@ -13,15 +12,12 @@ import pyarrow.parquet as pq
 from pipelines.documents import DeadLetter
 from schemas import DEAD_LETTER_SCHEMA
 from schemas.atomic import replacing
-from schemas.storage import ObjectStoreIO, is_remote, staged
+from schemas.commit import Store
+from schemas.storage import staged, store_io
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_DIR = "dead_letter"
-
-
-def dead_letter_path(store: str, generation: int) -> Path:
-    return Path(store) / DEAD_LETTER_DIR / f"gen-{generation:06d}.parquet"
 
 
 def write_dead_letters(letters: list[DeadLetter], path: str) -> int:
@@ -45,7 +41,7 @@ def dead_letter_relpath(generation: int) -> str:
     return f"{DEAD_LETTER_DIR}/gen-{generation:06d}.parquet"
 
 
-def write_store_dead_letters(letters: list[DeadLetter], store: str, generation: int) -> int:
+def write_store_dead_letters(letters: list[DeadLetter], store: Store, generation: int) -> int:
     """``write_dead_letters`` into a store, local or remote (written here, then uploaded)."""
     if not letters:
         return 0
@@ -53,18 +49,12 @@ def write_store_dead_letters(letters: list[DeadLetter], store: str, generation: 
         return write_dead_letters(letters, str(root / dead_letter_relpath(generation)))
 
 
-def read_dead_letters(store: str, generation: int) -> list[DeadLetter]:
-    if is_remote(store):
-        io = ObjectStoreIO(store)
-        try:
-            data = io.read(dead_letter_relpath(generation))
-        except FileNotFoundError:
-            return []
-        return [DeadLetter(**row) for row in pq.read_table(pa.BufferReader(data)).to_pylist()]
-    path = dead_letter_path(store, generation)
-    if not path.is_file():
+def read_dead_letters(store: Store, generation: int) -> list[DeadLetter]:
+    try:
+        data = store_io(store).read(dead_letter_relpath(generation))
+    except FileNotFoundError:
         return []
-    return [DeadLetter(**row) for row in pq.read_table(path).to_pylist()]
+    return [DeadLetter(**row) for row in pq.read_table(pa.BufferReader(data)).to_pylist()]
 
 
 def summarize(letters: list[DeadLetter]) -> str:
@@ -78,7 +68,7 @@ class WriteDeadLetters(beam.PTransform):
 
     def __init__(self, store: str, generation: int):
         super().__init__()
-        self.store = str(store)
+        self.store = store_io(store)
         self.generation = generation
 
     def expand(self, letters):

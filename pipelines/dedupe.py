@@ -5,7 +5,7 @@ from __future__ import annotations
 import apache_beam as beam
 
 from schemas.shard_io import DOCS_FILE, read_docs, shard_relpath
-from schemas.storage import staged
+from schemas.storage import staged, store_io
 
 NAMESPACE = "dresd"
 
@@ -35,7 +35,7 @@ class DropKnownDocuments(beam.PTransform):
 
     def __init__(self, store: str, shard_ids: list[str]):
         super().__init__()
-        self.store = str(store)
+        self.store = store_io(store)
         self.shard_ids = list(shard_ids)
 
     def expand(self, docs):

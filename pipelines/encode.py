@@ -25,6 +25,7 @@ from pipelines.dedupe import NAMESPACE
 from pipelines.documents import TokenizedDoc, WrittenShard
 from pipelines.faults import maybe_fail
 from schemas.shard_io import KEY_DTYPE
+from schemas.storage import staged, store_io
 
 # Distributions hold ints: wall-clock instants in epoch milliseconds, durations in milliseconds.
 ENCODED_TOKENS = "encoded_tokens"
@@ -144,7 +145,6 @@ class EncodeShardsFn(beam.DoFn):
     def _write_shard(self) -> WrittenShard:
         from pipelines.forward import encode_stream
         from schemas.shard_io import write_shard
-        from schemas.storage import staged
 
         docs, self.buffer, self.buffered = self.buffer, [], 0
         transform = self.fitted.transform
@@ -173,7 +173,7 @@ class EncodeShards(beam.PTransform):
     def __init__(self, config: BuildConfig, store: str, fitted):
         super().__init__()
         self.config = config
-        self.store = str(store)
+        self.store = store_io(store)
         self.fitted = fitted  # singleton PCollection of FittedKeys
 
     def expand(self, docs):

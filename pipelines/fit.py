@@ -13,7 +13,6 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
@@ -36,7 +35,7 @@ from pipelines.index import (
 )
 from schemas import IndexSpec, Manifest, StoreFormatError, TransformSpec
 from schemas.manifest import make_file_ref
-from schemas.storage import is_remote, join, staged
+from schemas.storage import staged, store_io
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +126,8 @@ def fitted_from_specs(store: str, transform: TransformSpec, index: IndexSpec) ->
     with staged(store, [transform.file.path, index.quantizer.path]) as root:
         for ref in (transform.file, index.quantizer):
             if make_file_ref(root, ref.path) != ref:
-                where = join(store, ref.path) if is_remote(store) else Path(store) / ref.path
-                raise StoreFormatError(f"{where} does not match its manifest digest")
+                raise StoreFormatError(f"{store_io(store).where(ref.path)} does not match its "
+                                       "manifest digest")
         quantizer = (root / index.quantizer.path).read_bytes()
         key_transform = KeyTransform.load(root / transform.file.path)
     return FittedKeys(
@@ -153,7 +152,7 @@ class FitTransform(beam.PTransform):
     def __init__(self, config: BuildConfig, store: str):
         super().__init__()
         self.config = config
-        self.store = str(store)
+        self.store = store_io(store)
 
     def expand(self, states):
         return (
@@ -182,7 +181,7 @@ class TrainIndex(beam.PTransform):
     def __init__(self, config: BuildConfig, store: str, fitted):
         super().__init__()
         self.config = config
-        self.store = str(store)
+        self.store = store_io(store)
         self.fitted = fitted  # singleton PCollection of FittedKeys (transform only)
 
     def expand(self, shards):

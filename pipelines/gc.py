@@ -10,28 +10,26 @@ Never removed: anything a retained manifest names, anything modified within ``gr
 that started while gc was looking), and, while any run is live (its journal heartbeat is
 fresh), no unreferenced shard, transform or quantizer at all: it may be that run's output.
 Old manifests go first, so a crash of gc never leaves a manifest naming a missing file.
-A store at a URL follows the same rules on objects (pipelines.gc_remote).
+A store at a URL follows the same rules on objects, through the same ``StoreIO`` calls: a
+"directory" there is a key prefix and its age the newest ``LastModified`` under it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pipelines.dead_letter import DEAD_LETTER_DIR, dead_letter_path
+from pipelines.dead_letter import DEAD_LETTER_DIR, dead_letter_relpath
 from pipelines.faults import maybe_fail
 from pipelines.fit import INDEX_DIR, TRANSFORM_DIR
 from pipelines.journal import JOURNAL_DIR, is_live, run_dirs
 from schemas import list_generations, read_manifest
-from schemas.commit import resolve_generation, update_current
-from schemas.manifest import generation_path
+from schemas.commit import Store, manifest_relpath, resolve_generation, update_current
+from schemas.layout import MANIFEST_DIR
 from schemas.shard_io import SHARDS_DIR, shard_relpath
-from schemas.storage import is_remote
+from schemas.storage import is_scratch, store_io
 
 log = logging.getLogger(__name__)
 
@@ -84,34 +82,7 @@ def _referenced(manifest_dict) -> set[str]:
     return out
 
 
-def _newest_mtime(path: Path) -> float:
-    try:
-        newest = path.lstat().st_mtime
-    except OSError:
-        return 0.0
-    if path.is_dir() and not path.is_symlink():
-        for p in path.rglob("*"):
-            try:
-                newest = max(newest, p.lstat().st_mtime)
-            except OSError:
-                pass
-    return newest
-
-
-def _size(path: Path) -> int:
-    if path.is_dir() and not path.is_symlink():
-        return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
-    try:
-        return path.lstat().st_size
-    except OSError:
-        return 0
-
-
-def _is_temp(name: str) -> bool:
-    return (name.startswith(".") and ".tmp" in name) or name.endswith(".part")
-
-
-def collect_garbage(store: str | os.PathLike, keep: int | None = None, dry_run: bool = False,
+def collect_garbage(store: Store, keep: int | None = None, dry_run: bool = False,
                     grace_s: float = DEFAULT_GRACE_S) -> GcReport:
     """Remove the store's garbage (see the module docstring); ``keep`` newest generations
     (None: all)."""
@@ -119,72 +90,60 @@ def collect_garbage(store: str | os.PathLike, keep: int | None = None, dry_run: 
         raise ValueError(f"--keep must be at least 1 (the current generation), not {keep}")
     if grace_s < 0:
         raise ValueError(f"--grace must be >= 0 seconds, not {grace_s}")
-    if is_remote(store):
-        from pipelines.gc_remote import collect_remote_garbage
-
-        return collect_remote_garbage(str(store), keep, dry_run, grace_s)
-    root = Path(store)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no store at {store}")
-    newest = resolve_generation(store)
-    generations = [g for g in list_generations(store) if g <= newest]
+    io = store_io(store)
+    if not io.listdir(""):
+        raise FileNotFoundError(f"no store at {io.where()}")
+    newest = resolve_generation(io)
+    listed = list_generations(io)
+    generations = [g for g in listed if g <= newest]
     retained = generations[-keep:] if keep else generations
-    newer = [g for g in list_generations(store) if g > newest]  # never under the protocol
+    newer = [g for g in listed if g > newest]  # never under the protocol
     referenced: set[str] = set()
     for g in retained + newer:
-        read_manifest(store, g)  # a retained manifest that does not load stops gc here
-        referenced |= _referenced(json.loads(generation_path(store, g).read_text("utf-8")))
+        read_manifest(io, g)  # a retained manifest that does not load stops gc here
+        referenced |= _referenced(json.loads(io.read(manifest_relpath(g)).decode("utf-8")))
 
     now = time.time()
-    live = [d for d in run_dirs(store) if is_live(d, now)]
+    runs = run_dirs(io)
+    live = [run for run in runs if is_live(io, run, now)]
     report = GcReport(generation=newest, retained=retained, live_runs=len(live))
-    candidates: list[Path] = []  # in removal order
-    candidates += [generation_path(store, g) for g in generations if g not in retained]
-    candidates += [dead_letter_path(str(store), g) for g in generations if g not in retained]
-    young: list[Path] = []  # subject to the grace period
-
-    for d in run_dirs(store):
-        if d not in live:
-            young.append(d)
+    candidates = [manifest_relpath(g) for g in generations if g not in retained]
+    candidates += [dead_letter_relpath(g) for g in generations if g not in retained]
+    young = [run for run in runs if run not in live]  # subject to the grace period
     if not live:  # dead-letter reports of runs that never committed
-        young += [p for p in sorted((root / DEAD_LETTER_DIR).glob("gen-*.parquet"))
-                  if p.stem[4:].isdigit() and int(p.stem[4:]) > max(newest, *newer, 0)]
+        last = max(newest, *newer, 0)
+        for name in io.listdir(DEAD_LETTER_DIR):
+            stem = name.removesuffix(".parquet")
+            if stem.startswith("gen-") and stem[4:].isdigit() and int(stem[4:]) > last:
+                young.append(f"{DEAD_LETTER_DIR}/{name}")
     for top in (SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR):
-        d = root / top
-        if not d.is_dir():
-            continue
-        for p in sorted(d.iterdir()):
-            rel = f"{top}/{p.name}"
-            if _is_temp(p.name):
-                young.append(p)
-            elif rel not in referenced and not live:
-                young.append(p)
-    for top in (".", "manifests", DEAD_LETTER_DIR, JOURNAL_DIR):
-        d = root / top
-        if d.is_dir():
-            young += [p for p in sorted(d.iterdir()) if _is_temp(p.name)]
-    for p in young:
-        if now - _newest_mtime(p) < grace_s:
+        for name in io.listdir(top):
+            rel = f"{top}/{name}"
+            if is_scratch(name) or (rel not in referenced and not live):
+                young.append(rel)
+    for top in ("", MANIFEST_DIR, DEAD_LETTER_DIR, JOURNAL_DIR):
+        young += [f"{top}/{n}".lstrip("/") for n in io.listdir(top) if is_scratch(n)]
+    usage = {rel: io.usage(rel) for rel in young}
+    for rel in young:
+        if usage[rel] and now - usage[rel].newest < grace_s:
             report.kept_young += 1
         else:
-            candidates.append(p)
+            candidates.append(rel)
 
     if not dry_run:
-        update_current(store, newest)  # the hint never names a generation removed below
+        update_current(io, newest)  # the hint never names a generation removed below
     removed = 0
-    for p in candidates:
-        if not p.exists() and not p.is_symlink():
+    for rel in candidates:
+        found = usage.get(rel) or io.usage(rel)
+        if found is None:
             continue
-        report.removed.append(p.relative_to(root).as_posix())
-        report.bytes += _size(p)
+        report.removed.append(rel)
+        report.bytes += found.bytes
         if dry_run:
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        io.remove(rel)
         removed += 1
         if removed == 1:
             maybe_fail("during_gc")
-    log.info("gc %s: %s", store, report.summary(dry_run))
+    log.info("gc %s: %s", io.where(), report.summary(dry_run))
     return report

@@ -44,7 +44,7 @@ from schemas.shard_io import (
     shard_relpath,
     write_counts,
 )
-from schemas.storage import staged
+from schemas.storage import staged, store_io
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class FillShardIndex(beam.PTransform):
     def __init__(self, store: str, generation: int, fitted, vocab_size: int,
                  keep_keys: bool = False):
         super().__init__()
-        self.store = str(store)
+        self.store = store_io(store)
         self.generation = generation
         self.fitted = fitted  # singleton PCollection of FittedKeys, quantizer trained
         self.vocab_size = vocab_size

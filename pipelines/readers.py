@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import apache_beam as beam
 
 from pipelines.documents import ChatDocument, DeadLetter, Document, TextDocument
-from schemas.storage import file_size, is_remote, list_files, open_input
+from schemas.storage import describe_kind, file_size, is_remote, list_files, open_input
 
 DEAD = "dead"
 
@@ -48,14 +47,6 @@ def list_corpus_files(corpus: str | os.PathLike | Iterable, glob: str) -> list[s
     return files
 
 
-def describe_kind(path: str | os.PathLike) -> str:
-    """What a path that is neither a regular file nor a directory is, in words."""
-    mode = os.stat(path).st_mode
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def utf8_error(text: str) -> str:
@@ -117,7 +108,7 @@ def read_parquet(path: str, prompt_field: str, response_field: str) -> Iterator[
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(open_input(path) if is_remote(path) else path)
+        pf = pq.ParquetFile(open_input(path))
     except Exception as e:  # noqa: BLE001 - any unreadable file is one dead letter, not a crash
         yield DeadLetter.of(path, f"unreadable Parquet file: {e}")
         return

@@ -14,20 +14,23 @@ Without ``CURRENT`` (a first build that crashed right after its commit) readers 
 or that names a generation which does not exist, is a ``StoreFormatError``: a flipped byte is
 detected, not trusted. Error messages never quote file contents.
 
-The two storage operations the protocol needs sit behind ``StoreIO``: a local implementation
-(temp file, fsync, ``os.link``, which fails if the target exists; ``os.replace`` for the hint)
-and, on object storage, a put with ``If-None-Match: "*"`` and a plain put.
+The two storage operations the protocol needs, an exclusive create and a whole replace, are
+``StoreIO``'s (schemas.storage): locally a temp file, fsync and ``os.link`` (which fails if the
+target exists) and ``os.replace`` for the hint; on object storage a put with
+``If-None-Match: "*"`` and a plain put. Every function here takes a store location or its
+``StoreIO``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
-from pathlib import Path
-from typing import Protocol
 
-from schemas.manifest import CURRENT_FILE, MANIFEST_DIR, StoreFormatError
+from schemas.errors import StoreFormatError
+from schemas.layout import CURRENT_FILE, MANIFEST_DIR
+from schemas.storage import StoreIO, store_io
+
+Store = str | os.PathLike | StoreIO
 
 MANIFEST_NAME = re.compile(r"gen-(\d{6})\.json")
 CURRENT_TEXT = re.compile(rb"manifests/gen-(\d{6})\.json\n")
@@ -36,101 +39,6 @@ MAX_GENERATION = 999_999
 
 class CommitConflictError(RuntimeError):
     """Another writer committed the generation this run was going to commit."""
-
-
-class StoreIO(Protocol):
-    """The storage primitives of the commit protocol, on paths relative to the store root."""
-
-    def create_exclusive(self, relpath: str, data: bytes) -> None:
-        """Create ``relpath`` holding ``data``, whole, or raise FileExistsError if it exists."""
-
-    def replace(self, relpath: str, data: bytes) -> None:
-        """Create or overwrite ``relpath`` with ``data``; readers see the old or the new bytes."""
-
-    def read(self, relpath: str) -> bytes:
-        """The bytes of ``relpath``; FileNotFoundError if absent."""
-
-    def exists(self, relpath: str) -> bool: ...
-
-    def listdir(self, relpath: str) -> list[str]:
-        """Names of the entries directly under ``relpath`` ([] when it does not exist)."""
-
-
-class LocalStoreIO:
-    """``StoreIO`` on a local (or POSIX-mounted) directory."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def _write_temp(self, path: Path, data: bytes) -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return tmp
-
-    def _sync_dir(self, path: Path) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def create_exclusive(self, relpath: str, data: bytes) -> None:
-        path = self.root / relpath
-        tmp = self._write_temp(path, data)
-        try:
-            os.link(tmp, path)  # fails with FileExistsError if another writer got there first
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        self._sync_dir(path.parent)
-
-    def replace(self, relpath: str, data: bytes) -> None:
-        path = self.root / relpath
-        tmp = self._write_temp(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._sync_dir(path.parent)
-
-    def read(self, relpath: str) -> bytes:
-        from schemas.paths import store_file  # a planted link is refused, never followed
-
-        return store_file(self.root, relpath).read_bytes()
-
-    def exists(self, relpath: str) -> bool:
-        return (self.root / relpath).exists()
-
-    def listdir(self, relpath: str) -> list[str]:
-        d = self.root / relpath
-        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
-
-
-def store_io(store: str | os.PathLike) -> StoreIO:
-    """The StoreIO of a store location: a local directory, or a URL (schemas.storage)."""
-    from schemas.storage import ObjectStoreIO, is_remote
-
-    return ObjectStoreIO(str(store)) if is_remote(store) else LocalStoreIO(store)
-
-
-def _where(store: str | os.PathLike, relpath: str) -> str:
-    """A store file's location for messages (``Path`` would mangle a URL)."""
-    from schemas.storage import is_remote, join
-
-    return join(str(store), relpath) if is_remote(store) else str(Path(store) / relpath)
 
 
 def manifest_relpath(generation: int) -> str:
@@ -151,44 +59,44 @@ def listed_generations(io: StoreIO) -> list[int]:
     return sorted(out)
 
 
-def read_current_hint(store: str | os.PathLike, io: StoreIO | None = None) -> int | None:
+def read_current_hint(store: Store) -> int | None:
     """The generation ``CURRENT`` names, None when it is absent or empty (a torn write).
 
     Anything else that is not exactly ``manifests/gen-NNNNNN.json`` and a newline is a
     StoreFormatError that does not quote the file.
     """
-    io = io or store_io(store)
+    io = store_io(store)
     try:
         raw = io.read(CURRENT_FILE)
     except FileNotFoundError:
         return None
     except IsADirectoryError:
-        raise StoreFormatError(f"{_where(store, CURRENT_FILE)} is a directory, not a file") from None
+        raise StoreFormatError(f"{io.where(CURRENT_FILE)} is a directory, not a file") from None
     if not raw.strip():
         return None
     m = CURRENT_TEXT.fullmatch(raw)
     if not m or int(m.group(1)) < 1:
         raise StoreFormatError(
-            f"{_where(store, CURRENT_FILE)} is corrupt: it must hold exactly "
+            f"{io.where(CURRENT_FILE)} is corrupt: it must hold exactly "
             f"'{MANIFEST_DIR}/gen-NNNNNN.json' and a newline ({len(raw)} bytes found); delete it "
             "and the newest committed generation is found by listing manifests/")
     return int(m.group(1))
 
 
-def resolve_generation(store: str | os.PathLike, io: StoreIO | None = None) -> int:
+def resolve_generation(store: Store) -> int:
     """The newest committed generation of a store (see the module docstring)."""
-    io = io or store_io(store)
-    hint = read_current_hint(store, io)
+    io = store_io(store)
+    hint = read_current_hint(io)
     if hint is None:
         listed = listed_generations(io)
         if not listed:
             raise StoreFormatError(
-                f"{store} is not a dresd store: {CURRENT_FILE} is missing and no generation "
+                f"{io.where()} is not a dresd store: {CURRENT_FILE} is missing and no generation "
                 "is committed")
         return listed[-1]
     if not io.exists(manifest_relpath(hint)):
         raise StoreFormatError(
-            f"{_where(store, CURRENT_FILE)} is corrupt: it names generation {hint}, whose "
+            f"{io.where(CURRENT_FILE)} is corrupt: it names generation {hint}, whose "
             f"manifest does not exist; delete it and the newest committed generation is found "
             "by listing manifests/")
     generation = hint
@@ -197,36 +105,35 @@ def resolve_generation(store: str | os.PathLike, io: StoreIO | None = None) -> i
     return generation
 
 
-def newest_generation(store: str | os.PathLike) -> int:
+def newest_generation(store: Store) -> int:
     """The newest committed generation, 0 when none is (a new or never committed store)."""
     try:
         return resolve_generation(store)
     except StoreFormatError:
         io = store_io(store)
-        if read_current_hint(store, io) is None and not listed_generations(io):
+        if read_current_hint(io) is None and not listed_generations(io):
             return 0
         raise
 
 
-def commit_manifest(store: str | os.PathLike, generation: int, data: bytes,
-                    io: StoreIO | None = None) -> None:
+def commit_manifest(store: Store, generation: int, data: bytes) -> None:
     """Create the manifest of ``generation``: the commit point. CommitConflictError if it
     exists (another writer committed it first)."""
-    io = io or store_io(store)
+    io = store_io(store)
     try:
         io.create_exclusive(manifest_relpath(generation), data)
     except FileExistsError:
         raise CommitConflictError(
-            f"generation {generation} already exists in {store}: another writer committed it "
+            f"generation {generation} already exists in {io.where()}: another writer committed it "
             f"while this run was working from generation {generation - 1}; rerun the command "
             "(the shards this run wrote are left for `dresd gc`)") from None
 
 
-def update_current(store: str | os.PathLike, generation: int, io: StoreIO | None = None) -> None:
+def update_current(store: Store, generation: int) -> None:
     """Point the ``CURRENT`` hint at ``generation`` unless it already names a newer one."""
-    io = io or store_io(store)
+    io = store_io(store)
     try:
-        hint = read_current_hint(store, io)
+        hint = read_current_hint(io)
     except StoreFormatError:
         hint = None  # a corrupt hint is repaired by this write
     if hint is not None and hint > generation and io.exists(manifest_relpath(hint)):

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.atomic import replacing
-from schemas.manifest import StoreFormatError
+from schemas.errors import StoreFormatError
 
 TOKEN_SHIFT = 40  # low 40 bits: position in the shard's token stream
 MAX_POSITION = 1 << TOKEN_SHIFT  # a shard holds fewer tokens than this (~1.1e12)

@@ -17,18 +17,25 @@ from pathlib import Path
 
 import jsonschema
 
+from schemas.commit import (
+    Store,
+    commit_manifest,
+    listed_generations,
+    manifest_relpath,
+    resolve_generation,
+    update_current,
+)
+from schemas.errors import StoreFormatError
+from schemas.layout import CURRENT_FILE, MANIFEST_DIR  # noqa: F401 - re-exported
+from schemas.ranges import check_ranges
+from schemas.storage import store_io
+
 FORMAT_VERSION = 2
 # What an older store gets told. Format 1 (float16 keys in keys.lance, an IVF index per shard,
 # everything loaded into RAM) cannot be opened by this code; its manifest names the model.
 UPGRADE_HINT = ("rebuild it from its corpus with `dresd build NEW_STORE CORPUS...` (same "
                 "model and options)")
-CURRENT_FILE = "CURRENT"
-MANIFEST_DIR = "manifests"
 _SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-
-
-class StoreFormatError(ValueError):
-    """The store on disk does not match the format this code reads."""
 
 
 @dataclass(frozen=True)
@@ -210,8 +217,6 @@ def validate_manifest_dict(d: dict) -> None:
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "<root>"
         raise StoreFormatError(f"invalid manifest at {where}: {e.message}") from None
-    from schemas.ranges import check_ranges
-
     check_ranges(d)
 
 
@@ -242,33 +247,25 @@ def generation_path(store: str | os.PathLike, generation: int) -> Path:
     return Path(store) / MANIFEST_DIR / f"gen-{generation:06d}.json"
 
 
-def list_generations(store: str | os.PathLike) -> list[int]:
+def list_generations(store: Store) -> list[int]:
     """Committed generations, oldest first (manifest files named ``gen-NNNNNN.json``)."""
-    from schemas.commit import listed_generations, store_io
-
     return listed_generations(store_io(store))
 
 
-def current_generation(store: str | os.PathLike) -> int:
+def current_generation(store: Store) -> int:
     """The newest committed generation: ``CURRENT`` is a hint (see schemas.commit)."""
-    from schemas.commit import resolve_generation
-
     return resolve_generation(store)
 
 
-def read_manifest(store: str | os.PathLike, generation: int | None = None) -> Manifest:
+def read_manifest(store: Store, generation: int | None = None) -> Manifest:
     """The live manifest (or a given generation) of a store, local or at a URL."""
-    from schemas.paths import store_file
-    from schemas.storage import ObjectStoreIO, is_remote, join
-
+    io = store_io(store)
     if generation is None:
-        generation = current_generation(store)
-    rel = f"{MANIFEST_DIR}/gen-{generation:06d}.json"
-    remote = is_remote(store)  # a URL: read through the filesystem layer (schemas.storage)
-    path = join(str(store), rel) if remote else generation_path(store, generation)
+        generation = current_generation(io)
+    rel = manifest_relpath(generation)
+    path = io.where(rel)
     try:
-        raw = (ObjectStoreIO(str(store)).read(rel) if remote
-               else store_file(store, f"{MANIFEST_DIR}/{path.name}").read_bytes())
+        raw = io.read(rel)
     except FileNotFoundError:
         raise StoreFormatError(f"manifest generation {generation} is missing: {path}") from None
     except IsADirectoryError:
@@ -328,14 +325,13 @@ def _check_written_form(path: Path, raw: bytes, d: dict) -> None:
                                "writes (changed whitespace or formatting)")
 
 
-def write_manifest(store: str | os.PathLike, manifest: Manifest) -> Path:
+def write_manifest(store: Store, manifest: Manifest) -> str:
     """Commit a new generation, then point ``CURRENT`` at it (schemas.commit).
 
     The manifest is created only if absent: of two writers racing for the same generation
     number exactly one wins; the other gets ``CommitConflictError`` and nothing is replaced.
     """
-    from schemas.commit import commit_manifest, update_current
-
-    commit_manifest(store, manifest.generation, manifest_bytes(manifest))
-    update_current(store, manifest.generation)
-    return generation_path(store, manifest.generation)
+    io = store_io(store)
+    commit_manifest(io, manifest.generation, manifest_bytes(manifest))
+    update_current(io, manifest.generation)
+    return io.where(manifest_relpath(manifest.generation))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from schemas.manifest import StoreFormatError
+from schemas.errors import StoreFormatError
 
 
 def store_file(root: str | os.PathLike, relpath: str) -> Path:

@@ -18,7 +18,9 @@ Each violation is a ``StoreFormatError`` that names the field (as a path, like
 
 from __future__ import annotations
 
-from schemas.manifest import StoreFormatError
+from schemas.errors import StoreFormatError
+from schemas.layout import COUNTS_FILE, DOCS_FILE, INDEX_FILE, KEYS_FILE, TOKENS_FILE
+from schemas.lists import MAX_POSITION, MAX_VOCAB
 
 MAX_HIDDEN = 1 << 16  # hidden sizes of today's largest models are ~2^14
 MAX_VALUE_LEN = 1024  # tokens sliced per value; drafts are a few dozen at most
@@ -38,9 +40,6 @@ def _at_most(d: dict, where: str, key: str, limit: int) -> None:
 def check_ranges(d: dict) -> None:
     """Raise StoreFormatError unless the schema-valid manifest ``d`` is consistent (see the
     module docstring)."""
-    from schemas.lists import MAX_POSITION, MAX_VOCAB
-    from schemas.shard_io import COUNTS_FILE, DOCS_FILE, INDEX_FILE, KEYS_FILE, TOKENS_FILE
-
     model, transform, index = d["model"], d["transform"], d["index"]
     _at_most(model, "model/", "vocab_size", MAX_VOCAB)
     _at_most(model, "model/", "hidden_size", MAX_HIDDEN)

@@ -18,15 +18,18 @@ import pyarrow.ipc as ipc
 
 from schemas.arrow import DOCS_SCHEMA, TOKENS_SCHEMA
 from schemas.atomic import replacing
-from schemas.manifest import FileRef, ShardInfo, StoreFormatError, make_file_ref
+from schemas.errors import StoreFormatError
+from schemas.layout import (  # noqa: F401 - the shard layout, re-exported for the writers
+    COUNTS_FILE,
+    DOCS_FILE,
+    INDEX_FILE,
+    KEYS_FILE,
+    SHARDS_DIR,
+    TOKENS_FILE,
+)
+from schemas.manifest import FileRef, ShardInfo, make_file_ref
 
-SHARDS_DIR = "shards"
-TOKENS_FILE = "tokens.arrow"
-DOCS_FILE = "docs.arrow"
-KEYS_FILE = "keys.npy"  # KEY_DTYPE [T, d], row t = key of position t (staging, then archive)
 KEY_DTYPE = np.float16  # keys need no more: they are searched through 8-bit PQ codes
-INDEX_FILE = "ivf.lists"  # the shard's inverted lists (schemas.lists)
-COUNTS_FILE = "counts.npy"  # int32 [vocab]: keys per next token (how many a search can find)
 
 
 def new_shard_id(prefix: str = "s") -> str:

@@ -12,13 +12,23 @@ backend (so a step that pickles only a URL string runs on any worker).
 Stores are accepted only where the exclusive create is known to hold (``EXCLUSIVE_CREATE``:
 S3); corpora may be on any filesystem fsspec reads.
 
-Local paths never come through here: every local read and write stays on the ``pathlib``/``os``
-code it had, so a local store behaves exactly as before. A remote store is worked on through
-``staged``: a step copies the files it reads into a local temporary directory laid out like the
-store, runs the same local writers and readers on it, and uploads what it created. Object stores
-show an object whole or not at all, every new file goes under a name no other writer uses (a new
-shard id, a content-addressed transform or quantizer), and nothing is referenced until the
-manifest, created last, names it with its checksum.
+One interface, ``StoreIO``, with the same operations on a local directory (``LocalStoreIO``)
+and on object storage (``ObjectStoreIO``), chosen once by ``store_io(location)`` where a store
+location enters the API; every other module works on the ``StoreIO`` it is given and never asks
+which kind it holds. What must differ lives inside the two implementations:
+
+- the exclusive create of the commit: a hard link of a complete temp file (fails if the target
+  exists) locally, a conditional put (``If-None-Match: "*"``) on S3;
+- reads refuse symbolic links below a local store's root (schemas.paths); objects have none;
+- ``staged``: the local readers and writers (Arrow, numpy, faiss) need a directory. Locally it
+  is the store itself, nothing copied; on object storage a temporary directory laid out like the
+  store, into which the files a step reads are fetched and from which what it created is
+  uploaded. Object stores show an object whole or not at all, every new file goes under a name
+  no other writer uses (a new shard id, a content-addressed transform or quantizer), and nothing
+  is referenced until the manifest, created last, names it with its checksum.
+
+Corpus files (read only) go through fsspec on both kinds of location: a local path is fsspec's
+local filesystem, so ``open_input``, ``file_size`` and ``file_stamp`` are one code path.
 
 S3 settings come from the environment: credentials and region as boto3 reads them
 (``AWS_ACCESS_KEY_ID``, ...), the endpoint of an S3-API server other than AWS from
@@ -29,10 +39,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import stat
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from schemas.paths import store_file
 
 
 def scheme(location: str | os.PathLike) -> str:
@@ -91,25 +107,261 @@ def filesystem(url: str):
         raise RuntimeError(f"{url}: {e}") from None
 
 
-class ObjectStoreIO:
-    """``StoreIO`` (schemas.commit) on a store at a URL, plus the few calls a builder needs.
+@dataclass(frozen=True)
+class Usage:
+    """What lies at a store path: its bytes (all files under it) and the newest modification
+    time (seconds since the epoch) of anything there."""
+
+    bytes: int
+    newest: float
+
+
+class StoreIO(ABC):
+    """The operations on a store's files, on paths relative to its root.
+
+    Picklable as its location alone, so a pipeline step that captures one runs on any worker.
+    Invariants both implementations keep: ``create_exclusive`` of an existing path raises
+    ``FileExistsError`` and changes nothing; ``replace`` and ``put`` show readers the old or the
+    new bytes, never a mix; ``remove`` of an absent path is not an error.
+    """
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = str(location)
+
+    def __getstate__(self):
+        return {"location": self.location}
+
+    def __setstate__(self, state):
+        self.__init__(state["location"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.location == self.location
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.location))
+
+    def __str__(self) -> str:
+        return self.location
+
+    @abstractmethod
+    def where(self, relpath: str = "") -> str:
+        """The location of ``relpath`` for people: a path or a URL."""
+
+    @abstractmethod
+    def create_exclusive(self, relpath: str, data: bytes) -> None:
+        """Create ``relpath`` holding ``data``, whole, or raise FileExistsError if it exists."""
+
+    @abstractmethod
+    def replace(self, relpath: str, data: bytes) -> None:
+        """Create or overwrite ``relpath`` with ``data``; readers see the old or the new bytes."""
+
+    @abstractmethod
+    def read(self, relpath: str) -> bytes:
+        """The bytes of ``relpath``; FileNotFoundError if absent."""
+
+    @abstractmethod
+    def exists(self, relpath: str) -> bool: ...
+
+    @abstractmethod
+    def listdir(self, relpath: str) -> list[str]:
+        """Names of the entries directly under ``relpath`` ([] when it does not exist)."""
+
+    @abstractmethod
+    def usage(self, relpath: str) -> Usage | None:
+        """Bytes and newest modification time at or under ``relpath``; None when absent."""
+
+    @abstractmethod
+    def remove(self, relpath: str) -> None:
+        """Remove a file or everything under ``relpath``; absent is fine."""
+
+    @abstractmethod
+    def get(self, relpaths: list[str], local_root: Path) -> None:
+        """Copy ``relpaths`` to the same relative paths under ``local_root``."""
+
+    @abstractmethod
+    def put(self, local_root: Path, relpaths: list[str]) -> None:
+        """Copy ``local_root/rel`` to ``rel`` in the store, for each of ``relpaths``."""
+
+    @abstractmethod
+    def staged(self, fetch: Iterable[str] = ()):
+        """A context manager: a local directory laid out like the store for the local readers
+        and writers, holding at least the files ``fetch`` names (store-relative paths). When
+        the block ends without an error, what was created or changed in it is in the store and
+        the fetched files it removed are gone from the store; after an error the store is as
+        it was (files the block wrote under new names aside: garbage for gc)."""
+
+    @abstractmethod
+    def check_writable(self, must_exist: bool) -> None:
+        """Before a run writes anything: the store's place can be written (and, with
+        ``must_exist``, holds something), or a clear error, so a bad location leaves nothing
+        half-way."""
+
+    @abstractmethod
+    def contains(self, location: str) -> bool:
+        """Whether the file at ``location`` (a path or URL) lies inside this store."""
+
+    def read_json(self, relpath: str):
+        """The JSON value of ``relpath``, None when it is absent or not readable JSON (a torn
+        or foreign file counts as missing)."""
+        import json
+
+        try:
+            return json.loads(self.read(relpath).decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def write_json(self, relpath: str, obj) -> None:
+        """``replace`` with ``obj`` as indented, key-sorted JSON."""
+        import json
+
+        self.replace(relpath, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+class LocalStoreIO(StoreIO):
+    """``StoreIO`` on a local (or POSIX-mounted) directory."""
+
+    def __init__(self, location: str | os.PathLike):
+        super().__init__(location)
+        self.root = Path(location)
+
+    def where(self, relpath: str = "") -> str:
+        return str(self.root / relpath) if relpath else str(self.root)
+
+    def _write_temp(self, path: Path, data: bytes) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    @staticmethod
+    def _sync_dir(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def create_exclusive(self, relpath: str, data: bytes) -> None:
+        path = self.root / relpath
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)  # fails with FileExistsError if another writer got there first
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self._sync_dir(path.parent)
+
+    def replace(self, relpath: str, data: bytes) -> None:
+        path = self.root / relpath
+        tmp = self._write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._sync_dir(path.parent)
+
+    def read(self, relpath: str) -> bytes:
+        return store_file(self.root, relpath).read_bytes()  # a planted link is refused
+
+    def exists(self, relpath: str) -> bool:
+        return (self.root / relpath).exists()
+
+    def listdir(self, relpath: str) -> list[str]:
+        d = self.root / relpath
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def usage(self, relpath: str) -> Usage | None:
+        path = self.root / relpath
+        try:
+            st = path.lstat()
+        except OSError:
+            return None
+        size, newest = (0 if path.is_dir() else st.st_size), st.st_mtime
+        if path.is_dir() and not path.is_symlink():
+            for p in path.rglob("*"):
+                try:
+                    sub = p.lstat()
+                except OSError:
+                    continue
+                newest = max(newest, sub.st_mtime)
+                if p.is_file():
+                    size += sub.st_size
+        return Usage(size, newest)
+
+    def remove(self, relpath: str) -> None:
+        path = self.root / relpath
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def get(self, relpaths: list[str], local_root: Path) -> None:
+        for rel in relpaths:
+            (local_root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(store_file(self.root, rel), local_root / rel)
+
+    def put(self, local_root: Path, relpaths: list[str]) -> None:
+        for rel in relpaths:
+            target = self.root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.put.tmp")
+            shutil.copyfile(local_root / rel, tmp)
+            os.replace(tmp, target)
+
+    @contextmanager
+    def staged(self, fetch: Iterable[str] = ()) -> Iterator[Path]:
+        yield self.root  # the store itself: its files are already local, nothing is copied
+
+    def check_writable(self, must_exist: bool) -> None:
+        root = self.root
+        if root.exists() and not root.is_dir():
+            kind = "a file" if root.is_file() else describe_kind(root)
+            raise ValueError(f"{root} is {kind}, not a store directory")
+        if must_exist and not root.is_dir():
+            raise FileNotFoundError(f"no store at {root}")
+        probe = root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK | os.X_OK):
+            where = "store directory" if probe == root else "directory"
+            raise PermissionError(f"{where} {probe} is not writable: the store cannot be written")
+
+    def contains(self, location: str) -> bool:
+        # A URL never names an existing local path, so only a local file can be inside.
+        return (os.path.exists(location)
+                and self.root.resolve() in Path(location).resolve().parents)
+
+
+class ObjectStoreIO(StoreIO):
+    """``StoreIO`` on a store at a URL (``s3://bucket/prefix``), through fsspec.
 
     ``create_exclusive`` is a conditional put: on S3 ``PutObject`` with ``If-None-Match: "*"``,
     which the service refuses (412) when the key exists, so of two writers exactly one creates a
     manifest. ``replace`` is a plain put: an object store shows the old or the new object, never
-    a mix.
+    a mix. A "directory" is a key prefix; its modification time is the newest ``LastModified``
+    of the objects under it.
     """
 
-    def __init__(self, url: str):
-        self.url = str(url).rstrip("/")
+    def __init__(self, location: str | os.PathLike):
+        super().__init__(str(location).rstrip("/"))
+        self.url = self.location
         self._fs = None
         self._root = None
-
-    def __getstate__(self):  # picklable into pipeline steps: the URL only
-        return {"url": self.url}
-
-    def __setstate__(self, state):
-        self.__init__(state["url"])
 
     @property
     def fs(self):
@@ -121,7 +373,7 @@ class ObjectStoreIO:
         self.fs  # noqa: B018 - sets _root
         return join(self._root, relpath)
 
-    def location(self, relpath: str = "") -> str:
+    def where(self, relpath: str = "") -> str:
         return join(self.url, relpath)
 
     def create_exclusive(self, relpath: str, data: bytes) -> None:
@@ -134,7 +386,7 @@ class ObjectStoreIO:
             # A 409 ConditionalRequestConflict is a concurrent conditional put to the same key:
             # this writer did not create it, so it must not claim the commit.
             if "ConditionalRequestConflict" in str(e) or "pre-condition" in str(e).lower():
-                raise FileExistsError(self.location(relpath)) from None
+                raise FileExistsError(self.where(relpath)) from None
             raise
 
     def replace(self, relpath: str, data: bytes) -> None:
@@ -144,7 +396,7 @@ class ObjectStoreIO:
         try:
             return self.fs.cat_file(self.path(relpath))
         except FileNotFoundError:
-            raise FileNotFoundError(self.location(relpath)) from None
+            raise FileNotFoundError(self.where(relpath)) from None
 
     def exists(self, relpath: str) -> bool:
         return self.fs.exists(self.path(relpath))
@@ -158,15 +410,23 @@ class ObjectStoreIO:
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries
                       if e.rstrip("/") != base)
 
+    def usage(self, relpath: str) -> Usage | None:
+        try:
+            found = list(self.fs.find(self.path(relpath), detail=True).values())
+        except FileNotFoundError:
+            return None
+        if not found:
+            return None
+        return Usage(sum(int(o.get("size") or 0) for o in found),
+                     max(_modified(o) for o in found))
+
     def remove(self, relpath: str) -> None:
-        """Remove a file or everything under a prefix; absent is fine."""
         try:
             self.fs.rm(self.path(relpath), recursive=True)
         except FileNotFoundError:
             pass
 
     def get(self, relpaths: list[str], local_root: Path) -> None:
-        """Download ``relpaths`` to the same relative paths under ``local_root``."""
         if not relpaths:
             return
         for rel in relpaths:
@@ -174,16 +434,63 @@ class ObjectStoreIO:
         self.fs.get([self.path(r) for r in relpaths], [str(local_root / r) for r in relpaths])
 
     def put(self, local_root: Path, relpaths: list[str]) -> None:
-        """Upload ``local_root/rel`` to ``rel`` in the store, for each of ``relpaths``."""
         if relpaths:
             self.fs.put([str(local_root / r) for r in relpaths],
                         [self.path(r) for r in relpaths])
 
+    def check_writable(self, must_exist: bool) -> None:
+        check_store_location(self.url)
+        fs, path = filesystem(self.url)
+        if not fs.exists(path.split("/", 1)[0]):
+            raise FileNotFoundError(f"{self.url}: its bucket does not exist (or these "
+                                    "credentials cannot see it); create it first")
+        if must_exist and not self.listdir(""):
+            raise FileNotFoundError(f"no store at {self.url}")
 
-def bucket_exists(url: str) -> bool:
-    """Whether the bucket (the first component after the scheme) of a URL exists."""
-    fs, path = filesystem(url)
-    return fs.exists(path.split("/", 1)[0])
+    def contains(self, location: str) -> bool:
+        return str(location).startswith(self.url + "/")
+
+    @contextmanager
+    def staged(self, fetch: Iterable[str] = ()) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="dresd-stage-") as tmp:
+            root = Path(tmp)
+            fetch = list(dict.fromkeys(fetch))
+            self.get(fetch, root)
+            before = _snapshot(root)
+            yield root
+            after = _snapshot(root)
+            changed = sorted(rel for rel, stamp in after.items()
+                             if before.get(rel) != stamp and not is_scratch(rel))
+            self.put(root, changed)
+            for rel in fetch:
+                if rel not in after:
+                    self.remove(rel)
+
+
+def _modified(info: dict) -> float:
+    """An fsspec info dict's modification time, in seconds since the epoch."""
+    when = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    if when is None:
+        return 0.0
+    return when.timestamp() if hasattr(when, "timestamp") else float(when)
+
+
+def store_io(location: str | os.PathLike | StoreIO) -> StoreIO:
+    """The ``StoreIO`` of a store location: chosen here, once, by its form (a URL or a path).
+    A ``StoreIO`` is returned as it is."""
+    if isinstance(location, StoreIO):
+        return location
+    return ObjectStoreIO(location) if is_remote(location) else LocalStoreIO(location)
+
+
+def describe_kind(path: str | os.PathLike) -> str:
+    """What a path that is neither a regular file nor a directory is, in words."""
+    mode = os.stat(path).st_mode
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -191,80 +498,54 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
             for p in root.rglob("*") if p.is_file()}
 
 
-@contextmanager
-def staged(store: str | os.PathLike, fetch: Iterable[str] = ()) -> Iterator[Path]:
-    """A local directory laid out like ``store`` for the local readers and writers.
-
-    For a local store: the store itself, nothing copied. For a remote one: a temporary directory
-    holding the files ``fetch`` names (store-relative paths); when the block ends without an
-    error, every file created or changed in it is uploaded and every fetched file it removed is
-    removed from the store; then the directory goes. After an error nothing is uploaded.
-    """
-    if not is_remote(store):
-        yield Path(store)
-        return
-    io = ObjectStoreIO(str(store))
-    with tempfile.TemporaryDirectory(prefix="dresd-stage-") as tmp:
-        root = Path(tmp)
-        fetch = list(dict.fromkeys(fetch))
-        io.get(fetch, root)
-        before = _snapshot(root)
-        yield root
-        after = _snapshot(root)
-        changed = sorted(rel for rel, stamp in after.items()
-                         if before.get(rel) != stamp and not _is_scratch(rel))
-        io.put(root, changed)
-        for rel in fetch:
-            if rel not in after:
-                io.remove(rel)
+def staged(store: str | os.PathLike | StoreIO, fetch: Iterable[str] = ()):
+    """``store_io(store).staged(fetch)``: see ``StoreIO.staged``."""
+    return store_io(store).staged(fetch)
 
 
-def _is_scratch(relpath: str) -> bool:
+def is_scratch(relpath: str) -> bool:
+    """A temporary file or directory of a writer (``.name.*.tmp``, ``*.part``): never named by
+    a manifest, never uploaded, garbage for gc once old."""
     name = relpath.rsplit("/", 1)[-1]
     return (name.startswith(".") and ".tmp" in name) or name.endswith(".part")
 
 
 # --- corpus files ---------------------------------------------------------------------------
+# Read through fsspec whatever the location: a local path is fsspec's local filesystem.
 
 
 def list_files(url: str, glob: str) -> list[str] | None:
-    """Files under a remote directory matching ``glob`` (as URLs), or [url] when ``url`` is a
-    file; None when nothing is there."""
+    """Files under a directory matching ``glob``, or [url] when ``url`` is a file; None when
+    nothing is there. Listed in the form given: URLs for a URL, paths for a path."""
     fs, path = filesystem(url)
     proto = scheme(url)
     if fs.isdir(path):
         found = sorted(p for p in fs.glob(join(path, glob)) if fs.isfile(p))
-        return [f"{proto}://{p}" for p in found]
+        return [f"{proto}://{p}" if proto else p for p in found]
     if fs.isfile(path):
-        return [url]
+        return [str(url)]
     return None
 
 
 def open_input(path: str):
-    """A binary file object for reading a corpus file, local or remote."""
-    if not is_remote(path):
-        return open(path, "rb")
+    """A binary file object for reading a corpus file."""
     fs, p = filesystem(path)
     return fs.open(p, "rb")
 
 
 def file_size(path: str) -> int:
-    if not is_remote(path):
-        return os.path.getsize(path)
     fs, p = filesystem(path)
     return int(fs.size(p))
 
 
 def file_stamp(path: str) -> list:
-    """What identifies a corpus file's version: absolute path, size, mtime (local) or ETag."""
-    if not is_remote(path):
-        st = os.stat(path)
-        return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    """What identifies a corpus file's version: its location, size, and its ETag (objects) or
+    modification time."""
     fs, p = filesystem(path)
     info = fs.info(p)
     version = info.get("ETag") or info.get("etag") or str(info.get("LastModified") or
                                                           info.get("mtime") or "")
-    return [path, int(info.get("size") or 0), str(version)]
+    return [p if not scheme(path) else str(path), int(info.get("size") or 0), str(version)]
 
 
 def location_key(location: str) -> str:

@@ -102,7 +102,7 @@ def test_build_crash_at_every_step_then_rerun(point, fault, corpus, tiny_llama_d
     else:
         with pytest.raises(StoreFormatError, match="not a dresd store"):
             load_store(store)
-    recorded = [r["shard"].shard_id for d in run_dirs(store) for r in recorded_shards(d)]
+    recorded = [r["shard"].shard_id for d in run_dirs(store) for r in recorded_shards(store, d)]
     fault(None)
     manifest = build_store(corpus[0], store, _config(tiny_llama_dir))
     assert manifest.generation == 1 and list_generations(store) == [1]
@@ -126,7 +126,7 @@ def test_update_crash_at_every_step_then_rerun(point, fault, corpus, tiny_llama_
     _fails(update_store, corpus[1], store, _config(tiny_llama_dir))
     committed = point in ("after_manifest", "after_current", "during_cleanup")
     assert _loadable_generation(store) == (2 if committed else 1)
-    recorded = [r["shard"].shard_id for d in run_dirs(store) for r in recorded_shards(d)]
+    recorded = [r["shard"].shard_id for d in run_dirs(store) for r in recorded_shards(store, d)]
     fault(None)
     manifest = update_store(corpus[1], store, _config(tiny_llama_dir))
     assert manifest.generation == 2 and list_generations(store) == [1, 2]
@@ -303,13 +303,14 @@ def test_gc_keep_dry_run_grace_and_live_runs(clean, tmp_path, capsys):
 def test_stale_heartbeat_is_dead(tmp_path):
     from pipelines.journal import LIVE_S, is_live
 
-    d = tmp_path / "run-000001-k-1"
-    d.mkdir()
+    run = f"{JOURNAL_DIR}/run-000001-k-1"
+    d = tmp_path / run
+    d.mkdir(parents=True)
     (d / RUN_FILE).write_text("{}")
-    assert is_live(d)
+    assert is_live(tmp_path, run)
     old = time.time() - LIVE_S - 1
     os.utime(d / RUN_FILE, (old, old))
-    assert not is_live(d)
+    assert not is_live(tmp_path, run)
 
 
 @pytest.mark.parametrize("point", ["after_shard_record", "after_manifest"])

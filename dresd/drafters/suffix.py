@@ -30,7 +30,7 @@ from dresd.drafters.rest import check_tokens, store_docs
 
 BUILD_HINT = ("the suffix drafter needs SuffixDecoding's suffix tree: build it from "
               "arctic-inference's source with `python benchmarks/build_suffix_tree.py` "
-              "(make install runs it)")
+              "(`make suffix-tree` runs it; `make test` and `make bench` do it first)")
 
 
 def suffix_tree_module():
