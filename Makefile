@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUFFIX_STAMP := $(VENV)/.suffix-tree
 
-.PHONY: install test test-fast lint demo bench model clean
+.PHONY: install suffix-tree test test-fast lint demo bench model clean
 
 install: $(STAMP)
 
@@ -15,15 +16,21 @@ $(STAMP): pyproject.toml
 	# the CUDA build, TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU one.
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
-	# SuffixDecoding's suffix tree (the `suffix` drafter, a benchmark rival), compiled from the
-	# arctic-inference source distribution; needs a C++20 compiler.
-	$(BIN)/python benchmarks/build_suffix_tree.py
 	touch $(STAMP)
 
-test: install
+# SuffixDecoding's suffix tree (the `suffix` drafter, a benchmark rival), compiled from the
+# arctic-inference source distribution; needs a C++20 compiler. The tests and the decode
+# benchmark use it; `make install` alone does not build it.
+suffix-tree: $(SUFFIX_STAMP)
+
+$(SUFFIX_STAMP): $(STAMP) benchmarks/build_suffix_tree.py
+	$(BIN)/python benchmarks/build_suffix_tree.py
+	touch $(SUFFIX_STAMP)
+
+test: suffix-tree
 	$(BIN)/python -m pytest -q tests
 
-test-fast: install
+test-fast: suffix-tree
 	$(BIN)/python -m pytest -q -m "not integration" tests
 
 lint: install
@@ -32,7 +39,7 @@ lint: install
 demo: install
 	$(BIN)/python benchmarks/demo.py
 
-bench: install
+bench: suffix-tree
 	$(BIN)/python benchmarks/decode.py
 
 model: install

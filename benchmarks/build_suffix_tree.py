@@ -8,7 +8,7 @@ directory alone, and installs it into the running interpreter's environment as t
 sources are compiled unchanged; only the install rule and the package's ``__init__`` are added.
 ``dresd.drafters.suffix`` wraps it as the ``suffix`` drafter.
 
-    python benchmarks/build_suffix_tree.py          # part of `make install`; a no-op when built
+    python benchmarks/build_suffix_tree.py          # `make suffix-tree`; a no-op when built
     python benchmarks/build_suffix_tree.py --force  # rebuild
 """
 
