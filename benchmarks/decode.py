@@ -71,7 +71,7 @@ from benchmarks.prompts import (  # noqa: E402
     howto_eval_prompts,
     humaneval_prompts,
 )
-from dresd.decode import DecodeConfig, encode_prompt, generate  # noqa: E402
+from dresd.decode import DecodeConfig, as_drafter, encode_prompt, generate  # noqa: E402
 from dresd.drafters.registry import DRAFTERS as REGISTERED  # noqa: E402
 from dresd.drafters.registry import hybrid_names  # noqa: E402
 from dresd.models import dtype_name, load_model  # noqa: E402
@@ -163,9 +163,10 @@ def hf_generate(model, ids: list[int], max_new_tokens: int, **kw) -> tuple[list[
     return out[0, len(ids):].tolist(), time.perf_counter() - t
 
 
-# estimates of the composites that must not share the default's memory (generate keeps one per
-# model, store and configuration): the cold runs and the selection oracle's
-_OWN_MEMORIES: dict[Run, dict] = {}
+# each run's composite estimates, carried from one prompt to the next (and from the warm-up) as a
+# server's would be from one request to the next; a cold run is a run of its own, so its
+# estimates are its own too
+_ESTIMATES_PER_RUN: dict[Run, dict] = {}
 
 
 def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference: list[int],
@@ -193,15 +194,15 @@ def run_one(run: Run, model, tokenizer, stores: dict, ids: list[int], reference:
         hand = run.method == "hybrid_hand"  # the default without its node model
         config = DecodeConfig(max_new_tokens=max_new_tokens, budget=policy, **budget,
                               drafter=DRAFTERS["hybrid" if choose or hand else run.method])
-        source = store  # None for the store-free sources
-        if run.cold or choose or hand:  # the same composite, with estimates of its own
-            from dresd.decode import as_drafter
+        memory = _ESTIMATES_PER_RUN.setdefault(run, {})
+        if choose or hand:  # the default's sources and budget, in a composite of this run's
             from dresd.drafters.composite import CompositeDrafter
 
             default = as_drafter(store, config, model, tokenizer)
-            source = CompositeDrafter(default.drafters, default.policy,
-                                      memory=_OWN_MEMORIES.setdefault(run, {}),
+            source = CompositeDrafter(default.drafters, default.policy, memory=memory,
                                       node_model=not hand)
+        else:  # (store is None for the store-free sources)
+            source = as_drafter(store, config, model, tokenizer, memory=memory)
         if choose:
             source = SelectionOracle(source, len(ids), reference)
     lengths: list[int] = []

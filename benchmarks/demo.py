@@ -51,12 +51,15 @@ def main(argv=None) -> int:
     # a new machine the measurement of its verify cost behind the calibrated budget).
     warm = encode_prompt(tokenizer, chat(prompts[0]))
     hf_generate(model, warm, 4)
-    dresd.generate(model, tokenizer, store, warm, max_new_tokens=4)
+    # One drafter for every request: it carries its acceptance estimates from one to the next.
+    drafter = dresd.as_drafter(store, dresd.DecodeConfig(), model, tokenizer)
+    dresd.generate(model, tokenizer, drafter, warm, max_new_tokens=4)
     rows = []
     for i, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, chat(prompt))
         plain, plain_s = hf_generate(model, ids, args.max_new_tokens)
-        result = dresd.generate(model, tokenizer, store, ids, max_new_tokens=args.max_new_tokens)
+        result = dresd.generate(model, tokenizer, drafter, ids,
+                                max_new_tokens=args.max_new_tokens)
         st = result.stats
         rows.append((i, len(plain), plain_s, st.new_tokens, st.total_s, st.accepted_length,
                      result.tokens == plain))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dresd.drafters.base import Draft
+from dresd.draft import Draft
 
 
 @dataclass(frozen=True)

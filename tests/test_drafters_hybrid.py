@@ -13,6 +13,7 @@ from dresd.budget import CalibratedBudget, FixedBudget
 from dresd.calibrate import Calibration
 from dresd.decode import DecodeConfig, as_drafter, generate
 from dresd.drafters.base import Draft, Drafter, DraftRequest
+from dresd.drafters.candidates import path_products
 from dresd.drafters.composite import CompositeDrafter, SourceStats, _PendingStep
 from dresd.drafters.context import ContextDrafter
 from dresd.models import load_model
@@ -21,6 +22,15 @@ from dresd.tree import DraftTree, TreeBudget
 # Repeats itself, so drafts from the live context get accepted.
 LOOP_PROMPT = "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\ny = "
 CPU = Calibration("fp", "cpu-test", 300, (1, 4, 16, 32, 64), (0.062, 0.104, 0.134, 0.159, 0.229))
+# The drafting time per step every composite here is given: the measured one (drafting_s=None)
+# would make the calibrated budget's tree sizes follow the machine's load.
+DRAFTING_S = 0.001
+
+
+def fixed_time(composite: CompositeDrafter) -> CompositeDrafter:
+    """The same sources, budget and memory, drafting at ``DRAFTING_S`` per step."""
+    return CompositeDrafter(composite.drafters, composite.policy, memory=composite.memory,
+                            drafting_s=DRAFTING_S)
 
 
 def occurs_in(needle, hay) -> bool:
@@ -186,11 +196,9 @@ def check_tree(policy, num_drafts, draft_len, proposed):
     return check
 
 
-@pytest.mark.parametrize("policy", [FixedBudget(1), FixedBudget(2), FixedBudget(8),
-                                    FixedBudget(32), CalibratedBudget(CPU, 32)],
-                         ids=["fixed1", "fixed2", "fixed8", "fixed32", "calibrated"])
-@pytest.mark.parametrize("shape", [(1, 7), (4, 8), (10, 10)], ids=["1x7", "4x8", "10x10"])
-def test_composite_trees_are_valid_tries_within_budget(policy, shape):
+def drive_noisy_sources(policy, shape, drafting_s) -> CompositeDrafter:
+    """40 steps of a composite of three noisy sources over three letters, every tree checked
+    by ``check_tree``; the composite."""
     num_drafts, draft_len = shape
     rng = np.random.default_rng(len(repr(policy)) + num_drafts)
     truth = rng.integers(0, 3, 1000).tolist()  # three letters: drafts collide and share prefixes
@@ -209,7 +217,7 @@ def test_composite_trees_are_valid_tries_within_budget(policy, shape):
         return Scripted(name, fn)
 
     sources = [noisy("a", 0.1), noisy("b", 0.5), noisy("c", 1.0)]
-    comp = CompositeDrafter(sources, policy)
+    comp = CompositeDrafter(sources, policy, drafting_s=drafting_s)
     orig = comp.propose
 
     def propose(req):
@@ -220,17 +228,37 @@ def test_composite_trees_are_valid_tries_within_budget(policy, shape):
     check = check_tree(policy, num_drafts, draft_len, proposed)
     simulate(comp, truth, num_drafts, draft_len, policy.max_tree_tokens, 40, check)
     assert len(comp.tree_sizes) == 40
+    return comp
+
+
+@pytest.mark.parametrize("policy", [FixedBudget(1), FixedBudget(2), FixedBudget(8),
+                                    FixedBudget(32), CalibratedBudget(CPU, 32)],
+                         ids=["fixed1", "fixed2", "fixed8", "fixed32", "calibrated"])
+@pytest.mark.parametrize("shape", [(1, 7), (4, 8), (10, 10)], ids=["1x7", "4x8", "10x10"])
+def test_composite_trees_are_valid_tries_within_budget(policy, shape):
+    num_drafts, draft_len = shape
+    comp = drive_noisy_sources(policy, shape, DRAFTING_S)
     if isinstance(policy, FixedBudget):
         # a fixed budget fills up when the sources offer enough nodes
         cap = min(policy.max_tree_tokens - 1, num_drafts * draft_len)
         assert max(comp.tree_sizes) >= (cap if cap <= 7 else cap // 2)
 
 
+def test_a_measured_drafting_time_still_gives_valid_trees():
+    """``drafting_s=None`` (generate's composites) measures each step's drafting time instead.
+    What the calibrated budget keeps then follows the machine's load, so only what holds
+    whatever was measured is checked: every tree is a valid trie within the budget, and a
+    time was measured."""
+    comp = drive_noisy_sources(CalibratedBudget(CPU, 32), (10, 10), None)
+    assert comp.drafting_s is None and comp._overhead_s > 0
+    assert all(0 <= n < 32 for n in comp.tree_sizes)
+
+
 def test_shared_prefixes_are_merged():
     same = (4, 5, 6)
     sources = [Scripted(n, lambda i, r, n=n: [Draft(same, 0.5, n), Draft((4, 9), 0.1, n)])
                for n in ("a", "b", "c")]
-    comp = CompositeDrafter(sources, FixedBudget(64))
+    comp = CompositeDrafter(sources, FixedBudget(64), drafting_s=DRAFTING_S)
     comp.begin([1], torch.zeros(1, 4))
     drafts = comp.propose(DraftRequest([1, 2], torch.zeros(4), 10, 10))
     assert sorted(d.tokens for d in drafts) == [(4, 5, 6), (4, 9)]
@@ -258,7 +286,7 @@ def test_a_source_that_stops_helping_stops_costing(policy):
     calls = []
     early = make("early", lambda step: step < switch)
     late = make("late", lambda step: step >= switch)
-    comp = CompositeDrafter([early, late], policy)
+    comp = CompositeDrafter([early, late], policy, drafting_s=DRAFTING_S)
     orig = comp.propose
     comp.propose = lambda req: calls.append(1) or orig(req)
     nodes = simulate(comp, truth, 4, 6, policy.max_tree_tokens, 160)
@@ -295,7 +323,8 @@ def test_composite_estimates_match_what_is_accepted(copies):
             drafts[i] = [Draft(tuple(toks), 1.0, "s")]
         return drafts[i]
 
-    comp = CompositeDrafter([Scripted(f"s{j}", fn) for j in range(copies)], FixedBudget(9))
+    comp = CompositeDrafter([Scripted(f"s{j}", fn) for j in range(copies)], FixedBudget(9),
+                            drafting_s=DRAFTING_S)
     accepted = []
     orig = comp.accept
     comp.accept = lambda tokens, hidden: accepted.append(len(tokens) - 1) or orig(tokens, hidden)
@@ -317,7 +346,8 @@ def test_draft_scores_file_steps_into_bands_with_their_own_hit_rates():
             return [Draft(tuple(good), 0.95, "s")]
         return [Draft(tuple((t + 1) % 50 for t in good), 0.3, "s")]
 
-    comp = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), mute_after=0)
+    comp = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), mute_after=0,
+                            drafting_s=DRAFTING_S)
     simulate(comp, truth, 1, 8, 9, 300)
     high = comp.band([Draft((1,), 0.95)])
     low = comp.band([Draft((1,), 0.3)])
@@ -327,7 +357,8 @@ def test_draft_scores_file_steps_into_bands_with_their_own_hit_rates():
     pooled = comp.hit_rates(0, 1)[0]
     assert rates[0] < 0.2 < pooled < 0.8 < rates[1]
     # with one band (no edges) the scores are ignored
-    flat = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), mute_after=0, score_bands=())
+    flat = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), mute_after=0, score_bands=(),
+                            drafting_s=DRAFTING_S)
     simulate(flat, truth, 1, 8, 9, 300)
     assert flat.band([Draft((1,), 0.95)]) == flat.band([Draft((1,), 0.3)]) == 0
 
@@ -344,7 +375,8 @@ def test_node_estimates_are_recalibrated_by_how_often_such_nodes_are_accepted():
         good = truth[i + 1 : i + 1 + req.draft_len]
         return [Draft(tuple(good), 0.5, "s"), Draft(tuple((t + 1) % 50 for t in good), 0.4, "s")]
 
-    comp = CompositeDrafter([Scripted("s", fn)], FixedBudget(16), mute_after=0)
+    comp = CompositeDrafter([Scripted("s", fn)], FixedBudget(16), mute_after=0,
+                            drafting_s=DRAFTING_S)
     simulate(comp, truth, 2, 4, 16, 200)
     ratios = comp.reliability_ratios()
     top, second = (int(np.searchsorted(comp.reliability_bins, p, "right")) for p in (2 / 3, 1 / 3))
@@ -366,18 +398,20 @@ def test_estimates_carry_over_to_the_next_generation():
         return [Draft(tuple(good[:2]) + tuple((t + 1) % 50 for t in good[2:]), 1.0, "s")]
 
     memory: dict = {}
-    first = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=memory)
+    first = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=memory,
+                             drafting_s=DRAFTING_S)
     simulate(first, truth, 1, 8, 9, 100)
     learned = first.hit_rates(0, 3)
     assert learned[0] > 0.9 and learned[2] < 0.2
     whole = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=dict(memory),
-                             carry_over=1.0)
+                             carry_over=1.0, drafting_s=DRAFTING_S)
     whole.begin([1], torch.zeros(1, 4))
     assert np.allclose(whole.hit_rates(0, 3), learned, atol=0.02)
-    fresh = CompositeDrafter([Scripted("s", fn)], FixedBudget(9))
+    fresh = CompositeDrafter([Scripted("s", fn)], FixedBudget(9), drafting_s=DRAFTING_S)
     fresh.begin([1], torch.zeros(1, 4))
     assert np.allclose(fresh.hit_rates(0, 3), 0.5)  # the prior
-    for again in (first, CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=memory)):
+    for again in (first, CompositeDrafter([Scripted("s", fn)], FixedBudget(9), memory=memory,
+                                          drafting_s=DRAFTING_S)):
         before = again.hit_rates(0, 3)
         again.begin([1], torch.zeros(1, 4))
         # the evidence goes on at half weight (carry_over), so each generation moves the
@@ -387,7 +421,8 @@ def test_estimates_carry_over_to_the_next_generation():
         assert now[0] > 0.7 and now[2] < 0.45  # (the second loop is a third generation)
         assert again.stats[0].calls == 0 and again.steps == 0
     # other sources (another configuration) do not take them over
-    other = CompositeDrafter([Scripted("t", fn)], FixedBudget(9), memory=memory)
+    other = CompositeDrafter([Scripted("t", fn)], FixedBudget(9), memory=memory,
+                             drafting_s=DRAFTING_S)
     other.begin([1], torch.zeros(1, 4))
     assert np.allclose(other.hit_rates(0, 3), 0.5)
 
@@ -417,10 +452,11 @@ def test_a_source_written_off_by_failed_requests_drafts_again():
     fn = chain_source(truth, rate, rng, {})
     memory: dict = {}
     for _ in range(2):
-        simulate(CompositeDrafter([Scripted("s", fn)], FixedBudget(16), memory=memory),
-                 truth, 4, 6, 16, 16)
+        simulate(CompositeDrafter([Scripted("s", fn)], FixedBudget(16), memory=memory,
+                                  drafting_s=DRAFTING_S), truth, 4, 6, 16, 16)
     rate[0] = 0.7
-    comp = CompositeDrafter([Scripted("s", fn)], CalibratedBudget(CPU, 32), memory=memory)
+    comp = CompositeDrafter([Scripted("s", fn)], CalibratedBudget(CPU, 32), memory=memory,
+                            drafting_s=DRAFTING_S)
     nodes = simulate(comp, truth, 4, 6, 32, 60)[:, 0]
     assert nodes[:8].max() > 0  # within 8 steps
     assert nodes[8:].mean() > 4
@@ -436,11 +472,13 @@ def test_estimates_written_down_by_verified_trees_heal():
     truth = rng.integers(0, 50, 3000).tolist()
     right = Scripted("s", lambda i, req: [Draft(tuple(truth[i + 1 : i + 1 + req.draft_len]))])
     memory: dict = {}
-    comp = CompositeDrafter([right], CalibratedBudget(CPU, 32), memory=memory)
+    comp = CompositeDrafter([right], CalibratedBudget(CPU, 32), memory=memory,
+                            drafting_s=DRAFTING_S)
     comp.begin([1], torch.zeros(1, 4))
     memory["depth_fit"] = SourceStats("tree", np.full(6, 0.5), np.full(6, 10.0))
     memory["reliability"][:] = [[0.5] * 9, [10.0] * 9]
-    comp = CompositeDrafter([right], CalibratedBudget(CPU, 32), memory=memory, carry_over=1.0)
+    comp = CompositeDrafter([right], CalibratedBudget(CPU, 32), memory=memory, carry_over=1.0,
+                            drafting_s=DRAFTING_S)
     nodes = simulate(comp, truth, 4, 6, 32, 40)[:, 0]
     assert nodes[:3].sum() == 0  # locked at first
     # tree_decay 0.98: back after 19 steps (0.9: 12)
@@ -497,7 +535,9 @@ def test_default_generate_is_the_lossless_hybrid(family, family_stores, calibrat
     assert [type(d) for d in drafter.drafters] == [StoreDrafter, ContextDrafter,
                                                    PromptLookupDrafter]
     assert isinstance(drafter.policy, CalibratedBudget)
-    res = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40)
+    # generate's own composite measures its drafting time: only what timing cannot change
+    assert generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40).tokens == ref
+    res = generate(model, tok, fixed_time(drafter), FAMILY_PROMPT, max_new_tokens=40)
     assert res.tokens == ref
     assert res.stats.accepted_tokens > 0 and res.stats.accepted_length > 1
 
@@ -508,7 +548,7 @@ def test_the_decoder_reports_every_verify_pass_to_the_budget(family_stores, cali
     path, model, tok, ref = family_stores["llama"]
     store = load_store(path, model, tok)
     save_flat_calibration(model, store.manifest.model.fingerprint)
-    drafter = as_drafter(store, DecodeConfig(), model, tok)
+    drafter = fixed_time(as_drafter(store, DecodeConfig(), model, tok))
     seen = []
     observe = drafter.policy.observe
     drafter.policy.observe = lambda n, s: seen.append((n, s)) or observe(n, s)
@@ -520,23 +560,31 @@ def test_the_decoder_reports_every_verify_pass_to_the_budget(family_stores, cali
     assert set(measured) == {n for n, _ in seen} and all(v > 0 for v in measured.values())
 
 
-def test_generate_keeps_estimates_per_model_store_and_configuration(family_stores,
-                                                                    calibration_cache):
+def test_generate_shares_estimates_only_through_a_memory_the_caller_passes(family_stores,
+                                                                         calibration_cache):
+    """Composites learn from their own generations only, unless the caller hands them one
+    memory: then a composite starts from what the others learned."""
     from dresd.store import load_store
 
     path, model, tok, ref = family_stores["llama"]
     store = load_store(path, model, tok)
     save_flat_calibration(model, store.manifest.model.fingerprint)
-    first = as_drafter(store, DecodeConfig(), model, tok)
-    assert as_drafter(store, DecodeConfig(), model, tok).memory is first.memory
-    assert as_drafter(store, DecodeConfig(k=5), model, tok).memory is not first.memory
-    assert as_drafter(store, DecodeConfig(drafter="dense,context"), model,
-                      tok).memory is not first.memory
-    res = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40)
-    assert res.tokens == ref
-    learned = first.memory["stats"]  # what that generate call's composite learned
-    assert [st.name for st in learned] == first.names and sum(learned[0].tests) > 0
-    again = generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40)
+    config = DecodeConfig()
+    assert (as_drafter(store, config, model, tok).memory
+            is not as_drafter(store, config, model, tok).memory)
+    shared: dict = {}
+    first = fixed_time(as_drafter(store, config, model, tok, memory=shared))
+    assert first.memory is shared
+    assert generate(model, tok, first, FAMILY_PROMPT, max_new_tokens=40).tokens == ref
+    learned = [st.tests.copy() for st in shared["stats"]]  # what that generation learned
+    assert [st.name for st in shared["stats"]] == first.names and sum(learned[0]) > 0
+    # a generate call that builds its own composite neither reads nor changes them
+    assert generate(model, tok, store, FAMILY_PROMPT, max_new_tokens=40).tokens == ref
+    assert all(np.array_equal(st.tests, t) for st, t in zip(shared["stats"], learned))
+    assert all(st.tests.sum() == 0 for st in as_drafter(store, config, model, tok).stats)
+    second = fixed_time(as_drafter(store, config, model, tok, memory=shared))
+    assert all(np.array_equal(st.tests, t) for st, t in zip(second.stats, learned))
+    again = generate(model, tok, second, FAMILY_PROMPT, max_new_tokens=40)
     assert again.tokens == ref  # still lossless, starting from the learned estimates
 
 
@@ -588,7 +636,7 @@ def test_default_model_hybrid_is_lossless(default_store, tmp_path, monkeypatch):
     msgs = [{"role": "user", "content": "Complete this Python function.\n\n" + INTEGRATION_PROMPT}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
     ref = greedy_reference(model, ids, 48)
-    res = generate(model, tok, store, msgs, max_new_tokens=48)
+    res = generate(model, tok, fixed_time(drafter), msgs, max_new_tokens=48)
     assert res.tokens == ref
     assert res.stats.steps < len(ref) and res.stats.accepted_length > 1
 
@@ -620,7 +668,8 @@ def test_the_tree_handed_to_the_decoder_is_the_merge_of_the_leaf_drafts(policy):
             return [Draft(tuple(t if rng.random() > 0.3 else int(rng.integers(0, 3))
                                 for t in truth[i + 1 : i + 1 + int(rng.integers(1, 6))]),
                           float(rng.random()), "s") for _ in range(int(rng.integers(0, 5)))]
-        return CompositeDrafter([Scripted("a", fn), Scripted("b", fn)], policy())
+        return CompositeDrafter([Scripted("a", fn), Scripted("b", fn)], policy(),
+                                drafting_s=DRAFTING_S)
 
     budget = TreeBudget(4, 5, 12)
     trees = []
@@ -660,7 +709,7 @@ def test_the_node_model_learns_what_the_hand_built_estimate_misses():
     accepted = {}
     for learned in (True, False):
         comp = CompositeDrafter([Scripted("s", fn)], FixedBudget(2), mute_after=0,
-                                node_model=learned)
+                                node_model=learned, drafting_s=DRAFTING_S)
         counts = []
         orig = comp.accept
         comp.accept = lambda tokens, hidden, orig=orig, counts=counts: (
@@ -672,7 +721,7 @@ def test_the_node_model_learns_what_the_hand_built_estimate_misses():
 
 
 def test_node_model_examples_are_the_decided_nodes_whose_parent_was_right():
-    comp = CompositeDrafter([Scripted("s", lambda i, r: [])])
+    comp = CompositeDrafter([Scripted("s", lambda i, r: [])], drafting_s=DRAFTING_S)
     got = []
     comp.node_model.add = lambda x, y: got.append((x[:, 0].tolist(), y.tolist()))
     paths = [(5,), (5, 6), (5, 7), (8,), (8, 9), (5, 6, 1)]
@@ -688,7 +737,7 @@ def test_node_estimates_are_path_products_sharing_one_token():
     a = tree.child(0, 1)
     b, c = tree.child(a, 2), tree.child(a, 3)
     d = tree.child(0, 4)
-    probs = CompositeDrafter._path_products(tree, np.array([1.0, 0.8, 0.9, 0.6, 0.6]))
+    probs = path_products(tree, np.array([1.0, 0.8, 0.9, 0.6, 0.6]))
     assert probs[a] == pytest.approx(0.8 / 1.4) and probs[d] == pytest.approx(0.6 / 1.4)
     assert probs[b] == pytest.approx(probs[a] * 0.9 / 1.5)
     assert probs[b] + probs[c] <= probs[a] + 1e-12
@@ -697,7 +746,7 @@ def test_node_estimates_are_path_products_sharing_one_token():
 def test_node_model_feature_rows_follow_the_candidate_nodes():
     src = Scripted("s", lambda i, r: [Draft((1, 2, 3), 0.9), Draft((1, 4), 0.5),
                                       Draft((7,), 0.3)])
-    comp = CompositeDrafter([src])
+    comp = CompositeDrafter([src], drafting_s=DRAFTING_S)
     comp.begin([0], torch.zeros(1, 4))
     comp.propose(DraftRequest([0, 9], torch.zeros(4), 3, 3))
     step = comp._pending[-1]
@@ -706,15 +755,15 @@ def test_node_model_feature_rows_follow_the_candidate_nodes():
     assert step.features[:, 1].tolist() == [2, 2, 1, 2, 2]  # siblings
     assert step.features[:, 6].tolist() == [0.9, 0.9, 0.9, 0.5, 0.3]  # best draft score
     assert step.features[:, 7].tolist() == pytest.approx(np.log1p([2, 1, 1, 1, 1]).tolist())
-    off = CompositeDrafter([src], node_model=False)
+    off = CompositeDrafter([src], node_model=False, drafting_s=DRAFTING_S)
     off.begin([0], torch.zeros(1, 4))
     off.propose(DraftRequest([0, 9], torch.zeros(4), 3, 3))
     assert off._pending[-1].features is None  # nothing built for a model that is not used
 
 
 def test_carry_over_zero_starts_the_node_model_over():
-    kept, fresh = (CompositeDrafter([Scripted("s", lambda i, r: [])], carry_over=c)
-                   for c in (0.5, 0.0))
+    kept, fresh = (CompositeDrafter([Scripted("s", lambda i, r: [])], carry_over=c,
+                                    drafting_s=DRAFTING_S) for c in (0.5, 0.0))
     before = kept.node_model, fresh.node_model
     for comp in (kept, fresh):
         comp.begin([0], torch.zeros(1, 4))

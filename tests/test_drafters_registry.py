@@ -58,6 +58,14 @@ def test_store_free_sources_build_and_store_sources_refuse_without_a_store():
             as_drafter(None, DecodeConfig(drafter=name, budget="fixed"))
 
 
+def test_composites_share_estimates_only_through_a_memory_passed_in():
+    config = DecodeConfig(drafter="context,prompt_lookup", budget="fixed")
+    assert as_drafter(None, config).memory is not as_drafter(None, config).memory
+    shared: dict = {}
+    first, second = (as_drafter(None, config, memory=shared) for _ in range(2))
+    assert first.memory is second.memory is shared and shared["stats"] is second.stats
+
+
 def test_a_new_source_is_one_registry_line(with_repeat):
     model, tok = make_tiny_model("llama")
     ids = tok("def parse_args(argv):\n    parser = ")["input_ids"]

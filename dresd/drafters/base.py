@@ -16,29 +16,16 @@ for token t is the state from which the model predicted token t + 1.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 
+from dresd.draft import Draft
+from dresd.tree import DraftTree
 
-@dataclass(frozen=True)
-class Draft:
-    """A continuation of ``y``. ``score``: higher is likelier to be accepted, on the scale all
-    sources share (about [-1, 1], 1 the surest; dresd.drafters.registry states the contract),
-    which the composite's score bands assume; it must be a finite number."""
-
-    tokens: tuple[int, ...]  # continuation after the decided token y
-    score: float = 1.0
-    source: str = ""
-
-    def __post_init__(self):
-        if not isinstance(self.score, Real) or not math.isfinite(self.score):
-            raise ValueError(f"draft score must be a finite number, got {self.score!r} "
-                             f"(source {self.source or '?'})")
+__all__ = ["Draft", "DraftRequest", "Drafter"]  # Draft is dresd.draft's, kept importable here
 
 
 @dataclass(frozen=True)
@@ -66,8 +53,6 @@ class Drafter(ABC):
         """The tree the decoder verifies for this step: a ``dresd.tree.DraftTree`` rooted at
         ``y`` within ``budget`` (a TreeBudget). By default this step's drafts merged best score
         first; a drafter that plans a tree itself returns it here."""
-        from dresd.tree import DraftTree
-
         return DraftTree.build(request.tokens[-1], self.propose(request), budget, vocab_size)
 
     def accept(self, tokens: Sequence[int], hidden: torch.Tensor) -> None:

@@ -65,7 +65,6 @@ drafts is that tree node for node.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,6 +73,14 @@ import numpy as np
 
 from dresd.budget import BudgetPolicy, FixedBudget, select_nodes
 from dresd.drafters.base import Draft, Drafter, DraftRequest
+from dresd.drafters.candidates import (
+    CandidateTrie,
+    estimate_hand_built,
+    feature_count,
+    feature_rows,
+    gather,
+    path_products,
+)
 from dresd.drafters.node_model import NodeAcceptanceModel
 from dresd.tree import DraftTree
 
@@ -169,9 +176,11 @@ class CompositeDrafter(Drafter):
         with their own hit rates (empty: one band); the edges are on the score scale every
         source shares (dresd.drafters.registry); ``band_strength``: the weight, in steps,
         of the pooled estimate as a band's prior;
-        ``memory``: a dict that keeps the estimates from one generation to the next, also
-        across composites (``dresd.generate`` passes one per model and configuration); without
-        it a composite still carries its own estimates over from one generation to the next;
+        ``memory``: a dict, empty or another composite's, to keep the estimates in and carry
+        them from one generation to the next across composites that share it (a composite of
+        other sources starts over in it); without it the composite has a memory of its own,
+        shared with nobody, and still carries its estimates over from one of its generations to
+        the next;
         ``carry_over``: the weight the evidence of past generations keeps at each new one
         (1 keeps it whole, 0 starts every generation from the prior, the node model too; the
         node model keeps its window whole otherwise);
@@ -437,137 +446,70 @@ class CompositeDrafter(Drafter):
               step: _PendingStep) -> list[tuple[tuple[int, ...], float, str]]:
         """Merge the proposals into a candidate trie, estimate each node, let the policy choose,
         and return the leaves of the chosen subtree, likeliest first."""
-        cand, mass, drafted = self._candidates(proposals, request.tokens[-1],
-                                               request.draft_len)
-        n = len(cand)
-        if n == 1:
+        trie = gather(proposals, request.tokens[-1], request.draft_len)
+        if len(trie) == 1:
             self.tree_sizes.append(0)
             self.expected.append(0.0)
             return []
-        raw, before, bins, probs, step.features = self._estimates(
-            cand, mass, drafted, proposals, step, request.draft_len)
-        chosen = select_nodes(cand, probs, self.policy, max_leaves=request.num_drafts,
+        probs = self._estimate_nodes(trie, proposals, step, request.draft_len)
+        chosen = select_nodes(trie.tree, probs, self.policy, max_leaves=request.num_drafts,
                               max_depth=request.draft_len, overhead_s=self._overhead_s)
-        paths = cand.token_paths()
-        step.nodes = [(paths[c], raw[c], before[c], bins[c]) for c in range(1, n)]
+        paths = trie.tree.token_paths()
+        step.nodes = [(paths[c], node.raw, node.calibrated, node.bin)
+                      for c, node in enumerate(trie.nodes) if c]
         self.tree_sizes.append(len(chosen))
         self.expected.append(sum(probs[c] for c in chosen))
         for c in chosen:
-            for s in mass[c]:
+            for s in trie.nodes[c].weight:
                 self.stats[s].tree_nodes += 1
-        has_child = {cand.parents[c] for c in chosen}
-        leaves = [(paths[c], float(probs[c]), "+".join(self.names[s] for s in sorted(mass[c])))
+        has_child = {trie.tree.parents[c] for c in chosen}
+        leaves = [(paths[c], float(probs[c]),
+                   "+".join(self.names[s] for s in sorted(trie.nodes[c].weight)))
                   for c in chosen if c not in has_child]
         leaves.sort(key=lambda x: -x[1])  # stable: ties keep the policy's order
         return leaves
 
-    @staticmethod
-    def _candidates(proposals: list[list[Draft] | None], y: int, draft_len: int):
-        """Every source's drafts (best score first) merged into one trie rooted at ``y``; per
-        node each source's rank weight (1 / (rank + 1)) of the drafts through it, and per node
-        each source's [best score, number] of the drafts through it."""
-        cand = DraftTree(int(y))
-        mass: list[dict[int, float]] = [{}]
-        drafted: list[dict[int, list[float]]] = [{}]
-        for s, drafts in enumerate(proposals):
-            ranked = sorted(drafts or (), key=lambda x: -x.score)
-            for rank, draft in enumerate(ranked):
-                w = 1.0 / (rank + 1)
-                node = 0
-                for t in draft.tokens[:draft_len]:
-                    node = cand.child(node, int(t))
-                    if node == len(mass):
-                        mass.append({})
-                        drafted.append({})
-                    mass[node][s] = mass[node].get(s, 0.0) + w
-                    record = drafted[node].setdefault(s, [draft.score, 0])
-                    record[1] += 1  # ranked best first: the first draft's score is the best
-        return cand, mass, drafted
-
     @property
     def num_features(self) -> int:
-        """The node model's features: depth, siblings, sources proposing the node; per source
-        whether it proposes the node, its share of the source's drafts under the parent, that
-        share times the source's hit rate, the best score and log(1 + number) of its drafts
-        through the node; and the log of the raw conditional estimate (before g(d) and the
-        reliability map)."""
-        return 3 + 5 * len(self.drafters) + 1
+        """The node model's features (dresd.drafters.candidates.feature_count lists them)."""
+        return feature_count(len(self.drafters))
 
-    def _estimates(self, cand: DraftTree, mass: list[dict[int, float]],
-                   drafted: list[dict[int, list[float]]], proposals: list[list[Draft] | None],
-                   step: _PendingStep, max_depth: int):
-        """Per node of ``cand``: the raw path product, the depth-calibrated estimate, its
-        reliability bin and the final estimate (never above the parent's), as in the module
-        docstring; and the node model's features of nodes 1.. (the final estimate is the node
-        model's path product once it is fitted)."""
-        n = len(cand)
+    def _estimate_nodes(self, trie: CandidateTrie, proposals: list[list[Draft] | None],
+                        step: _PendingStep, max_depth: int) -> list[float]:
+        """Per node of ``trie``, its estimated probability of being accepted: the root's 1, and
+        never above the parent's. The hand-built estimate (``trie``'s nodes keep each of its
+        stages), or, once the node model is fitted, the path products of its conditionals.
+        ``step`` keeps the model's features (None without the model: nothing built or
+        learned)."""
         rates = [self.hit_rates(s, max_depth, step.bands[s]).tolist() if p else None
                  for s, p in enumerate(proposals)]
-        calib = [1.0] + self.calibration(max_depth).tolist()
-        raw = [1.0] * n  # products of the sources' conditional estimates
-        probs = [1.0] * n  # raw, scaled by g(d) and the reliability map, never above the parent
-        ratios = self.reliability_ratios()
-        bins = [0] * n
-        before = [1.0] * n  # estimates before the reliability scaling
-        width = 5 * len(self.drafters)
-        featured = self.use_node_model  # without the model, nothing to build or learn
-        features: list[list[float]] = [[]] * n  # node 0, the root, has none
-        for node in range(n):  # parents precede children
-            kids = list(cand.children(node).values())
-            if not kids:
-                continue
-            below: dict[int, float] = {}  # source -> its mass continuing below this node
-            for c in kids:
-                for s, w in mass[c].items():
-                    below[s] = below.get(s, 0.0) + w
-            d = cand.depths[node] + 1
-            q = [max(rates[s][d - 1] * w / below[s] for s, w in mass[c].items()) for c in kids]
-            share_of_one = max(1.0, sum(q))  # the model picks one token: sum(q) <= 1
-            scale = raw[node] / share_of_one
-            for c, qc in zip(kids, q):
-                raw[c] = qc * scale
-                before[c] = min(before[node], raw[c] * calib[d])
-                bins[c] = int(np.searchsorted(self.reliability_bins, before[c], "right"))
-                probs[c] = min(probs[node], before[c] * ratios[bins[c]])
-                if not featured:
-                    continue
-                row = [0.0] * width
-                for s, w in mass[c].items():
-                    share = w / below[s]
-                    best, count = drafted[c][s]
-                    row[5 * s : 5 * s + 5] = 1.0, share, rates[s][d - 1] * share, best, \
-                        math.log1p(count)
-                features[c] = [d, len(kids), len(mass[c]), *row,
-                               math.log(max(qc / share_of_one, 1e-6))]
-        if not featured:
-            return raw, before, bins, probs, None
-        features = np.array(features[1:], np.float64)
-        learned = self.node_model.predict(features)
-        if learned is not None:
-            conditional = np.concatenate([[1.0], learned])
-            # A source being probed after a run of misses is judged by its own recent record
-            # (the hand-built conditional): the model's window still remembers it from when it
-            # was right.
-            probing = {s for s, st in enumerate(self.stats) if self._muting(st)}
-            for c in range(1, n):
-                if probing.issuperset(mass[c]):
-                    parent = probs[cand.parents[c]]
-                    conditional[c] = probs[c] / parent if parent > 0 else 0.0
-            probs = self._path_products(cand, conditional)
-        return raw, before, bins, probs, features
+        estimate_hand_built(trie, rates, [1.0] + self.calibration(max_depth).tolist(),
+                            self.reliability_bins, self.reliability_ratios())
+        hand_built = [node.prob for node in trie.nodes]
+        if not self.use_node_model:
+            return hand_built
+        step.features = feature_rows(trie, rates, len(self.drafters))
+        learned = self._learned_conditionals(trie, step.features)
+        return hand_built if learned is None else path_products(trie.tree, learned)
 
-    @staticmethod
-    def _path_products(cand: DraftTree, conditional: np.ndarray) -> list[float]:
-        """Per node, the product of the conditionals along its path, those under one parent
-        first scaled to sum to at most 1 (the model emits one token)."""
-        n = len(cand)
-        total = np.zeros(n)
-        np.add.at(total, cand.parents[1:], conditional[1:])
-        probs = [1.0] * n
-        for c in range(1, n):
-            p = cand.parents[c]
-            probs[c] = probs[p] * conditional[c] / max(1.0, total[p])
-        return probs
+    def _learned_conditionals(self, trie: CandidateTrie,
+                              features: np.ndarray) -> np.ndarray | None:
+        """Per node, the node model's probability that it is accepted given its parent is (the
+        root's 1); None until the model is fitted. A node proposed only by sources being probed
+        after a run of misses keeps its hand-built conditional: such a source is judged by its
+        own recent record, while the model's window still remembers it from when it was
+        right."""
+        learned = self.node_model.predict(features)
+        if learned is None:
+            return None
+        conditional = np.concatenate([[1.0], learned])
+        probing = {s for s, st in enumerate(self.stats) if self._muting(st)}
+        for c in range(1, len(trie)):
+            node = trie.nodes[c]
+            if probing.issuperset(node.weight):
+                parent = trie.nodes[trie.tree.parents[c]].prob
+                conditional[c] = node.prob / parent if parent > 0 else 0.0
+        return conditional
 
     # -- reporting -----------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """The drafter registry: every named draft source, how it is built, and what its scores mean.
 
 ``DecodeConfig.drafter`` names sources from ``DRAFTERS``; the CLI's help, the 'hybrid'
-expansion, the composite's acceptance-memory key and the decode benchmark all read this table,
-so a new source is one module (a ``Drafter`` subclass with a ``from_config`` classmethod) plus
-one ``register`` line below.
+expansion, the drafter assembly (dresd.drafters.assemble) and the decode benchmark all read this
+table, so a new source is one module (a ``Drafter`` subclass with a ``from_config`` classmethod)
+plus one ``register`` line below. The table imports no config and no decoder: they read it.
 
 Score contract (``Draft.score``, enforced finite by ``Draft``): within a source, higher means
 likelier to be accepted; across sources, scores share one scale on which 1 means "as sure as
@@ -16,15 +16,9 @@ used another scale (raw counts, log-probabilities) would land in one band and lo
 from __future__ import annotations
 
 import importlib
-import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from dresd.drafters.base import Drafter
-
-if TYPE_CHECKING:
-    from dresd.decode import DecodeConfig
 
 SCORE_RANGE = (-1.0, 1.0)  # the nominal scale of Draft.score (see the module docstring)
 
@@ -39,7 +33,9 @@ class DrafterSpec:
     reads: tuple[str, ...] = ()  # DecodeConfig fields from_config reads besides the budget
     help: str = ""  # one line for the CLI's help and the README's table
 
-    def build(self, store, config: DecodeConfig) -> Drafter:
+    def build(self, store, config) -> Drafter:
+        """The source, built by its class's ``from_config(store, config)`` (``config``: a
+        dresd.decode_config.DecodeConfig)."""
         if self.needs_store and store is None:
             raise ValueError(f"the {self.name} drafter needs a store")
         module, cls = self.target.split(":")
@@ -57,7 +53,7 @@ def register(name: str, target: str, score: str, **kw) -> DrafterSpec:
 
 
 # Order matters: 'hybrid' lists its sources in this order, and a composite's memory of
-# estimates is keyed by its sources' names in order.
+# estimates is only taken over by a composite of the same sources' names in the same order.
 register("dense", "dresd.drafters.dense:StoreDrafter", "cosine of the query and the key "
          "(PQ-approximate)", needs_store=True, hybrid=True, reads=("k", "nprobe"),
          help="the store's nearest keys followed by y, and the text after them")
@@ -99,52 +95,3 @@ def drafter_help() -> str:
     """The sources, one clause each, for command-line help."""
     return "; ".join(f"{s.name}: {s.help}" + (" (needs a store)" if s.needs_store else "")
                      for s in DRAFTERS.values())
-
-
-def as_drafter(source, config: DecodeConfig, model=None, tokenizer=None) -> Drafter:
-    """A Drafter as is. A Store (checked against the model), or None, becomes the sources
-    ``config.drafter`` names: one source under a fixed budget is returned alone, anything else
-    is a CompositeDrafter under ``config.budget`` (the calibrated budget needs ``model``)."""
-    if isinstance(source, Drafter):
-        return source
-    from dresd.store import Store
-
-    if source is not None and not isinstance(source, Store):
-        raise TypeError(f"expected a Drafter or a Store (or None), got {type(source).__name__}")
-    store = source
-    if store is not None and model is not None and tokenizer is not None:
-        store.check_model(model, tokenizer)
-    names = drafter_names(config.drafter, has_store=store is not None)
-    sources = [DRAFTERS[name].build(store, config) for name in names]
-    if config.budget == "fixed" and len(sources) == 1:
-        return sources[0]
-    from dresd.budget import FixedBudget, calibrated_budget
-    from dresd.drafters.composite import CompositeDrafter
-
-    if config.budget == "fixed":
-        policy = FixedBudget(config.max_tree_tokens)
-    else:
-        if model is None:
-            raise ValueError("the calibrated budget needs the model (its verify cost is "
-                             "measured on its device)")
-        fingerprint = store.manifest.model.fingerprint if store is not None else None
-        policy = calibrated_budget(model, tokenizer, fingerprint, config.max_tree_tokens)
-    memory = _acceptance_memory(model, store, config, names)
-    return CompositeDrafter(sources, policy, memory=memory)
-
-
-_MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _acceptance_memory(model, store, config: DecodeConfig, names: Sequence[str]) -> dict | None:
-    """Where a composite keeps its acceptance estimates between generate calls: one dict per
-    model object, store, drafter spec, tree limits and the settings its sources read (each
-    source's ``reads``), since any of them changes what is accepted. None without the model."""
-    if model is None:
-        return None
-    reads = sorted({f for n in names for f in DRAFTERS[n].reads})
-    key = (str(store.path) if store is not None else "",
-           store.manifest.generation if store is not None else 0,
-           config.drafter, config.budget, config.num_drafts, config.draft_len,
-           config.max_tree_tokens, tuple((f, getattr(config, f)) for f in reads))
-    return _MEMORIES.setdefault(model, {}).setdefault(key, {})
