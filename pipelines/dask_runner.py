@@ -1,34 +1,54 @@
 """Beam's DaskRunner, with the fixes the builder's pipelines need.
 
 Beam 2.77's ``apache_beam.runners.dask.dask_runner.DaskRunner`` translates a pipeline into Dask
-bags, but as shipped it cannot run these pipelines correctly; each defect below was seen on a
-``dask.distributed`` LocalCluster (2 worker processes) with a 10-element probe pipeline:
+bags, but as shipped it cannot run these pipelines correctly. What this runner changes, against
+Beam's (defects 1-6 were seen on a ``dask.distributed`` cluster of 2 worker processes with a
+10-element probe pipeline; tests/test_pipeline_dask.py checks 1-7):
 
-1. Only the bag of the last transform visited is computed ("computing just the last value,
-   which should be connected to the full Bag Task Graph"): a pipeline with several sinks (the
-   dead letters, the journal's fitted record, the run result) silently runs one of them.
-2. A multi-output ParDo (``with_outputs``) hands *all* its outputs, main and tagged, to the
-   consumer of every output: the dead letters would be tokenized and the documents written as
-   dead letters.
-3. Elements a DoFn emits from ``finish_bundle`` are dropped (the output list is taken before
-   ``finish_bundle`` runs): the encoder's last shard of every bundle would be lost.
-4. A side input is recomputed, from the pipeline's start, inside every task that reads it (the
-   probe's side input ran 10 times for 10 partitions): the transform would be fitted, and the
-   whole corpus encoded again, for every partition of the encode and fill steps.
-5. ``metrics()`` raises NotImplementedError, and DoFns run without a metrics container, so
-   ``Metrics.counter(...).inc()`` goes nowhere.
-6. ``setup`` and ``teardown`` run for every partition (a DoFn instance is never reused).
+1. Sinks. Beam computes only the bag of the last transform visited ("computing just the last
+   value, which should be connected to the full Bag Task Graph"), so a pipeline with several
+   sinks (the dead letters, the journal's fitted record, the run result) silently runs one of
+   them. Here every PCollection nothing consumes is computed, all in one graph (a step several
+   of them share runs once), and drained: nothing comes back to the client.
+2. Multi-output ParDo. Beam keeps one bag per transform, so the consumer of every output of a
+   ``with_outputs`` ParDo gets *all* its outputs, main and tagged (the dead letters would be
+   tokenized, the documents written as dead letters). Here bags are kept per PCollection, each
+   output filtered by its tag.
+3. ``finish_bundle``. Beam takes a bundle's outputs before ``finish_bundle`` runs, dropping what
+   it emits (the encoder's last shard of every bundle). Here they are read after it.
+4. Side inputs. Beam hands a task the side input's bag, computed again, from the pipeline's
+   start, inside every task that reads it (the probe's ran 10 times for 10 partitions: the
+   transform would be fitted, and the whole corpus encoded again, for every partition of the
+   encode and fill steps). Here a side input is one dask ``Delayed``, computed once and handed
+   to every task that reads it.
+5. Metrics. Beam's ``metrics()`` raises NotImplementedError and its DoFns run without a metrics
+   container (``Metrics.counter(...).inc()`` goes nowhere). Here each bundle runs under a
+   metrics container whose updates go to the scheduler's event log, from which ``metrics()``
+   answers.
+6. DoFn life cycle. Beam runs ``setup`` and ``teardown`` for every partition (a model load per
+   partition). Here set-up DoFn instances wait in a per-process pool for later bundles of the
+   same step, and are torn down on every worker when the run ends.
+7. Transforms it does not translate. Beam runs any transform class missing from its
+   ``TRANSLATIONS`` as an identity (``NoOp``): a root such as ``Read`` or ``Impulse`` yields
+   nothing and a ``WindowInto`` does not window, silently. Here such a transform raises
+   NotImplementedError naming its class and label; the only identities are a reshuffle and
+   the window-grouping step of a GroupByKey in the default global windowing (the grouping
+   before it already gave each key its one pane).
+8. Partitions. Beam splits a Create into partitions of 128 elements, so a corpus of 100 files
+   is one task. Here a Create is split into about two partitions per worker thread unless
+   ``--dask_npartitions`` or ``--dask_partition_size`` say otherwise.
+9. The client. Beam's result leaves the Client it opened connected; it outlives the cluster and
+   logs reconnection errors when the scheduler goes away. Here the result closes it when the
+   run finishes, fails or is cancelled.
 
-This runner keeps Beam's translation of Create, GroupByKey and Flatten and replaces the rest:
-every leaf PCollection is computed (1); bags are kept per PCollection, so each output of a
-ParDo is its own bag (2); a ParDo partition runs ``finish_bundle`` before its outputs are
-collected (3); a side input is one dask ``Delayed``, computed once and handed to every task
-that reads it (4); each bundle runs under a metrics container whose updates go to the
-scheduler's event log, from which ``metrics()`` answers (5); set-up DoFn instances wait in a
-per-process pool for later bundles of the same step, and are torn down on every worker when
-the run ends (6). Creates are split into about two partitions per
-worker thread unless ``--dask_npartitions`` or ``--dask_partition_size`` say otherwise (Beam's
-default of 128 elements per partition would run a corpus of 100 files as one task).
+Create, GroupByKey and Flatten keep Beam's translations. Because this module reaches into
+Beam's internals (``_OutputHandler``, ``DoFnInvoker``, ``StateSampler``, the dask runner's
+``_Create``, ``_Flatten``, ``_Reshuffle``, ``_GroupAlsoByWindow``,
+``DaskOptions._extract_bag_kwargs``, ``AsSideInput._view_options`` ...; the full list, with the
+parameters it passes, is ``BEAM_INTERNALS`` in tests/test_pipeline_dask.py, which resolves each),
+it refuses to run on any apache-beam but ``BEAM_VERSION`` (pinned in pyproject.toml). To move
+to a newer Beam, run that test there, then the rest of tests/test_pipeline_dask.py; to drop this
+module, check 1-9 against Beam's own runner.
 
 Select it with ``--runner=DaskRunner`` (``pipelines.options`` maps the name here) and
 ``--dask_client_address=HOST:PORT``.
@@ -47,10 +67,22 @@ import uuid
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.runners.dask import dask_runner as beam_dask
+from apache_beam.runners.dask import overrides as beam_overrides
 from apache_beam.runners.dask import transform_evaluator as te
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
+# The one apache-beam whose internals this module was written and tested against.
+BEAM_VERSION = "2.77.0"
 METRICS_TOPIC = "dresd-beam-metrics"
+
+
+def check_beam_version() -> None:
+    """Refuse any apache-beam but ``BEAM_VERSION`` (see the module docstring)."""
+    installed = beam.version.__version__
+    if installed != BEAM_VERSION:
+        raise RuntimeError(
+            f"pipelines.dask_runner needs apache-beam=={BEAM_VERSION}, but {installed} is "
+            "installed: it relies on Beam internals that may have changed")
 
 # Set-up DoFn instances of this process waiting for their next bundle, by run and step.
 _IDLE: dict[str, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -205,21 +237,24 @@ class _Visitor(beam.pipeline.PipelineVisitor):
         self.consumed.update(id(pc) for pc in inputs)
         self.consumed.update(id(si.pvalue) for si in node.side_inputs)
         bags = [self.bags[pc] for pc in inputs]
-        if any(b is None for b in bags):
-            raise NotImplementedError(
-                f"{node.full_label}: an input comes from a transform the DaskRunner does not "
-                "translate (only Create, ParDo, GroupByKey and Flatten are)")
-        cls = node.transform.__class__
+        cls = node.transform.__class__  # exact classes: a subclass may mean something else
         if cls is beam.ParDo:
             self._pardo(node, bags[0])
             return
-        if cls is te._Create:
+        if cls is beam_overrides._Create:
             out = self._create(node)
-        elif cls in te.TRANSLATIONS:
-            op = te.TRANSLATIONS[cls](node, bag_kwargs=self.bag_kwargs)
-            out = op.apply(input_bag=bags if cls is te._Flatten else bags[0])
-        else:  # Reshuffle, GroupAlsoByWindow and the like: Beam's NoOp
-            out = bags[0] if bags else None
+        elif cls is beam_overrides._Flatten:
+            out = te.Flatten(node, bag_kwargs=self.bag_kwargs).apply(input_bag=bags)
+        elif cls is beam_overrides._GroupByKeyOnly:
+            out = te.GroupByKey(node, bag_kwargs=self.bag_kwargs).apply(input_bag=bags[0])
+        elif cls is beam_overrides._Reshuffle or (
+                cls is beam_overrides._GroupAlsoByWindow and node.transform.windowing.is_default()):
+            out = bags[0]  # identities here (see 7 in the module docstring)
+        else:
+            raise NotImplementedError(
+                f"the DaskRunner does not translate {cls.__module__}.{cls.__qualname__} (step "
+                f"{node.full_label!r}); it runs Create, ParDo, GroupByKey, CoGroupByKey, "
+                "Flatten, Reshuffle and combiners, in the global window")
         for pc in node.outputs.values():
             self.bags[pc] = out
 
@@ -252,7 +287,7 @@ class _Visitor(beam.pipeline.PipelineVisitor):
         """Bags of PCollections nothing consumes, drained (so nothing comes back)."""
         seen, out = set(), []
         for pc, bag in self.bags.items():
-            if bag is None or id(pc) in self.consumed or id(bag) in seen:
+            if id(pc) in self.consumed or id(bag) in seen:
                 continue
             seen.add(id(bag))
             out.append(bag.map_partitions(_drain))
@@ -330,19 +365,30 @@ class DaskRunnerResult(PipelineResult):
 class DaskRunner(beam_dask.DaskRunner):
     """Runs a pipeline on a Dask distributed cluster (see the module docstring)."""
 
+    def __init__(self, *args, **kwargs):
+        check_beam_version()  # when the pipeline is created, before anything runs
+        super().__init__(*args, **kwargs)
+
     def run_pipeline(self, pipeline, options):
         import distributed
+
+        check_beam_version()
 
         dask_options = options.view_as(beam_dask.DaskOptions).get_all_options(
             drop_default=True, current_only=True)
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
         client = distributed.Client(**dask_options)
-        threads = sum(client.nthreads().values()) or 1
-        pipeline.replace_all(beam_dask.dask_overrides())
-        run_id = uuid.uuid4().hex
-        visitor = _Visitor(bag_kwargs, run_id, default_partitions=max(2, 2 * threads))
-        pipeline.visit(visitor)
-        leaves = visitor.leaves()
-        # Submitted together, the leaves form one graph: a step several leaves share runs once.
-        futures = client.compute(leaves) if leaves else []
+        try:
+            threads = sum(client.nthreads().values()) or 1
+            pipeline.replace_all(beam_dask.dask_overrides())
+            run_id = uuid.uuid4().hex
+            visitor = _Visitor(bag_kwargs, run_id, default_partitions=max(2, 2 * threads))
+            pipeline.visit(visitor)
+            leaves = visitor.leaves()
+            # Submitted together, the leaves form one graph: a step several leaves share runs
+            # once.
+            futures = client.compute(leaves) if leaves else []
+        except BaseException:  # a transform it does not translate, say: nothing was submitted
+            client.close()
+            raise
         return DaskRunnerResult(client, futures, run_id)

@@ -41,18 +41,35 @@ def code_corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def dask_cluster():
-    """A dask.distributed LocalCluster: a scheduler and 2 worker processes of 1 thread each,
-    started for the session and stopped after it. Pipelines reach it with
-    ``--runner=DaskRunner --dask_client_address=<cluster.scheduler_address>``."""
+    """A dask.distributed cluster: a scheduler and 2 workers of 1 thread each, every one in a
+    process of its own, started for the session and stopped after it. Pipelines reach it with
+    ``--runner=DaskRunner --dask_client_address=<cluster.scheduler_address>``.
+
+    Not a LocalCluster: its scheduler runs inside this process, and a scheduler hooks
+    ``gc.callbacks`` (``distributed.gc.enable_gc_diagnosis``) to read this process's RSS from
+    ``/proc/<pid>/statm`` at every full collection, on whatever thread the collection happens
+    (a test's own), and polls psutil from its system monitor. Here nothing of the cluster runs
+    in the test process but the client side of the cluster object."""
+    import gc
     import logging
 
-    from distributed import LocalCluster
+    from distributed.deploy.subprocess import SubprocessCluster
 
-    # The nanny starts workers with OMP_NUM_THREADS=1 (dask's default pre-spawn environment),
-    # so two workers' torch threads do not fight over the machine's cores.
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
+    callbacks = list(gc.callbacks)
+    # The scheduler and the workers import what the tasks name: the project, and the test
+    # modules whose DoFns and functions pipelines here use. Workers start under a nanny, which
+    # sets OMP_NUM_THREADS=1 (dask's default pre-spawn environment), so two workers' torch
+    # threads do not fight over the machine's cores.
+    here = Path(__file__).parent
+    path = os.pathsep.join(p for p in (str(here), str(here.parent),
+                                       os.environ.get("PYTHONPATH")) if p)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", path)  # only while the processes start
+        cluster = SubprocessCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                                    silence_logs=logging.ERROR)
     try:
+        cluster.wait_for_workers(2, timeout=120)
+        assert gc.callbacks == callbacks, "the cluster hooked this process's garbage collector"
         yield cluster
     finally:
         cluster.close()

@@ -1,6 +1,7 @@
 """End to end: build, update and compact a store with a tiny model, from the API and the CLI."""
 
 import json
+import math
 import shutil
 
 import faiss
@@ -10,9 +11,19 @@ from tiny_models import split_corpus
 
 from dresd.cli import main as dresd_main
 from dresd.models import load_model, model_fingerprint
+from pipelines import encoder
 from pipelines.build import build_store, compact_store, update_store
 from pipelines.config import BuildConfig
 from pipelines.dead_letter import read_dead_letters
+from pipelines.encode import (
+    ENCODE_CPU_MS,
+    ENCODE_DONE_MS,
+    ENCODE_FIRST_MS,
+    ENCODE_FORWARD_MS,
+    ENCODED_TOKENS,
+    ENCODER_SETUP_MS,
+)
+from pipelines.encoder import EncoderSpec
 from pipelines.tokenize import load_tokenizer
 from schemas import StoreFormatError, list_generations, read_manifest
 from schemas.lists import ListsFile, unpack_ids
@@ -35,9 +46,15 @@ def corpus(tmp_path_factory, code_corpus_dir):
 
 @pytest.fixture(scope="module")
 def built_with_stats(tmp_path_factory, corpus, tiny_llama_dir):
+    """The store, its manifest, and the build's stats, with ``"loads"``: how many times the
+    build loaded the encoder in this process (0 when an earlier build left it loaded)."""
     store = tmp_path_factory.mktemp("store") / "s"
+    config = _config(tiny_llama_dir)
+    tag = EncoderSpec.of(config).tag
     stats = {}
-    manifest = build_store(corpus[0], store, _config(tiny_llama_dir), stats=stats)
+    before = encoder.LOADS[tag]
+    manifest = build_store(corpus[0], store, config, stats=stats)
+    stats["loads"] = encoder.LOADS[tag] - before
     return store, manifest, stats
 
 
@@ -95,16 +112,33 @@ def test_build_writes_a_complete_verifiable_store(built, corpus, tiny_llama_dir)
 
 
 def test_build_reports_encode_timing(built_with_stats):
+    """What the timings are made of, whatever they measure: every figure present and finite,
+    one forward, CPU and done record per shard written, the load once per load."""
     _, manifest, stats = built_with_stats
-    timing = stats["metrics"].encode
+    timing, metrics = stats["metrics"].encode, stats["metrics"]
+    d = metrics.distributions
     assert timing.tokens == manifest.num_tokens and timing.shards == len(manifest.shards)
-    assert 0 < timing.forward_s <= timing.stage_s and timing.cpu_s > 0
-    # The model load is reported by the step that loaded it; 0 when an earlier build in this
-    # process left the shared encoder loaded (pipelines.encoder; its loads are counted in
-    # test_pipeline_dask).
-    assert timing.setup_s >= 0
-    assert timing.tokens_per_s == pytest.approx(timing.tokens / timing.stage_s)
-    assert stats["metrics"].counters["encoded_tokens"] == manifest.num_tokens
+    assert metrics.counters[ENCODED_TOKENS] == manifest.num_tokens
+    for name in (ENCODE_FIRST_MS, ENCODE_DONE_MS, ENCODE_FORWARD_MS, ENCODE_CPU_MS):
+        assert name in d, name
+    for name, r in d.items():  # merged over steps and workers, still a distribution
+        assert r["count"] >= 1 and r["count"] * r["min"] <= r["sum"] <= r["count"] * r["max"], (
+            name, r)
+    for name in (ENCODE_DONE_MS, ENCODE_FORWARD_MS, ENCODE_CPU_MS):
+        assert d[name]["count"] == len(manifest.shards), name  # one per shard written
+    # a bundle's first document is timed once, and every bundle that got one wrote a shard
+    assert 1 <= d[ENCODE_FIRST_MS]["count"] <= len(manifest.shards)
+    assert timing.stage_s == (d[ENCODE_DONE_MS]["max"] - d[ENCODE_FIRST_MS]["min"]) / 1000
+    assert timing.forward_s == d[ENCODE_FORWARD_MS]["sum"] / 1000
+    assert timing.cpu_s == d[ENCODE_CPU_MS]["sum"] / 1000
+    # The model load is reported once per load, by the step that loaded it (none when an
+    # earlier build in this process left the shared encoder loaded: pipelines.encoder).
+    assert d.get(ENCODER_SETUP_MS, {"count": 0})["count"] == stats["loads"] <= 1
+    assert timing.setup_s == d.get(ENCODER_SETUP_MS, {"sum": 0})["sum"] / 1000
+    figures = (timing.stage_s, timing.forward_s, timing.cpu_s, timing.setup_s,
+               timing.tokens_per_s)
+    assert all(math.isfinite(x) for x in figures), figures
+    assert timing.tokens_per_s == (timing.tokens / timing.stage_s if timing.stage_s else 0.0)
 
 
 def test_update_adds_a_generation_and_leaves_the_first_untouched(

@@ -1,7 +1,14 @@
 """Build, update and compact on Beam's DaskRunner (a LocalCluster of 2 worker processes) give
 the store the DirectRunner gives; the encoder loads once per process for sampling and encoding."""
 
+import ast
+import importlib
+import importlib.metadata
+import inspect
+import re
 import shutil
+import sys
+from pathlib import Path
 
 import apache_beam as beam
 import pytest
@@ -185,3 +192,252 @@ def test_cli_knows_the_dask_options_of_the_short_runner_name():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip().splitlines()[-1]
     assert out == "[] ['--dask_client_adress=x']"
+
+
+# --------------------------------------------------------------------------- Beam internals
+# What pipelines.dask_runner takes from Beam beyond its public API, with the parameters it
+# passes: positional ones in order, then "*" and the ones it passes by name (None: a class it
+# only compares against, or a value). A parameter Beam renames, moves or adds without a
+# default, and a name it removes, fails test_the_beam_internals_the_runner_uses_are_there.
+BEAM_INTERNALS = {
+    "apache_beam.runners.common._OutputHandler": (
+        "*", "window_fn", "main_receivers", "tagged_receivers", "per_element_output_counter",
+        "output_batch_converter", "process_yields_batches", "process_batch_yields_elements"),
+    "apache_beam.runners.common.DoFnSignature": ("do_fn",),
+    "apache_beam.runners.common.DoFnContext": ("label", "*", "state"),
+    "apache_beam.runners.common.DoFnInvoker.create_invoker": (
+        "signature", "output_handler", "*", "context", "side_inputs", "input_args",
+        "input_kwargs", "user_state_context", "bundle_finalizer_param"),
+    "apache_beam.runners.common.DoFnInvoker.invoke_setup": (),
+    "apache_beam.runners.common.DoFnInvoker.invoke_start_bundle": (),
+    "apache_beam.runners.common.DoFnInvoker.invoke_process": ("windowed_value",),
+    "apache_beam.runners.common.DoFnInvoker.invoke_finish_bundle": (),
+    "apache_beam.metrics.execution.MetricsContainer": ("step_name",),
+    "apache_beam.metrics.execution.MetricsContainer.get_cumulative": (),
+    "apache_beam.runners.worker.statesampler.StateSampler": ("prefix", "counter_factory"),
+    "apache_beam.runners.worker.statesampler.StateSampler.start": (),
+    "apache_beam.runners.worker.statesampler.StateSampler.stop": (),
+    "apache_beam.runners.worker.statesampler.StateSampler.scoped_state": (
+        "name_context", "state_name", "*", "metrics_container"),
+    "apache_beam.utils.counters.CounterFactory": (),
+    "apache_beam.transforms.sideinputs.SideInputMap": ("view_class", "view_options", "iterable"),
+    "apache_beam.pvalue.AsSideInput._view_options": (),
+    "apache_beam.transforms.core.Windowing.is_default": (),
+    "apache_beam.runners.dask.transform_evaluator.OneReceiver": (),
+    "apache_beam.runners.dask.transform_evaluator.get_windowed_value": ("item", "window_fn"),
+    "apache_beam.runners.dask.transform_evaluator.defenestrate": ("x",),
+    "apache_beam.runners.dask.transform_evaluator.Create": ("applied", "*", "bag_kwargs"),
+    "apache_beam.runners.dask.transform_evaluator.Create.apply": ("*", "input_bag"),
+    "apache_beam.runners.dask.transform_evaluator.Flatten": ("applied", "*", "bag_kwargs"),
+    "apache_beam.runners.dask.transform_evaluator.Flatten.apply": ("*", "input_bag"),
+    "apache_beam.runners.dask.transform_evaluator.GroupByKey": ("applied", "*", "bag_kwargs"),
+    "apache_beam.runners.dask.transform_evaluator.GroupByKey.apply": ("*", "input_bag"),
+    "apache_beam.runners.dask.overrides._Create": None,
+    "apache_beam.runners.dask.overrides._Flatten": None,
+    "apache_beam.runners.dask.overrides._GroupByKeyOnly": None,
+    "apache_beam.runners.dask.overrides._Reshuffle": None,
+    "apache_beam.runners.dask.overrides._GroupAlsoByWindow": None,
+    "apache_beam.runners.dask.dask_runner.DaskRunner": None,
+    "apache_beam.runners.dask.dask_runner.DaskOptions._extract_bag_kwargs": ("dask_options",),
+    "apache_beam.runners.dask.dask_runner.dask_overrides": (),
+    "apache_beam.runners.direct.direct_metrics.DirectMetrics": (),
+    "apache_beam.runners.direct.direct_metrics.DirectMetrics.update_physical": (
+        "bundle", "updates"),
+    "apache_beam.runners.direct.direct_metrics.DirectMetrics.commit_logical": (
+        "bundle", "updates"),
+    "apache_beam.runners.direct.direct_metrics.DirectMetrics.query": ("filter",),
+    "apache_beam.runners.runner.PipelineResult": ("state",),
+    "apache_beam.runners.runner.PipelineState": None,
+}
+# Private attributes of Beam objects that exist only on instances (checked on real ones).
+BEAM_INSTANCE_ATTRS = {"_window_mapping_fn", "_state"}
+# Beam modules whose names are public API (not listed above).
+BEAM_PUBLIC = {"apache_beam", "apache_beam.pvalue"}
+
+
+def _resolve(dotted: str):
+    """(owner, object) of a dotted name: the longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ImportError:
+            continue
+    owner = None
+    for name in parts[i:]:
+        owner, obj = obj, getattr(obj, name)
+    return owner, obj
+
+
+def _source_parameters(owner, obj) -> list[inspect.Parameter]:
+    """The parameters of a compiled (Cython) class's ``__init__`` or method, from the
+    pure-Python module Beam compiles it from and ships beside it."""
+    cls, method = (obj, "__init__") if inspect.isclass(obj) else (owner, obj.__name__)
+    module = sys.modules[cls.__module__]
+    source = Path(module.__file__).with_name(module.__name__.rsplit(".", 1)[1] + ".py")
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
+                and n.name == cls.__name__)
+    fn = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == method)
+    a = fn.args
+    defaults = [inspect.Parameter.empty] * (len(a.args) - len(a.defaults)) + a.defaults
+    out = [inspect.Parameter(x.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+           for x, d in zip(a.args, defaults)]
+    out += [inspect.Parameter(x.arg, inspect.Parameter.KEYWORD_ONLY,
+                              default=inspect.Parameter.empty if d is None else d)
+            for x, d in zip(a.kwonlyargs, a.kw_defaults)]
+    if a.vararg:
+        out.append(inspect.Parameter(a.vararg.arg, inspect.Parameter.VAR_POSITIONAL))
+    if a.kwarg:
+        out.append(inspect.Parameter(a.kwarg.arg, inspect.Parameter.VAR_KEYWORD))
+    return out
+
+
+def _parameters(owner, obj) -> list[inspect.Parameter]:
+    try:
+        params = list(inspect.signature(obj).parameters.values())
+    except ValueError:  # no signature: a compiled class or method
+        params = _source_parameters(owner, obj)
+    if params and params[0].name in ("self", "cls"):  # a method reached through its class
+        params = params[1:]
+    return params
+
+
+def _signature_problems(dotted: str, spec: tuple) -> list[str]:
+    owner, obj = _resolve(dotted)
+    params = _parameters(owner, obj)
+    by_name = {p.name: p for p in params}
+    cut = spec.index("*") if "*" in spec else len(spec)
+    positional, keywords = list(spec[:cut]), spec[cut + 1:]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    leading = [p.name for p in params if p.kind in kinds][:len(positional)]
+    problems = []
+    if leading != positional:
+        problems.append(f"positional parameters {leading}, the runner passes {positional}")
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    for k in keywords:
+        if not takes_any and (k not in by_name
+                              or by_name[k].kind is inspect.Parameter.POSITIONAL_ONLY):
+            problems.append(f"no parameter {k!r} (the runner passes it by name)")
+    passed = set(spec) - {"*"}
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                   inspect.Parameter.VAR_KEYWORD)]
+    problems += [f"a required parameter {r!r} the runner does not pass" for r in required
+                 if r not in passed]
+    return [f"{dotted}: {p}" for p in problems]
+
+
+def test_the_beam_internals_the_runner_uses_are_there():
+    problems = []
+    for dotted, spec in BEAM_INTERNALS.items():
+        try:
+            _resolve(dotted)
+        except AttributeError as e:
+            problems.append(f"{dotted}: {e}")
+            continue
+        if spec is not None:
+            problems += _signature_problems(dotted, spec)
+    assert not problems, "Beam changed what pipelines.dask_runner relies on:\n" + "\n".join(
+        problems)
+
+
+def test_the_private_beam_instance_attributes_the_runner_reads_are_there():
+    from apache_beam.runners.dask import overrides
+    from apache_beam.runners.runner import PipelineResult, PipelineState
+
+    p = beam.Pipeline()
+    nums = p | beam.Create([1])
+    side = beam.pvalue.AsSingleton(nums)
+    assert callable(side._window_mapping_fn) and isinstance(side._view_options(), dict)
+    pardo = beam.ParDo(_Split(), side)
+    assert pardo.raw_side_inputs == ((side,), {}) and isinstance(pardo.fn, _Split)
+    assert overrides._GroupAlsoByWindow(nums.windowing).windowing.is_default()
+    result = PipelineResult(PipelineState.RUNNING)
+    result._state = PipelineState.DONE  # as the runner's result sets it
+    assert result.state == PipelineState.DONE
+
+
+def test_the_list_of_beam_internals_is_complete():
+    """Every Beam name pipelines.dask_runner imports from a non-public module, every attribute
+    it reaches through one, and every private attribute it reads of anything but itself is in
+    BEAM_INTERNALS or BEAM_INSTANCE_ATTRS."""
+    from pipelines import dask_runner
+
+    tree = ast.parse(Path(dask_runner.__file__).read_text(encoding="utf-8"))
+    listed = set(BEAM_INTERNALS) | BEAM_PUBLIC
+    last = {d.rsplit(".", 1)[1] for d in BEAM_INTERNALS} | BEAM_INSTANCE_ATTRS
+
+    def known(dotted):
+        return any(k == dotted or k.startswith(dotted + ".") for k in listed)
+
+    aliases, missing = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("apache_beam"):
+            for a in node.names:
+                dotted = f"{node.module}.{a.name}"
+                if inspect.ismodule(_resolve(dotted)[1]):
+                    aliases[a.asname or a.name] = dotted
+                elif node.module not in BEAM_PUBLIC and not known(dotted):
+                    missing.append(dotted)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("apache_beam"):
+                    aliases[a.asname or a.name] = a.name
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain, x = [node.attr], node.value
+        while isinstance(x, ast.Attribute):
+            chain.insert(0, x.attr)
+            x = x.value
+        if node.attr.startswith("_") and not node.attr.startswith("__") and not (
+                isinstance(node.value, ast.Name) and node.value.id == "self"):
+            if node.attr not in last:
+                missing.append(f"{ast.unparse(node)} (a private attribute)")
+        if isinstance(x, ast.Name) and x.id in aliases and aliases[x.id] not in BEAM_PUBLIC:
+            dotted = ".".join([aliases[x.id], *chain])
+            if not known(dotted):
+                missing.append(dotted)
+    assert not missing, "not in BEAM_INTERNALS: " + ", ".join(sorted(set(missing)))
+
+
+def test_another_beam_version_is_refused(monkeypatch):
+    from pipelines import dask_runner
+
+    args = ["--runner=DaskRunner", "--dask_client_address=tcp://127.0.0.1:1"]
+    runner = dask_runner.DaskRunner()  # the installed Beam: accepted
+    monkeypatch.setattr(beam.version, "__version__", "2.78.0")
+    want = (rf"needs apache-beam=={re.escape(dask_runner.BEAM_VERSION)}, but 2\.78\.0 is "
+            "installed")
+    with pytest.raises(RuntimeError, match=want) as refused:
+        beam.Pipeline(options=pipeline_options(args))  # the runner is made with the pipeline
+    assert "\n" not in str(refused.value)
+    with pytest.raises(RuntimeError, match=want):  # and checked again before connecting
+        runner.run_pipeline(beam.Pipeline(), pipeline_options(args))
+
+
+def test_beam_is_pinned_to_the_version_the_runner_was_written_for():
+    from pipelines import dask_runner
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    pins = re.findall(r'"apache-beam(?:\[[^\]]*\])?([^"]*)"', pyproject)
+    assert pins == [f"=={dask_runner.BEAM_VERSION}"]
+    assert importlib.metadata.version("apache-beam") == dask_runner.BEAM_VERSION
+
+
+@pytest.mark.parametrize(("make", "name", "label"), [
+    (lambda p: p | "Start" >> beam.Impulse(), "apache_beam.transforms.core.Impulse", "Start"),
+    (lambda p: (p | "Nums" >> beam.Create([1, 2])
+                | "Window" >> beam.WindowInto(beam.transforms.window.FixedWindows(10))),
+     "apache_beam.transforms.core.WindowInto", "Window"),
+])
+def test_a_transform_the_runner_does_not_translate_raises_with_its_name(dask_cluster, make,
+                                                                        name, label):
+    p = beam.Pipeline(options=pipeline_options(
+        ["--runner=DaskRunner", f"--dask_client_address={dask_cluster.scheduler_address}"]))
+    _ = make(p) | "Keep" >> beam.Map(lambda x: x)
+    with pytest.raises(NotImplementedError,
+                       match=rf"does not translate {re.escape(name)} \(step '{label}'\)"):
+        p.run()

@@ -13,6 +13,8 @@ not add up with a StoreFormatError, and detects every flipped byte.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import shutil
@@ -142,20 +144,45 @@ def test_manifest_values_out_of_range_are_named(store, tmp_path, field, value, m
 # --------------------------------------------------------------------------- fuzzing
 class _OpenWatch:
     """An audit hook (they cannot be removed, so it is installed once and switched on and off)
-    that records every file a watched call opens."""
+    that records every file the watched call opens, with where it was opened from.
+
+    Audit hooks run on the thread that opens, so the other threads of this process (a Dask
+    client's event loop, say) are told apart by thread id. Code that is not the watched call
+    can still run on its thread: the garbage collector's callbacks (``gc.callbacks``) and the
+    finalizers of unreachable cycles run on whichever thread's allocation set a collection off.
+    A dask scheduler living in this process hooks one there (``distributed.gc``'s GC
+    diagnosis), which reads ``/proc/<pid>/statm`` through psutil at every full collection: the
+    stray open this test once saw. Automatic collection is off while watching, so nothing but
+    the watched call runs there, and every open of the call itself counts.
+    """
 
     def __init__(self):
-        self.on = False
-        self.thread = threading.get_ident()
-        self.opened: list[str] = []
+        self.thread: int | None = None
+        self.opened: list[tuple[str, str]] = []
         sys.addaudithook(self._hook)
 
     def _hook(self, event, args):
-        # Only the watched call's own thread: other threads of the test process (a Dask
-        # cluster's monitors, say) open files of their own.
-        if (self.on and event == "open" and threading.get_ident() == self.thread
+        if (event == "open" and threading.get_ident() == self.thread
                 and isinstance(args[0], (str, bytes, os.PathLike))):
-            self.opened.append(os.fsdecode(args[0]))
+            frame, where = sys._getframe(1), []
+            while frame is not None and len(where) < 6:  # no source lines read here
+                where.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+                frame = frame.f_back
+            self.opened.append((os.fsdecode(args[0]), " < ".join(where)))
+
+    @contextlib.contextmanager
+    def watching(self):
+        """Record the opens of this thread in the block: ``[(path, where), ...]``."""
+        self.opened.clear()
+        collecting = gc.isenabled()
+        gc.disable()
+        self.thread = threading.get_ident()
+        try:
+            yield self.opened
+        finally:
+            self.thread = None
+            if collecting:
+                gc.enable()
 
 
 _WATCH: _OpenWatch | None = None
@@ -246,24 +273,61 @@ def test_fuzzed_manifests_raise_only_store_format_errors_and_stay_inside(store, 
             f.write_bytes(_render(d))
         except (TypeError, ValueError):
             return  # not serializable as JSON (NaN is; a set is not): nothing to read
-        watch.opened.clear()
-        watch.on = True
-        try:
-            st_ = load_store(path, verify="auto")
-            token = int(np.argmax(st_.shards[0].counts))
-            q = np.ones(st_.manifest.dim, np.float32) / np.sqrt(st_.manifest.dim)
-            st_.continuations(q, token, 10)
-            outcomes["loaded"] += 1
-        except StoreFormatError:
-            outcomes["refused"] += 1
-        finally:
-            watch.on = False
-        stray = [p for p in watch.opened if not os.path.realpath(p).startswith(allowed)]
+        with watch.watching() as opened:
+            try:
+                st_ = load_store(path, verify="auto")
+                token = int(np.argmax(st_.shards[0].counts))
+                q = np.ones(st_.manifest.dim, np.float32) / np.sqrt(st_.manifest.dim)
+                st_.continuations(q, token, 10)
+                outcomes["loaded"] += 1
+            except StoreFormatError:
+                outcomes["refused"] += 1
+        stray = [(p, where) for p, where in opened
+                 if not os.path.realpath(p).startswith(allowed)]
         assert not stray, f"opened outside the store: {stray}"
 
     fuzz()
     assert outcomes["refused"] > 0.5 * FUZZ_EXAMPLES  # the fuzzing reached the checks
     assert outcomes["loaded"] > 0  # ... and did not only break the JSON
+
+
+def test_the_open_watch_records_only_the_watched_call(tmp_path):
+    """Opens from another thread and from a garbage-collector callback (as distributed's GC
+    diagnosis reads /proc/<pid>/statm) are not the watched call's; its own are all recorded."""
+    outside, mine = tmp_path / "outside.txt", tmp_path / "mine.txt"
+    outside.write_text("x")
+    calls = []
+
+    def reader(phase, info):
+        calls.append(phase)
+        open(outside).close()
+
+    def make_cycles():
+        for _ in range(200):
+            x = []
+            x.append(x)
+
+    other = threading.Thread(target=lambda: open(outside).close())
+    watch = _watch()
+    threshold = gc.get_threshold()
+    gc.callbacks.append(reader)
+    gc.set_threshold(1)
+    try:
+        make_cycles()
+        assert calls  # the callback runs on this thread's allocations when not watching ...
+        with watch.watching() as opened:
+            calls.clear()
+            make_cycles()
+            other.start()
+            other.join()
+            open(mine, "w").close()
+            during = list(calls)
+    finally:
+        gc.callbacks.remove(reader)
+        gc.set_threshold(*threshold)
+    assert not during  # ... and not inside the watched block
+    assert [p for p, _ in opened] == [str(mine)]
+    assert __file__ in opened[0][1]  # where it was opened from
 
 
 def _get(d, path):
