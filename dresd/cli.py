@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dresd", description="Dense-retrieval speculative decoding: build stores, decode."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, the full traceback (also DRESD_DEBUG=1); without it an "
+                        "error is one line naming the cause")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from dresd import commands
 
@@ -83,13 +87,52 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+# Loggers whose records are this project's own; any other library's error record that carries
+# a traceback is the same failure the command reports in its last line, so it is dropped.
+_OWN_LOGGERS = ("dresd", "pipelines", "schemas", "benchmarks", "__main__")
+
+
+class _OneLineRecords(logging.Filter):
+    """Without --debug: records keep their first line and no traceback, and a library's error
+    records that carry a traceback (Beam's and Dask's report of the failure this command ends
+    with) are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name.split(".")[0] in _OWN_LOGGERS
+        if record.exc_info and not own and record.levelno >= logging.ERROR:
+            return False
+        if record.name == "root" and str(record.msg).startswith("apitools not found"):
+            return False  # Beam's import-time note that its GCP client is not installed
+        record.exc_info = record.exc_text = record.stack_info = None
+        message = record.getMessage()
+        first = message.strip().splitlines()[0] if message.strip() else message
+        if first != message:
+            record.msg, record.args = first, None
+        return True
+
+
+def debugging(args=None) -> bool:
+    """Whether errors show their traceback: ``--debug`` or DRESD_DEBUG=1."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("DRESD_DEBUG", "") not in (
+        "", "0")
+
+
+def _configure_logging(args) -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # Beam's notes on import about cloud clients it does not find
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    if not debugging(args):
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OneLineRecords())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _configure_logging(args)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "accepts_extra", False):
@@ -102,12 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         args.extra = extra  # Beam pipeline options pass through untouched
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"dresd {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"dresd {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debugging(args):
+            raise
+        known = isinstance(e, (ValueError, OSError, RuntimeError))
+        hint = "" if known else f" ({type(e).__name__}; rerun with --debug for the traceback)"
+        print(f"dresd {args.command}: error: {_one_line(e)}{hint}", file=sys.stderr)
+        return 2 if known else 1
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from schemas.commit import manifest_relpath, resolve_generation
 from schemas.integrity import Records, check_present
 from schemas.manifest import FileRef, parse_manifest
 from schemas.paths import store_file
-from schemas.storage import ObjectStoreIO, is_remote, location_key
+from schemas.storage import ObjectStoreIO, is_remote, location_key, reaching
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def _download(io: ObjectStoreIO, ref: FileRef, root: Path) -> None:
     with replacing(final) as tmp:
         h = hashlib.sha256()
         size = 0
-        with io.fs.open(io.path(ref.path), "rb") as src, open(tmp, "wb") as dst:
+        with reaching(io.url), io.fs.open(io.path(ref.path), "rb") as src, \
+                open(tmp, "wb") as dst:
             while chunk := src.read(8 << 20):
                 h.update(chunk)
                 size += len(chunk)

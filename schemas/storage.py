@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.errors import StorageError
 from schemas.paths import store_file
 
 
@@ -347,6 +348,72 @@ class LocalStoreIO(StoreIO):
                 and self.root.resolve() in Path(location).resolve().parents)
 
 
+# botocore's and aiohttp's exceptions, by class name: s3fs passes these through untranslated,
+# and naming them keeps botocore an optional import (the 's3' extra).
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError",
+                "ClientOSError", "ProxyConnectionError", "ConnectionRefusedError"}
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_RERUN = "rerun the same command then (a build or update reuses the shards it finished)"
+
+
+def _endpoint(url: str) -> str:
+    opts = storage_options(url).get("client_kwargs", {})
+    return opts.get("endpoint_url") or f"the {scheme(url)}:// service"
+
+
+def _names(e: BaseException) -> set[str]:
+    """Class names of ``e``, its bases and the exceptions it was raised from."""
+    out: set[str] = set()
+    seen = 0
+    while e is not None and seen < 8:
+        out.update(c.__name__ for c in type(e).__mro__)
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return out
+
+
+def storage_error(e: BaseException, url: str) -> StorageError | None:
+    """The one-line ``StorageError`` an exception from the object-store client stands for, or
+    None when it is not one of these (a missing object, a refused put: the caller's to read)."""
+    names = _names(e)
+    if names & _NO_CREDENTIALS:
+        return StorageError(f"no credentials for {url}: set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), then rerun")
+    if names & _UNREACHABLE:
+        return StorageError(f"cannot reach the object store at {_endpoint(url)} for {url}: "
+                            "check DRESD_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) and that the "
+                            f"server is up; {_RERUN}")
+    return None
+
+
+@contextmanager
+def reaching(url: str) -> Iterator[None]:
+    """Calls to an object store inside the block fail with a one-line ``StorageError`` when
+    the store cannot be reached or used (see ``storage_error``), any other error as it is."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        translated = storage_error(e, url)
+        if translated is None:
+            raise
+        raise translated from e
+
+
+def _reached(method):
+    """``reaching`` around an ``ObjectStoreIO`` method."""
+    import functools
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with reaching(self.url):
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class ObjectStoreIO(StoreIO):
     """``StoreIO`` on a store at a URL (``s3://bucket/prefix``), through fsspec.
 
@@ -376,6 +443,7 @@ class ObjectStoreIO(StoreIO):
     def where(self, relpath: str = "") -> str:
         return join(self.url, relpath)
 
+    @_reached
     def create_exclusive(self, relpath: str, data: bytes) -> None:
         check_store_location(self.url)
         try:
@@ -389,18 +457,22 @@ class ObjectStoreIO(StoreIO):
                 raise FileExistsError(self.where(relpath)) from None
             raise
 
+    @_reached
     def replace(self, relpath: str, data: bytes) -> None:
         self.fs.pipe_file(self.path(relpath), data)
 
+    @_reached
     def read(self, relpath: str) -> bytes:
         try:
             return self.fs.cat_file(self.path(relpath))
         except FileNotFoundError:
             raise FileNotFoundError(self.where(relpath)) from None
 
+    @_reached
     def exists(self, relpath: str) -> bool:
         return self.fs.exists(self.path(relpath))
 
+    @_reached
     def listdir(self, relpath: str) -> list[str]:
         try:
             entries = self.fs.ls(self.path(relpath), detail=False)
@@ -410,6 +482,7 @@ class ObjectStoreIO(StoreIO):
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries
                       if e.rstrip("/") != base)
 
+    @_reached
     def usage(self, relpath: str) -> Usage | None:
         try:
             found = list(self.fs.find(self.path(relpath), detail=True).values())
@@ -420,12 +493,14 @@ class ObjectStoreIO(StoreIO):
         return Usage(sum(int(o.get("size") or 0) for o in found),
                      max(_modified(o) for o in found))
 
+    @_reached
     def remove(self, relpath: str) -> None:
         try:
             self.fs.rm(self.path(relpath), recursive=True)
         except FileNotFoundError:
             pass
 
+    @_reached
     def get(self, relpaths: list[str], local_root: Path) -> None:
         if not relpaths:
             return
@@ -433,17 +508,21 @@ class ObjectStoreIO(StoreIO):
             (local_root / rel).parent.mkdir(parents=True, exist_ok=True)
         self.fs.get([self.path(r) for r in relpaths], [str(local_root / r) for r in relpaths])
 
+    @_reached
     def put(self, local_root: Path, relpaths: list[str]) -> None:
         if relpaths:
             self.fs.put([str(local_root / r) for r in relpaths],
                         [self.path(r) for r in relpaths])
 
+    @_reached
     def check_writable(self, must_exist: bool) -> None:
         check_store_location(self.url)
-        fs, path = filesystem(self.url)
-        if not fs.exists(path.split("/", 1)[0]):
+        bucket = self.path("").split("/", 1)[0]
+        try:
+            self.fs.info(bucket)  # raises what keeps it from being read, unlike fs.exists
+        except FileNotFoundError:
             raise FileNotFoundError(f"{self.url}: its bucket does not exist (or these "
-                                    "credentials cannot see it); create it first")
+                                    "credentials cannot see it); create it first") from None
         if must_exist and not self.listdir(""):
             raise FileNotFoundError(f"no store at {self.url}")
 
@@ -517,6 +596,11 @@ def is_scratch(relpath: str) -> bool:
 def list_files(url: str, glob: str) -> list[str] | None:
     """Files under a directory matching ``glob``, or [url] when ``url`` is a file; None when
     nothing is there. Listed in the form given: URLs for a URL, paths for a path."""
+    with reaching(url):
+        return _list_files(url, glob)
+
+
+def _list_files(url: str, glob: str) -> list[str] | None:
     fs, path = filesystem(url)
     proto = scheme(url)
     if fs.isdir(path):
@@ -530,19 +614,22 @@ def list_files(url: str, glob: str) -> list[str] | None:
 def open_input(path: str):
     """A binary file object for reading a corpus file."""
     fs, p = filesystem(path)
-    return fs.open(p, "rb")
+    with reaching(path):
+        return fs.open(p, "rb")
 
 
 def file_size(path: str) -> int:
     fs, p = filesystem(path)
-    return int(fs.size(p))
+    with reaching(path):
+        return int(fs.size(p))
 
 
 def file_stamp(path: str) -> list:
     """What identifies a corpus file's version: its location, size, and its ETag (objects) or
     modification time."""
     fs, p = filesystem(path)
-    info = fs.info(p)
+    with reaching(path):
+        info = fs.info(p)
     version = info.get("ETag") or info.get("etag") or str(info.get("LastModified") or
                                                           info.get("mtime") or "")
     return [p if not scheme(path) else str(path), int(info.get("size") or 0), str(version)]
