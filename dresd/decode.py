@@ -16,6 +16,7 @@ advance past it); ``_commit`` hands each step's tokens to the output and says wh
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from dresd.prompt import Prompt, check_plain_decoding, check_prompt, context_len
 from dresd.sampling import SamplingParams, accept_among_children, sample, target_probs
 from dresd.stats import GenerationResult, GenerationStats
 from dresd.stopping import TextStream, commit, first_stop
+from dresd.store import Store
 from dresd.tree import DraftTree, TreeBudget, TreeOutput, model_forward, prune_cache, verify_tree
 
 __all__ = [
@@ -63,8 +65,13 @@ class _Decoding:
     seq: list[int] = field(default_factory=list)
     y_hidden: torch.Tensor | None = None
     out: list[int] = field(default_factory=list)
+    # At most this many new tokens, and the stop reason on reaching it: max_new_tokens, or
+    # fewer when the model's context has less room (a position past it does not exist).
+    limit: int = field(init=False)
+    limit_reason: str = "max_new_tokens"
 
     def __post_init__(self):
+        self.limit = self.config.max_new_tokens
         self.params = self.config.sampling
         self.budget = self.config.tree_budget
         self.stops = stop_token_ids(self.model, self.tokenizer)
@@ -106,23 +113,60 @@ def generate(
     Greedy when ``temperature`` is 0: the tokens equal ``model.generate(do_sample=False)``.
     Otherwise each token is distributed exactly as plain sampling with the same temperature,
     top-k and top-p. ``on_token(new_tokens, new_text)`` is called after every step. Any
-    DecodeConfig field may be passed as a keyword to override ``config``.
+    DecodeConfig field may be passed as a keyword to override ``config``; each argument and
+    field is checked by its name (TypeError, ValueError). Generation stops at EOS,
+    ``max_new_tokens``, a stop string, or when prompt and output fill the model's context
+    (``stats.stopped_by == "context"``; no draft tree reaches past it).
     """
-    config = dataclasses.replace(config or DecodeConfig(), **overrides)
+    config = _config(config, overrides)
+    _check_arguments(model, tokenizer, source, on_token)
     check_plain_decoding(model)
-    drafter = as_drafter(source, config, model, tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0]
     prompt_ids = encode_prompt(tokenizer, prompt)
     check_prompt(model, prompt_ids, vocab)
+    drafter = as_drafter(source, config, model, tokenizer)
 
     run = _Decoding(model, tokenizer, drafter, config, GenerationStats(len(prompt_ids)),
                     t_start=time.perf_counter(), vocab=vocab)
+    context = context_length(model)
+    if context is not None and context - len(prompt_ids) < config.max_new_tokens:
+        run.limit, run.limit_reason = context - len(prompt_ids), "context"
     stream = TextStream(tokenizer)
     emitted = _prefill(run, prompt_ids)
     while not _commit(run, emitted, stream, on_token):
         tree = _draft(run)
         emitted = _accept(run, tree, _verify(run, tree))
     return _finish(run, prompt_ids)
+
+
+def _config(config: DecodeConfig | None, overrides: dict) -> DecodeConfig:
+    """``config`` (the defaults when None) with the keyword overrides, each a field's name."""
+    if config is not None and not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig or None, not {type(config).__name__}")
+    fields = [f.name for f in dataclasses.fields(DecodeConfig)]
+    for name in overrides:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise TypeError(f"generate() got an unexpected keyword argument {name!r} ({hint}"
+                            f"the DecodeConfig fields are {', '.join(fields)})")
+    return dataclasses.replace(config or DecodeConfig(), **overrides)
+
+
+def _check_arguments(model, tokenizer, source, on_token) -> None:
+    """Refuse a ``generate`` argument of the wrong kind, by its name, before any work."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError("model must be a loaded transformers causal LM (e.g. from "
+                        f"dresd.models.load_model), not {type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise TypeError("tokenizer must be a transformers tokenizer (e.g. from "
+                        f"dresd.models.load_model), not {type(tokenizer).__name__}")
+    if source is not None and not isinstance(source, (Drafter, Store)):
+        raise TypeError("source must be a Drafter or a Store (or None), not "
+                        f"{type(source).__name__}")
+    if on_token is not None and not callable(on_token):
+        raise TypeError("on_token must be None or a callable(new_tokens, new_text), not "
+                        f"{type(on_token).__name__}")
 
 
 def _prefill(run: _Decoding, prompt_ids: list[int]) -> list[int]:
@@ -144,11 +188,11 @@ def _prefill(run: _Decoding, prompt_ids: list[int]) -> list[int]:
 def _commit(run: _Decoding, emitted: list[int], stream: TextStream,
             on_token: TokenCallback | None) -> bool:
     """Commit what a step emitted to the output (reporting it to ``on_token``); True to stop on
-    EOS, the token budget or a stop string."""
+    EOS, the token budget (max_new_tokens, or the room left in the context) or a stop string."""
     before = len(run.out)
     run.stats.stopped_by = commit(
-        run.out, emitted, run.stops, run.config.max_new_tokens, run.config.stop_strings,
-        lambda toks: run.tokenizer.decode(toks, skip_special_tokens=True))
+        run.out, emitted, run.stops, run.limit, run.config.stop_strings,
+        lambda toks: run.tokenizer.decode(toks, skip_special_tokens=True), run.limit_reason)
     if on_token is not None and len(run.out) > before:
         on_token(run.out[before:], stream.update(run.out))
     return bool(run.stats.stopped_by)
@@ -156,14 +200,16 @@ def _commit(run: _Decoding, emitted: list[int], stream: TextStream,
 
 def _draft(run: _Decoding) -> DraftTree:
     """The drafter's tree rooted at ``y``. Drafts are cut so that the step never emits more
-    than the tokens left: accepted drafts plus the model's own token."""
-    remaining = run.config.max_new_tokens - len(run.out)
+    than the tokens left: accepted drafts plus the model's own token. Near the end of the
+    context this also keeps every node's position (``len(seq) - 1`` + depth) inside it; a tree
+    deeper than asked (a drafter may plan its own) is cut to that depth."""
+    remaining = run.limit - len(run.out)
     budget = dataclasses.replace(run.budget, draft_len=min(run.budget.draft_len, remaining - 1))
 
     def build() -> DraftTree:
         if budget.draft_len > 0 and budget.num_drafts > 0:
             request = DraftRequest(run.seq, run.y_hidden, budget.num_drafts, budget.draft_len)
-            return run.drafter.propose_tree(request, budget, run.vocab)
+            return run.drafter.propose_tree(request, budget, run.vocab).cut(remaining - 1)
         return DraftTree(run.y)
 
     return run.drafter_call(build)

@@ -8,13 +8,32 @@ assembly (dresd.drafters.assemble), does not import the loop that uses it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 from dresd.config import option
 from dresd.drafters import registry
 from dresd.sampling import SamplingParams
-from dresd.tree import TreeBudget
+from dresd.tree import TreeBudget, check_int
 
 BUDGET_POLICIES = ("calibrated", "fixed")
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number, not {value!r:.60}")
+
+
+def _stop_strings(value) -> tuple[str, ...]:
+    """``stop_strings`` as a tuple (a list is taken too), each a non-empty str."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+        raise TypeError(f"stop_strings must be a tuple of strings, not {value!r:.60}"
+                        + (f" (write ({value!r},) for one)" if isinstance(value, str) else ""))
+    for i, s in enumerate(value):
+        if not isinstance(s, str):
+            raise TypeError(f"stop_strings[{i}] must be a str, not {s!r:.60}")
+        if not s:
+            raise ValueError(f"stop_strings[{i}] is empty: a stop string needs a character")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -42,16 +61,29 @@ class DecodeConfig:
         "(fill max_tree_tokens)", choices=BUDGET_POLICIES)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.nprobe < 0:
-            raise ValueError(f"nprobe must be >= 0 (0: the store's default), got {self.nprobe}")
+        # Each field by its own name: its type first (so a wrong type never reaches a check
+        # that would fail on another field's behalf), then its range.
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("num_drafts", self.num_drafts, 0)
+        check_int("draft_len", self.draft_len, 0)
+        check_int("max_tree_tokens", self.max_tree_tokens, 1, " (the root)")
+        check_int("k", self.k, 1)
+        check_int("nprobe", self.nprobe, 0, " (0: the store's default)")
+        _check_number("temperature", self.temperature)
+        check_int("top_k", self.top_k, 0, " (0: off)")
+        _check_number("top_p", self.top_p)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
+            raise TypeError(f"seed must be an int, not {self.seed!r:.60}")
+        if not -2**63 <= self.seed < 2**64:
+            raise ValueError(f"seed must be between -2**63 and 2**64 - 1, not {self.seed}")
+        object.__setattr__(self, "stop_strings", _stop_strings(self.stop_strings))
+        for name in ("drafter", "budget"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, not {getattr(self, name)!r:.60}")
         if self.budget not in BUDGET_POLICIES:
             raise ValueError(f"budget must be one of {BUDGET_POLICIES}, not {self.budget!r}")
         registry.drafter_names(self.drafter, has_store=True)  # validates the names
-        # Building them validates temperature, top-k, top-p and the tree budget.
+        # Building them checks the ranges of temperature and top-p.
         _ = (self.sampling, self.tree_budget)
 
     @property

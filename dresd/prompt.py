@@ -4,6 +4,7 @@ context, and that the model's generation config decodes plainly."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -18,19 +19,56 @@ def context_length(model) -> int | None:
     return None
 
 
+def lone_surrogate(text: str) -> int:
+    """The index of the first lone surrogate in ``text`` (-1: none). Such a str is no Unicode
+    text: it cannot be encoded, so no tokenizer takes it; non-UTF-8 bytes decoded with
+    ``surrogateescape`` (as Python does with a command line) become these."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            return i
+    return -1
+
+
+def check_text(what: str, text: str) -> None:
+    """Refuse a str with a lone surrogate, naming ``what`` and the character's position."""
+    i = lone_surrogate(text)
+    if i >= 0:
+        raise ValueError(f"{what} is not valid Unicode text: lone surrogate at character {i} "
+                         f"({text[i]!r}); decode the bytes it came from with their real "
+                         "encoding (a UTF-8 str has no surrogates)")
+
+
+_PROMPT_KINDS = "a str, a list of chat messages ({'role': ..., 'content': ...}) or a list of token ids"
+
+
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """A string is tokenized as is; a list of {role, content} goes through the chat template;
-    a list of ints is taken as token ids."""
+    a list of ints is taken as token ids. Anything else (bytes, None, a str that is not
+    Unicode text, a list mixing kinds) is refused, naming what is wrong."""
+    if prompt is None:
+        raise TypeError(f"prompt is None: pass {_PROMPT_KINDS}")
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TypeError(f"prompt is {type(prompt).__name__}: decode it to str first, or pass a "
+                        "list of token ids")
     if isinstance(prompt, str):
+        check_text("prompt", prompt)
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    elif not isinstance(prompt, Sequence):
+        raise TypeError(f"prompt must be {_PROMPT_KINDS}, not {type(prompt).__name__}")
     elif len(prompt) and all(isinstance(m, dict) for m in prompt):
+        for i, m in enumerate(prompt):
+            content = m.get("content")
+            if isinstance(content, str):
+                check_text(f"prompt message {i}'s content", content)
         ids = tokenizer.apply_chat_template(
             list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
         )
-    elif all(isinstance(t, int) for t in prompt):
-        ids = list(prompt)
     else:
-        raise TypeError("prompt must be a string, a list of chat messages or a list of token ids")
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, Integral):
+                raise TypeError(f"prompt[{i}] is {type(t).__name__} {t!r:.40}: a list prompt holds "
+                                "token ids (ints) or chat messages (dicts), not a mix")
+        ids = list(prompt)
     ids = [int(t) for t in ids]
     if not ids:
         raise ValueError("the prompt is empty")

@@ -9,6 +9,8 @@
 - ``drafting_s``: wall time inside the drafter (``begin``, ``propose`` with its retrieval and
   tree planning, the tree's merge, ``accept``, ``verified``); ``verify_s``: the verify passes
   (forward, acceptance walk, cache pruning); ``other_s``: the rest (stop checks, callbacks).
+- ``stopped_by``: why generation stopped: ``eos``, ``max_new_tokens``, ``context`` (prompt and
+  output reached the model's context length) or ``stop_string`` (see dresd.stopping).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     drafting_s: float = 0.0
     verify_s: float = 0.0
-    stopped_by: str = ""
+    stopped_by: str = ""  # eos, max_new_tokens, context or stop_string
 
     @property
     def accepted_length(self) -> float:

@@ -16,11 +16,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
 
 from dresd.draft import Draft
+
+
+def check_int(name: str, value, minimum: int, note: str = "") -> None:
+    """Refuse a ``value`` of the setting ``name`` that is not an int (a bool is not one), a
+    TypeError, or is below ``minimum``, a ValueError; ``note`` says what the bound means."""
+    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be {kind}{note}, not {value!r:.60}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{note}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -30,10 +41,9 @@ class TreeBudget:
     max_tree_tokens: int = 64  # nodes including the root
 
     def __post_init__(self):
-        if self.num_drafts < 0 or self.draft_len < 0:
-            raise ValueError("num_drafts and draft_len must be >= 0")
-        if self.max_tree_tokens < 1:
-            raise ValueError("max_tree_tokens must be >= 1 (the root)")
+        check_int("num_drafts", self.num_drafts, 0)
+        check_int("draft_len", self.draft_len, 0)
+        check_int("max_tree_tokens", self.max_tree_tokens, 1, " (the root)")
 
 
 class DraftTree:
@@ -128,6 +138,18 @@ class DraftTree:
             best = max(best, h)
             stack.extend((c, h + 1) for c in self._children[n].values())
         return best
+
+    def cut(self, max_depth: int) -> DraftTree:
+        """This tree without its nodes deeper than ``max_depth`` (itself when none is); the
+        nodes kept stay in order, so the best draft still comes first."""
+        if max(self.depths) <= max_depth:
+            return self
+        tree = DraftTree(self.tokens[0])
+        index = [0] * len(self.tokens)  # old node -> new node
+        for i in range(1, len(self.tokens)):  # parents precede children
+            if self.depths[i] <= max_depth:
+                index[i] = tree.child(index[self.parents[i]], self.tokens[i])
+        return tree
 
     def ancestor_matrix(self) -> np.ndarray:
         """bool [n, n]: entry (i, j) is true when j is i or one of i's ancestors."""

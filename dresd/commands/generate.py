@@ -14,6 +14,7 @@ from dresd.config import add_arguments, from_arguments
 from dresd.decode import DecodeConfig
 from dresd.drafters.registry import DRAFTERS, hybrid_names
 from dresd.models import DTYPE_HELP
+from dresd.prompt import check_text, context_length
 
 
 def run(args) -> int:
@@ -24,6 +25,7 @@ def run(args) -> int:
     from dresd.store import load_store
 
     config = from_arguments(DecodeConfig, args)
+    _check_utf8(args.prompt)
     model, tokenizer = load_model(args.model, device=args.device or None,
                                   dtype=args.dtype or None)
     store = (load_store(args.store, model, tokenizer, verify=not args.no_verify)
@@ -45,7 +47,11 @@ def run(args) -> int:
     if args.compare:
         ids = torch.tensor([result.prompt_tokens], device=model.device)
         with torch.inference_mode():
-            out = model.generate(ids, do_sample=False, max_new_tokens=config.max_new_tokens,
+            # Past the context's end plain decoding has no positions left either.
+            room = context_length(model)
+            room = config.max_new_tokens if room is None else min(config.max_new_tokens,
+                                                                  room - ids.shape[1])
+            out = model.generate(ids, do_sample=False, max_new_tokens=room,
                                  attention_mask=torch.ones_like(ids))
         plain = out[0, ids.shape[1]:].tolist()
         n = len(result.tokens)
@@ -57,6 +63,24 @@ def run(args) -> int:
             print("note: sampling is compared in distribution, not token for token")
         return 0 if same or config.temperature > 0 else 1
     return 0
+
+
+def _check_utf8(prompt: str) -> None:
+    """Refuse a ``--prompt`` whose bytes were not UTF-8 (Python hands them over as surrogate
+    escapes), naming the first bad byte and its offset, or that holds another lone surrogate,
+    before the model loads."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            raw = prompt.encode("utf-8", "surrogateescape")
+            raw.decode("utf-8")
+        except UnicodeEncodeError:  # not from bytes: a surrogate no byte decodes to
+            check_text("--prompt", prompt)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt is not UTF-8 text: byte 0x{raw[e.start]:02x} at byte "
+                             f"offset {e.start} (convert it first, e.g. with iconv -t UTF-8)"
+                             ) from None
 
 
 def register(sub) -> None:
