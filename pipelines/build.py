@@ -88,6 +88,14 @@ STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DI
                  JOURNAL_DIR, VERIFIED_DIR}
 
 
+def _absolute_model(config: BuildConfig) -> BuildConfig:
+    """A model given as a relative directory, made absolute here at the launcher: workers
+    resolve paths in their own working directory, so every runner must get the same path."""
+    if config.model != "default" and os.path.exists(config.model):
+        return dataclasses.replace(config, model=os.path.abspath(config.model))
+    return config
+
+
 def _check_new_store(io: StoreIO) -> None:
     """A new store goes into a new or empty directory, or one a failed build left behind."""
     if newest_generation(io) > 0:
@@ -264,7 +272,7 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     crashed run wrote and checksummed are reused (pipelines.journal). ``stats``, when given,
     receives the run's ``RunMetrics`` under ``"metrics"`` (its ``encode`` timing included).
     """
-    config = config or BuildConfig()
+    config = _absolute_model(config or BuildConfig())
     store = store_io(store)
     store.check_writable(must_exist=False)
     files = _corpus_files(corpus, config.glob, store)
@@ -332,6 +340,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
         nlist=current.index.nlist, nprobe=current.index.nprobe, pq_m=current.index.pq_m,
         **({"pq_nbits": current.index.pq_nbits} if current.index.kind == "ivf_pq" else {}),
     )
+    config = _absolute_model(config)
     _check_device(config, beam_args)
     model = describe_model(config)
     if model.fingerprint != current.model.fingerprint:

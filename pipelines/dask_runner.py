@@ -311,6 +311,31 @@ class _Metrics:
         return self._metrics.query(filter)
 
 
+class WorkersLostError(RuntimeError):
+    """The Dask cluster lost the workers running a step more often than it retries a task
+    (distributed's ``KilledWorker``), or the connection to its scheduler."""
+
+
+def _lost(e: BaseException) -> WorkersLostError | None:
+    """The one-line error a worker or scheduler loss stands for; None for any other error (a
+    step's own exception, which Dask re-raises here as it was)."""
+    import distributed
+
+    if isinstance(e, distributed.KilledWorker):
+        task = e.args[0] if e.args else "a task"
+        return WorkersLostError(
+            f"Dask workers kept dying while running {task} (the cluster gave up after "
+            "distributed.scheduler.allowed-failures retries): check the workers' logs and "
+            "memory; rerun the same command (a build or update reuses the shards it finished)")
+    if type(e).__name__ in ("CommClosedError", "StreamClosedError") or isinstance(
+            e, distributed.client.FutureCancelledError):
+        return WorkersLostError(
+            f"the connection to the Dask scheduler was lost ({type(e).__name__}); rerun the "
+            "same command once the cluster is up (a build or update reuses the shards it "
+            "finished)")
+    return None
+
+
 @dataclasses.dataclass
 class DaskRunnerResult(PipelineResult):
     client: t.Any
@@ -332,8 +357,11 @@ class DaskRunnerResult(PipelineResult):
                 f.result()  # raises a worker's exception here
             self._state = PipelineState.DONE
             self._metrics = _Metrics(self.client, self.run_id)
-        except BaseException:
+        except BaseException as e:
             self._state = PipelineState.FAILED
+            lost = _lost(e)
+            if lost is not None:
+                raise lost from e
             raise
         finally:
             if self._state != PipelineState.RUNNING:
@@ -342,10 +370,10 @@ class DaskRunnerResult(PipelineResult):
 
     def _close(self):
         try:
-            self.client.run(release_run, self.run_id)
-        except Exception:  # a worker gone: its DoFns went with it
-            logging.getLogger(__name__).warning("could not release the run's DoFns",
-                                                exc_info=True)
+            self.client.run(release_run, self.run_id, on_error="ignore")
+        except Exception as e:  # the scheduler gone: the workers' DoFns went with it
+            logging.getLogger(__name__).info("could not release the run's DoFns on the "
+                                             "workers (%s)", type(e).__name__)
         # The runner opened this client for the run; left open, it outlives the cluster and
         # logs reconnection errors when the scheduler goes away.
         self.client.close()

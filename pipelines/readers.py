@@ -32,7 +32,7 @@ def list_corpus_files(corpus: str | os.PathLike | Iterable, glob: str) -> list[s
                 raise FileNotFoundError(f"no files match {glob!r} under {p}")
             files.extend(found)
             continue
-        p = Path(p)
+        p = Path(p).absolute()  # workers resolve paths in their own working directory
         if p.is_dir():
             found = sorted(f for f in p.glob(glob) if f.is_file())
             if not found:

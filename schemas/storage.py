@@ -225,8 +225,9 @@ class LocalStoreIO(StoreIO):
     """``StoreIO`` on a local (or POSIX-mounted) directory."""
 
     def __init__(self, location: str | os.PathLike):
-        super().__init__(location)
-        self.root = Path(location)
+        # Absolute: a pipeline step that captures it may run in another working directory.
+        super().__init__(os.path.abspath(location))
+        self.root = Path(self.location)
 
     def where(self, relpath: str = "") -> str:
         return str(self.root / relpath) if relpath else str(self.root)

@@ -1,0 +1,95 @@
+"""Failures a user meets on a Dask cluster: workers that keep dying end the command in one line
+that says to rerun (and the rerun completes), and relative paths given at the launcher mean
+the same on the workers as on the DirectRunner. The session's real cluster (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from dresd.cli import main as dresd_main
+from pipelines import faults
+from pipelines.dask_runner import WorkersLostError
+from schemas import read_manifest
+
+
+def _dask(cluster) -> list[str]:
+    return ["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]
+
+
+def _set_worker_env(cluster, name: str, value: str | None) -> None:
+    """Set (or, with None, unset) a variable in the workers and their nannies, so a worker the
+    nanny starts again after a death has it too."""
+    from distributed import Client
+
+    def apply(name=name, value=value):
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+    with Client(cluster.scheduler_address) as client:
+        client.run(apply, nanny=True)
+        client.run(apply)
+
+
+def _build_args(store, corpus, model_dir) -> list[str]:
+    return ["build", str(store), str(corpus), "--glob", "*.py", "--model", str(model_dir),
+            "--dim", "8", "--sample-size", "600", "--shard-tokens", "4000", "--no-progress"]
+
+
+def test_workers_that_keep_dying_end_in_one_line_and_the_rerun_completes(
+        dask_cluster, code_corpus_dir, tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DRESD_DEBUG", raising=False)
+    store = tmp_path / "s"
+    args = _build_args(store, code_corpus_dir, tiny_llama_dir) + _dask(dask_cluster)
+    # Every worker process dies (as by kill -9) at its first shard write, the restarted ones too.
+    _set_worker_env(dask_cluster, faults.ENV, "after_shard_write:1:exit")
+    try:
+        assert dresd_main(args) == 2
+    finally:
+        _set_worker_env(dask_cluster, faults.ENV, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err), err
+    assert err[-1].startswith("dresd build: error: Dask workers kept dying"), err
+    assert "rerun the same command" in err[-1]
+    assert dresd_main(args) == 0
+    assert read_manifest(store).num_docs == len(list(code_corpus_dir.glob("*.py")))
+
+
+def test_the_api_raises_workers_lost_error(dask_cluster):
+    import apache_beam as beam
+
+    from pipelines.options import pipeline_options
+
+    p = beam.Pipeline(options=pipeline_options(_dask(dask_cluster)))
+    _ = p | beam.Create([1]) | beam.Map(_die)
+    with pytest.raises(WorkersLostError, match="Dask workers kept dying"):
+        p.run().wait_until_finish()
+    assert issubclass(WorkersLostError, RuntimeError)
+
+
+def _die(x):
+    os._exit(137)
+
+
+def test_relative_paths_mean_the_same_on_the_workers(dask_cluster, code_corpus_dir,
+                                                       tiny_llama_dir, tmp_path, monkeypatch):
+    """Corpus, model and store given relative to the launcher's working directory, which is
+    not the workers': a build and an update on the cluster find them all."""
+    work = tmp_path / "work"
+    (work / "corpus").mkdir(parents=True)
+    files = sorted(code_corpus_dir.glob("*.py"))
+    for f in files[:-1]:
+        shutil.copy(f, work / "corpus" / f.name)
+    (work / "later").mkdir()
+    shutil.copy(files[-1], work / "later" / files[-1].name)
+    model = os.path.relpath(tiny_llama_dir, work)
+    monkeypatch.chdir(work)
+    assert dresd_main(_build_args("s", "corpus", model) + _dask(dask_cluster)) == 0
+    assert dresd_main(["update", "s", "later", "--glob", "*.py", "--model", model,
+                       "--no-progress"] + _dask(dask_cluster)) == 0
+    manifest = read_manifest(work / "s")
+    assert manifest.generation == 2 and manifest.num_docs == len(files)
