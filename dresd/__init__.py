@@ -10,6 +10,10 @@ By default ``generate`` drafts with the hybrid composite (the store's dense draf
 over the live context and prompt lookup in one tree) under the budget calibrated for the model on
 its device; ``drafter=`` and ``budget=`` (DecodeConfig fields) select other sources and the
 fixed budget, and any Drafter (e.g. a CompositeDrafter built by hand) can be passed instead.
+
+Errors: ``StoreFormatError`` (the store on disk is not what this code reads), ``StorageError``
+(object storage cannot be reached or used), ``StoreMismatchError`` (another model's store),
+``ValueError``/``TypeError`` naming the argument for bad arguments.
 """
 
 from dresd.budget import BudgetPolicy, CalibratedBudget, FixedBudget, calibrated_budget
@@ -22,6 +26,7 @@ from dresd.drafters.dense import StoreDrafter
 from dresd.drafters.prompt_lookup import PromptLookupDrafter
 from dresd.drafters.rest import RestDrafter
 from dresd.store import Store, StoreMismatchError, load_store
+from schemas.errors import StorageError, StoreFormatError
 
 __all__ = [
     "BudgetPolicy",
@@ -39,7 +44,9 @@ __all__ = [
     "PromptLookupDrafter",
     "RestDrafter",
     "Store",
+    "StorageError",
     "StoreDrafter",
+    "StoreFormatError",
     "StoreMismatchError",
     "as_drafter",
     "calibrated_budget",
