@@ -12,9 +12,12 @@ returns its key.
 What is checked when (``verify``):
 
 - always: the manifest against its schema and format version; every file it names exists inside
-  the store with the recorded size; each shard's document table covers its token stream
-  exactly and its next-token counts have the vocabulary's length and add up to its keys; each ``ivf.lists`` header matches the quantizer (lists, code size), the manifest's key
-  count and the file's length (so a truncated file is an error, not a crash on a mapped read);
+  the store with the recorded size (before anything is mapped: a short file is a
+  ``StoreFormatError`` naming it, never a SIGBUS), and the Arrow files open as Arrow files; each
+  shard's document table covers its token stream exactly and its next-token counts have the
+  vocabulary's length and add up to its keys; each ``ivf.lists`` header (magic, so a zeroed one
+  is refused) matches the quantizer (lists, code size), the manifest's key count and the file's
+  length (so a truncated file is an error, not a crash on a mapped read);
 - ``"auto"`` (default) and ``"full"``: the sha256 of the files read whole (transform, quantizer,
   document tables, next-token counts: small), and the model's and tokenizer's fingerprints when given;
 - ``"full"`` (or True): also the sha256 of the large mapped files (token streams, inverted
@@ -27,10 +30,19 @@ What is checked when (``verify``):
 A large file not yet verified can hold a flipped byte that none of this sees; it can only cost
 drafts (every draft is verified by the model, so the output is unchanged). ``dresd verify STORE``
 checks every byte, in parallel, and records the result.
+
+A store's files are immutable: nothing dresd does writes one in place (updates and compaction
+add shards and generations, ``dresd gc`` removes only files no retained generation names), and
+nothing else may (schemas/FORMAT.md, "Files are immutable"). A file truncated under a process
+that has it mapped makes that process die with SIGBUS at its next read of the lost pages: the
+OS delivers the signal and Python cannot turn it into an exception. ``Store.check()`` re-checks
+a loaded store cheaply (sizes, list headers) so that a long-running process can find such damage
+as a ``StoreFormatError`` before it reads the pages.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -38,13 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from dresd.remote import is_remote, sync_store
 from dresd.search import ShardedSearch, shard_searcher
 from dresd.transform import KeyTransform
 from schemas import Manifest, StoreFormatError, read_manifest, shard_io
 from schemas.integrity import Records, check_present, verify_file, verify_files
-from schemas.lists import check_vocab, open_mmap_lists, unpack_ids
+from schemas.lists import check_vocab, open_mmap_lists, read_lists_header, unpack_ids
 from schemas.paths import store_file
 
 log = logging.getLogger(__name__)
@@ -96,6 +109,22 @@ class _Shard:
 
 
 class Store:
+    """A loaded store (``load_store``): its manifest, key transform, the shards' memory-mapped
+    token streams, counts and inverted lists, and the search over them.
+
+    The mapped files must not change while the store is loaded; store files never do (they are
+    immutable, schemas/FORMAT.md). If one is truncated anyway, the next read of a lost page kills
+    the process with SIGBUS, which no exception handler can catch. ``check()`` finds that
+    cheaply, before anything reads the pages: it compares every shard file the store opened with
+    the manifest's size and re-reads each ``ivf.lists`` header (a zeroed header has no magic),
+    reading nothing else; a long-running process can call it periodically (it
+    costs a few system calls per shard file and a read of each list header, 8 bytes per list)
+    and reload or stop on ``StoreFormatError``. It does
+    not see bytes changed in place at the same size, such as the zeroed body of an ``ivf.lists``
+    whose header was left intact (the shard's keys are then silently never found): only a
+    checksum does (``dresd verify``, ``load_store(verify="full")``).
+    """
+
     def __init__(self, path: Path, manifest: Manifest, transform: KeyTransform,
                  shards: list[_Shard], search: ShardedSearch):
         self.path = path
@@ -109,6 +138,8 @@ class Store:
         self.stats: StoreStats | None = None
         self.source = str(path)  # what was loaded: the directory, or the URL it mirrors
         self._checked: set[tuple[int, int]] = set()
+        # store-relative path -> (st_dev, st_ino) of the file this process opened (load_store)
+        self._opened: dict[str, tuple[int, int]] = {}
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -118,6 +149,46 @@ class Store:
     @property
     def num_keys(self) -> int:
         return self.manifest.num_keys
+
+    def check(self) -> None:
+        """Re-check, reading nothing but list headers, the shard files this store has open: each
+        token stream, document table, counts array and inverted-list file still has the size
+        the manifest records, and each ``ivf.lists`` header is still valid (magic, lists and
+        code size of the quantizer, the shard's key count, the file's length). Raises
+        ``StoreFormatError`` naming the first file that fails; returns None otherwise.
+
+        Call it before reading from a store that may have been damaged (a long-running server,
+        periodically): a truncated mapped file would otherwise kill the process with SIGBUS on
+        the next read. It never touches the mapped pages itself. A file that was removed or
+        replaced under its name since the load (``dresd gc`` dropping the generation this
+        process holds, a cache refreshed by rename) is skipped: the process keeps the file it
+        mapped, which the OS keeps intact. A same-size in-place overwrite that leaves the list
+        header intact is not detected here; ``dresd verify`` checksums every byte.
+        """
+        nlist, code_size = self.search.nlist, int(self.search.ivf.code_size)
+        for info in self.manifest.shards:
+            for ref in (info.tokens, info.docs, info.counts, info.index):
+                path = self.path / ref.path
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                except FileNotFoundError:
+                    continue  # removed since the load: the mapping keeps the file it opened
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        continue  # replaced by a symbolic link: not the file this store opened
+                    raise StoreFormatError(f"{path} cannot be checked: {e}") from None
+                with open(fd, "rb") as f:
+                    st = os.fstat(fd)
+                    opened = self._opened.get(ref.path)
+                    if opened is not None and (st.st_dev, st.st_ino) != opened:
+                        continue  # replaced under its name: the mapping keeps the old file
+                    if st.st_size != ref.bytes:
+                        raise StoreFormatError(
+                            f"{path} is corrupt: {st.st_size} bytes, the manifest says "
+                            f"{ref.bytes} (changed in place while loaded: reading past the end "
+                            "of a truncated mapped file kills the process with SIGBUS)")
+                    if ref is info.index:
+                        read_lists_header(path, nlist, code_size, info.num_keys, file=f)
 
     def _bad(self, shard: _Shard, what: str) -> StoreFormatError:
         return StoreFormatError(f"shard {shard.shard_id} of {self.path}: {what}")
@@ -194,8 +265,11 @@ def _open_shard(root: Path, manifest: Manifest, info, base, nlist: int, code_siz
     where = f"shard {sid} of {root}"
     # Every path comes from the manifest entry that check_present (and verification) checked:
     # the files loading reads are the files that were verified.
-    tokens = shard_io.open_tokens(store_file(root, info.tokens.path))
-    docs = shard_io.open_docs(store_file(root, info.docs.path))
+    try:
+        tokens = shard_io.open_tokens(path := store_file(root, info.tokens.path))
+        docs = shard_io.open_docs(path := store_file(root, info.docs.path))
+    except pa.ArrowException as e:  # e.g. a file overwritten in place at its recorded size
+        raise StoreFormatError(f"{path} is not a readable Arrow file: {e}") from None
     if len(tokens) != info.num_tokens or docs.num_rows != info.num_docs:
         raise StoreFormatError(f"{where} holds {len(tokens)} tokens and {docs.num_rows} "
                                f"documents, the manifest says {info.num_tokens} and "
@@ -256,7 +330,11 @@ def load_store(
     if not manifest.shards or manifest.num_keys == 0:
         raise StoreFormatError(f"store {root} holds no keys: there is nothing to draft from")
     check_vocab(spec.vocab_size)
-    check_present(root, manifest.files())
+    check_present(root, manifest.files())  # sizes, before anything is mapped
+    opened = {}
+    for ref in (f for s in manifest.shards for f in (s.tokens, s.docs, s.counts, s.index)):
+        st = os.stat(store_file(root, ref.path))
+        opened[ref.path] = (st.st_dev, st.st_ino)
 
     small = [manifest.transform.file, manifest.index.quantizer] + [
         f for s in manifest.shards for f in (s.docs, s.counts)]
@@ -305,6 +383,7 @@ def load_store(
                            nprobe=manifest.index.nprobe)
     store = Store(root, manifest, transform, shards, search)
     store.source = source
+    store._opened = opened
 
     if model is not None and tokenizer is not None:
         store.check_model(model, tokenizer)

@@ -9,9 +9,15 @@ Every file a manifest names has a ``FileRef``: path relative to the store, sha25
   memory-maps (token streams, inverted lists) are checksummed by ``dresd verify`` or
   ``load_store(verify="full")``, never by a default load, because that would read every byte.
 - ``Records``: a successful checksum is recorded under ``STORE/verified/`` (or, when the store is
-  read-only, under ``$DRESD_CACHE/verified/``) with the file's size, mtime and inode; a file whose
-  size, mtime and inode are unchanged since is not checksummed again. A rewritten file (a flipped
-  byte written back changes the mtime) is checked again.
+  read-only, under ``$DRESD_CACHE/verified/``) with the file's size, mtime, ctime and inode; a
+  file whose size, mtime, ctime and inode are unchanged since is not checksummed again. A file
+  written in place since (a flipped byte written back, a file overwritten with zeros) is checked
+  again: a write changes its ctime even when its mtime is set back (``touch -r``,
+  ``rsync --inplace --times``), and ctime cannot be set.
+
+Store files are never written in place (schemas/FORMAT.md, "Files are immutable"), so a file
+that changes is corrupt by definition; ``Store.check`` re-checks a loaded store's sizes and list
+headers without reading the files, ``dresd verify`` every byte.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ def _fallback_dir(root: Path) -> Path:
 
 class Records:
     """Checksums already verified, keyed by path and content digest, valid while the file's
-    size, mtime and inode are unchanged."""
+    size, mtime, ctime and inode are unchanged."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -87,7 +93,7 @@ class Records:
         except OSError:
             return None
         return {"path": ref.path, "sha256": ref.sha256, "bytes": st.st_size,
-                "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+                "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
     def is_verified(self, ref: FileRef) -> bool:
         stamp = self._stamp(ref)

@@ -18,17 +18,26 @@ by binary search (``IDSelectorRange(..., assume_sorted=True)``) and scans only t
                                            (or b"sprs" | 2k u64 | k (list, size) u64 pairs)
     then for each non-empty list in order: size x code_size code bytes, size x int64 ids
 
-which faiss memory-maps (``read_InvertedLists(..., IO_FLAG_MMAP)``). ``read_lists_header``
-checks the header and that the file is exactly as long as the sizes say before faiss sees it
-(a truncated mapped file would crash the process with SIGBUS instead of raising).
+which faiss memory-maps (``read_InvertedLists(..., IO_FLAG_MMAP)``, an ``OnDiskInvertedLists``
+with its background prefetch threads turned off): faiss keeps the list sizes in memory and reads
+codes and ids from the mapping, only in the thread that searches. ``read_lists_header`` checks the header (a
+zeroed or overwritten one has no ``ilar`` magic) and that the file is exactly as long as the
+sizes say before faiss sees it (a truncated mapped file would crash the process with SIGBUS
+instead of raising); ``Store.check`` runs it again on a loaded store. A file whose header is
+intact but whose codes and ids were overwritten (zeros) passes both: its ids all read as 0, so a
+search finds none of the shard's keys and returns nothing from it, silently. Only its checksum
+(``dresd verify``, ``load_store(verify="full")``) catches that; the file must never be written
+in place (schemas/FORMAT.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -95,44 +104,62 @@ class ListsHeader:
 
 
 def read_lists_header(path: str | os.PathLike, nlist: int | None = None,
-                      code_size: int | None = None) -> ListsHeader:
-    """Parse and check the header of an ``ivf.lists`` file (reads only the header)."""
+                      code_size: int | None = None, num_entries: int | None = None,
+                      file: BinaryIO | None = None) -> ListsHeader:
+    """Parse and check the header of an ``ivf.lists`` file (reads only the header): the magic,
+    ``nlist`` and ``code_size`` when given, the entry count when ``num_entries`` is given, and
+    that the file's length is what the list sizes say. ``file``: the file already open (read
+    from its start, its length taken from the open file, not the path); ``path`` then only
+    names it in errors."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24 or head[:4] != _MAGIC:
-            raise StoreFormatError(f"{path} is not an inverted-list file (bad header)")
-        n, cs = (int(v) for v in np.frombuffer(head[4:20], np.uint64))
-        kind = head[20:24]
-        if not 0 < n < 1 << 31 or not 0 < cs < 1 << 16:
-            raise StoreFormatError(f"{path}: implausible header (nlist {n}, code size {cs})")
-        if nlist is not None and n != nlist:
-            raise StoreFormatError(f"{path} has {n} lists, the store's quantizer {nlist}")
-        if code_size is not None and cs != code_size:
-            raise StoreFormatError(f"{path} has codes of {cs} bytes, the quantizer {code_size}")
-        if kind == b"full":
-            raw = f.read(8 * (n + 1))
-            if len(raw) != 8 * (n + 1) or int(np.frombuffer(raw[:8], np.uint64)[0]) != n:
-                raise StoreFormatError(f"{path} is truncated or has a bad list table")
-            sizes = np.frombuffer(raw[8:], np.uint64).astype(np.int64)
-            offset = 32 + 8 * n
-        elif kind == b"sprs":
-            raw = f.read(8)
-            count = int(np.frombuffer(raw, np.uint64)[0]) if len(raw) == 8 else -1
-            if count < 0 or count % 2 or count > 2 * n:
-                raise StoreFormatError(f"{path}: bad sparse list table")
-            raw = f.read(8 * count)
-            if len(raw) != 8 * count:
-                raise StoreFormatError(f"{path} is truncated (list sizes)")
-            pairs = np.frombuffer(raw, np.uint64).astype(np.int64).reshape(-1, 2)
-            if pairs.size and (pairs[:, 0].max() >= n or pairs.min() < 0):
-                raise StoreFormatError(f"{path}: list numbers outside 0..{n - 1}")
-            sizes = np.zeros(n, np.int64)
-            sizes[pairs[:, 0]] = pairs[:, 1]
-            offset = 32 + 8 * count
-        else:
-            raise StoreFormatError(f"{path}: unknown list table {kind!r}")
+    with contextlib.ExitStack() as stack:
+        f = file if file is not None else stack.enter_context(open(path, "rb"))
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        header = _parse_header(f, path, size, nlist, code_size)
+    if num_entries is not None and header.num_entries != num_entries:
+        raise StoreFormatError(f"{path} holds {header.num_entries} entries, the manifest says "
+                               f"{num_entries} keys")
+    return header
+
+
+def _parse_header(f: BinaryIO, path: Path, size: int, nlist: int | None,
+                  code_size: int | None) -> ListsHeader:
+    head = f.read(24)
+    if len(head) < 24 or head[:4] != _MAGIC:
+        raise StoreFormatError(
+            f"{path} is not an inverted-list file (bad header: magic {head[:4]!r}, not "
+            f"{_MAGIC!r}; zeroed or overwritten in place?)")
+    n, cs = (int(v) for v in np.frombuffer(head[4:20], np.uint64))
+    kind = head[20:24]
+    if not 0 < n < 1 << 31 or not 0 < cs < 1 << 16:
+        raise StoreFormatError(f"{path}: implausible header (nlist {n}, code size {cs})")
+    if nlist is not None and n != nlist:
+        raise StoreFormatError(f"{path} has {n} lists, the store's quantizer {nlist}")
+    if code_size is not None and cs != code_size:
+        raise StoreFormatError(f"{path} has codes of {cs} bytes, the quantizer {code_size}")
+    if kind == b"full":
+        raw = f.read(8 * (n + 1))
+        if len(raw) != 8 * (n + 1) or int(np.frombuffer(raw[:8], np.uint64)[0]) != n:
+            raise StoreFormatError(f"{path} is truncated or has a bad list table")
+        sizes = np.frombuffer(raw[8:], np.uint64).astype(np.int64)
+        offset = 32 + 8 * n
+    elif kind == b"sprs":
+        raw = f.read(8)
+        count = int(np.frombuffer(raw, np.uint64)[0]) if len(raw) == 8 else -1
+        if count < 0 or count % 2 or count > 2 * n:
+            raise StoreFormatError(f"{path}: bad sparse list table")
+        raw = f.read(8 * count)
+        if len(raw) != 8 * count:
+            raise StoreFormatError(f"{path} is truncated (list sizes)")
+        pairs = np.frombuffer(raw, np.uint64).astype(np.int64).reshape(-1, 2)
+        if pairs.size and (pairs[:, 0].max() >= n or pairs.min() < 0):
+            raise StoreFormatError(f"{path}: list numbers outside 0..{n - 1}")
+        sizes = np.zeros(n, np.int64)
+        sizes[pairs[:, 0]] = pairs[:, 1]
+        offset = 32 + 8 * count
+    else:
+        raise StoreFormatError(f"{path}: unknown list table {kind!r}")
     if sizes.size and (sizes.min() < 0 or sizes.max() > size):
         raise StoreFormatError(f"{path}: implausible list sizes")
     header = ListsHeader(n, cs, sizes, offset)
@@ -200,13 +227,17 @@ def open_mmap_lists(path: str | os.PathLike, nlist: int, code_size: int, num_ent
     the header checks above."""
     import faiss
 
-    header = read_lists_header(path, nlist, code_size)
-    if header.num_entries != num_entries:
-        raise StoreFormatError(f"{path} holds {header.num_entries} entries, the manifest says "
-                               f"{num_entries} keys")
+    read_lists_header(path, nlist, code_size, num_entries)
     reader = faiss.FileIOReader(str(path))
     try:
         lists = faiss.read_InvertedLists(reader, faiss.IO_FLAG_MMAP)
     finally:
         del reader
-    return faiss.downcast_InvertedLists(lists)
+    lists = faiss.downcast_InvertedLists(lists)
+    # faiss maps the file as an OnDiskInvertedLists, whose IndexIVF.search first starts up to
+    # 32 threads that read the probed lists' pages in the background and outlive the call. No
+    # thread may read the mapping behind the caller's back: a page lost to a truncated file
+    # would then kill the process at a random moment, even after a Store.check() that passed.
+    if hasattr(lists, "prefetch_nthread"):
+        lists.prefetch_nthread = 0
+    return lists

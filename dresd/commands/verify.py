@@ -1,9 +1,12 @@
 """``dresd verify STORE``: checksum every file a store's generations name, in parallel.
 
-Files recorded as verified and unchanged since (same size, mtime and inode; schemas.integrity)
-are skipped unless ``--force``; every file that passes is recorded, so a later ``load_store``
-counts it as verified and a later ``verify`` skips it. Exit status 0 when every file matches its
-manifest, 1 when one does not (each named on stderr).
+Files recorded as verified and unchanged since (same size, mtime, ctime and inode;
+schemas.integrity) are skipped unless ``--force``; every file that passes is recorded, so a later
+``load_store`` counts it as verified and a later ``verify`` skips it. Exit status 0 when every
+file matches its manifest, 1 when one does not (each named on stderr). Store files are never
+modified in place, so this catches whatever was: a truncated file by its size, a file overwritten
+with zeros (even an ``ivf.lists`` whose header was left intact, which a load accepts and whose
+keys a search then silently never finds) by its checksum.
 """
 
 from __future__ import annotations
