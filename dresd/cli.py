@@ -8,6 +8,7 @@ entry-point group, so the runtime never imports the pipelines.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -92,23 +93,27 @@ def _one_line(e: BaseException) -> str:
 _OWN_LOGGERS = ("dresd", "pipelines", "schemas", "benchmarks", "__main__")
 
 
-class _OneLineRecords(logging.Filter):
-    """Without --debug: records keep their first line and no traceback, and a library's error
-    records that carry a traceback (Beam's and Dask's report of the failure this command ends
-    with) are dropped."""
+class _DropLibraryTracebacks(logging.Filter):
+    """Without --debug: a library's error record that carries a traceback (Beam's and Dask's
+    report of the failure this command ends with) is dropped, as is Beam's import-time note
+    that its GCP client is not installed."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         own = record.name.split(".")[0] in _OWN_LOGGERS
         if record.exc_info and not own and record.levelno >= logging.ERROR:
             return False
-        if record.name == "root" and str(record.msg).startswith("apitools not found"):
-            return False  # Beam's import-time note that its GCP client is not installed
+        return not (record.name == "root" and str(record.msg).startswith("apitools not found"))
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Without --debug: a record's first line, no traceback (the record itself is left as it
+    is for any other handler)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = copy.copy(record)
         record.exc_info = record.exc_text = record.stack_info = None
-        message = record.getMessage()
-        first = message.strip().splitlines()[0] if message.strip() else message
-        if first != message:
-            record.msg, record.args = first, None
-        return True
+        text = super().format(record)
+        return text.splitlines()[0] if text.strip() else text
 
 
 def debugging(args=None) -> bool:
@@ -126,7 +131,9 @@ def _configure_logging(args) -> None:
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
     if not debugging(args):
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_OneLineRecords())
+            handler.addFilter(_DropLibraryTracebacks())
+            handler.setFormatter(_OneLineFormatter(handler.formatter._fmt if handler.formatter
+                                                   else None))
 
 
 def main(argv: list[str] | None = None) -> int:

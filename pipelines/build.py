@@ -66,14 +66,15 @@ log = logging.getLogger(__name__)
 Corpus = str | os.PathLike | Iterable[str | os.PathLike]
 
 
-def describe_model(config: BuildConfig) -> ModelSpec:
-    """Load the model once in the launcher to fingerprint it for the manifest."""
+def describe_model(config: BuildConfig, name: str | None = None) -> ModelSpec:
+    """Load the model once in the launcher to fingerprint it for the manifest, where it is
+    recorded under ``name`` (default: ``config.model``), the name the user gave."""
     from dresd.models import eos_token_id, load_model, model_fingerprint, tokenizer_fingerprint
 
     model, tokenizer = load_model(config.model, "cpu", "float32")
     cfg = model.config
     return ModelSpec(
-        name=str(config.model),
+        name=str(name or config.model),
         fingerprint=model_fingerprint(model, tokenizer),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         model_type=cfg.model_type,
@@ -272,12 +273,13 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     crashed run wrote and checksummed are reused (pipelines.journal). ``stats``, when given,
     receives the run's ``RunMetrics`` under ``"metrics"`` (its ``encode`` timing included).
     """
-    config = _absolute_model(config or BuildConfig())
+    config = config or BuildConfig()
+    given_model, config = config.model, _absolute_model(config)
     store = store_io(store)
     store.check_writable(must_exist=False)
     files = _corpus_files(corpus, config.glob, store)
     _check_device(config, beam_args)
-    model = describe_model(config)
+    model = describe_model(config, given_model)
     key = run_key("build", 0, files, config_settings(config), model.fingerprint)
     if done := _completed_earlier(store, 0, key):
         return done
@@ -340,9 +342,9 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
         nlist=current.index.nlist, nprobe=current.index.nprobe, pq_m=current.index.pq_m,
         **({"pq_nbits": current.index.pq_nbits} if current.index.kind == "ivf_pq" else {}),
     )
-    config = _absolute_model(config)
+    given_model, config = config.model, _absolute_model(config)
     _check_device(config, beam_args)
-    model = describe_model(config)
+    model = describe_model(config, given_model)
     if model.fingerprint != current.model.fingerprint:
         raise StoreFormatError(
             f"model {config.model!r} (fingerprint {model.fingerprint[:12]}) is not the model "

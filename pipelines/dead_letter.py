@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 from pipelines.documents import DeadLetter
 from schemas import DEAD_LETTER_SCHEMA
 from schemas.atomic import replacing
-from schemas.commit import Store
-from schemas.storage import staged, store_io
+from schemas.storage import Store, staged, store_io
 
 log = logging.getLogger(__name__)
 

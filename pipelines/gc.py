@@ -26,10 +26,10 @@ from pipelines.faults import maybe_fail
 from pipelines.fit import INDEX_DIR, TRANSFORM_DIR
 from pipelines.journal import JOURNAL_DIR, is_live, run_dirs
 from schemas import list_generations, read_manifest
-from schemas.commit import Store, manifest_relpath, resolve_generation, update_current
+from schemas.commit import manifest_relpath, resolve_generation, update_current
 from schemas.layout import MANIFEST_DIR
 from schemas.shard_io import SHARDS_DIR, shard_relpath
-from schemas.storage import is_scratch, store_io
+from schemas.storage import Store, is_scratch, store_io
 
 log = logging.getLogger(__name__)
 

@@ -37,13 +37,14 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pipelines.faults import maybe_fail
 from schemas import FileRef, IndexSpec, ShardInfo, TransformSpec
-from schemas.commit import Store
+from schemas.errors import StorageError
 from schemas.manifest import make_file_ref
 from schemas.shard_io import read_docs, shard_relpath
-from schemas.storage import StoreIO, file_stamp, store_io
+from schemas.storage import Store, StoreIO, file_stamp, store_io
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,25 @@ class Adopted:
     index: IndexSpec | None = None
 
 
+def _process_identity() -> dict:
+    """Where this process's pid means something: host name, boot and pid namespace. Two
+    containers may share a host name but not a pid namespace, so a pid is probed only where
+    all three match (None where the system does not say: never probed)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot = pidns = None
+    return {"host": socket.gethostname(), "boot": boot, "pidns": pidns}
+
+
 def _process_gone(info: dict | None) -> bool:
-    """The run's launcher ran on this host and its process no longer exists."""
-    if not info or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+    """The run's launcher ran in this host's boot and pid namespace, and its process no longer
+    exists. Anything else (another machine, another container, an older journal without the
+    identity) is left to the heartbeat."""
+    here = _process_identity()
+    if (not info or not isinstance(info.get("pid"), int) or here["pidns"] is None
+            or any(info.get(k) != v for k, v in here.items())):
         return False
     try:
         os.kill(info["pid"], 0)
@@ -163,6 +180,8 @@ def _intact(io: StoreIO, refs, shard_id: str | None = None):
             if shard_id is None:
                 return True
             return set(read_docs(root, shard_id).column("doc_id").to_pylist())
+    except StorageError:
+        raise  # the store could not be reached: that says nothing about the files
     except (OSError, ValueError):
         return False
 
@@ -200,7 +219,7 @@ class RunJournal:
 
     def _info(self) -> dict:
         return {"kind": self.kind, "parent": self.parent, "key": self.key,
-                "host": socket.gethostname(), "pid": os.getpid(), "started": self._started}
+                **_process_identity(), "pid": os.getpid(), "started": self._started}
 
     # --- launcher side ---------------------------------------------------------------------
 
@@ -216,12 +235,15 @@ class RunJournal:
 
     def _beat(self) -> None:
         # Rewriting run.json is the heartbeat: an object's modification time changes only when
-        # it is rewritten, and a local file's this way too.
+        # it is rewritten, and a local file's this way too. A failed beat (a full disk, a
+        # storage outage) is tried again at the next one: a heartbeat that stopped for good
+        # would let gc take this run's shards for a dead run's once it is LIVE_S old.
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self._put_json(RUN_FILE, self._info())
-            except OSError:
-                return
+            except OSError as e:
+                log.warning("run heartbeat not written (%s); trying again in %.0f s", e,
+                            HEARTBEAT_S)
 
     def stop(self, ended: bool) -> None:
         """Stop the heartbeat; ``ended`` marks a run that stops without committing as dead."""
@@ -229,9 +251,10 @@ class RunJournal:
             self._stop.set()
             self._thread.join()
             self._stop = None
-        if ended and self.io.exists(f"{self.relpath}/{RUN_FILE}"):
+        if ended:  # best effort: it runs while another error is on its way to the user
             try:
-                self.io.replace(f"{self.relpath}/{ENDED_FILE}", b"")
+                if self.io.exists(f"{self.relpath}/{RUN_FILE}"):
+                    self.io.replace(f"{self.relpath}/{ENDED_FILE}", b"")
             except OSError:
                 pass
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import apache_beam as beam
 
 from pipelines.documents import ChatDocument, DeadLetter, Document, TextDocument
+from schemas.errors import StorageError
 from schemas.storage import describe_kind, file_size, is_remote, list_files, open_input
 
 DEAD = "dead"
@@ -45,8 +47,6 @@ def list_corpus_files(corpus: str | os.PathLike | Iterable, glob: str) -> list[s
         else:
             raise FileNotFoundError(f"corpus path {p} does not exist")
     return files
-
-
 
 
 def utf8_error(text: str) -> str:
@@ -107,20 +107,24 @@ def read_jsonl(path: str, prompt_field: str, response_field: str) -> Iterator[Do
 def read_parquet(path: str, prompt_field: str, response_field: str) -> Iterator[Document | DeadLetter]:
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(open_input(path))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one dead letter, not a crash
-        yield DeadLetter.of(path, f"unreadable Parquet file: {e}")
-        return
-    missing = [f for f in (prompt_field, response_field) if f not in pf.schema_arrow.names]
-    if missing:
-        yield DeadLetter.of(path, f"missing field {missing[0]!r} (columns: {pf.schema_arrow.names})")
-        return
-    row = 0
-    for batch in pf.iter_batches(columns=[prompt_field, response_field]):
-        for record in batch.to_pylist():
-            yield _chat(f"{path}#{row}", record, prompt_field, response_field)
-            row += 1
+    with ExitStack() as stack:
+        try:
+            pf = pq.ParquetFile(stack.enter_context(open_input(path)))
+        except StorageError:
+            raise  # the storage is unreachable: the build stops and says so, nothing is skipped
+        except Exception as e:  # noqa: BLE001 - any unreadable file is one dead letter
+            yield DeadLetter.of(path, f"unreadable Parquet file: {e}")
+            return
+        missing = [f for f in (prompt_field, response_field) if f not in pf.schema_arrow.names]
+        if missing:
+            yield DeadLetter.of(path, f"missing field {missing[0]!r} "
+                                f"(columns: {pf.schema_arrow.names})")
+            return
+        row = 0
+        for batch in pf.iter_batches(columns=[prompt_field, response_field]):
+            for record in batch.to_pylist():
+                yield _chat(f"{path}#{row}", record, prompt_field, response_field)
+                row += 1
 
 
 def read_text_file(path: str, max_bytes: int) -> Iterator[Document | DeadLetter]:

@@ -23,14 +23,11 @@ target exists) and ``os.replace`` for the hint; on object storage a put with
 
 from __future__ import annotations
 
-import os
 import re
 
 from schemas.errors import StoreFormatError
 from schemas.layout import CURRENT_FILE, MANIFEST_DIR
-from schemas.storage import StoreIO, store_io
-
-Store = str | os.PathLike | StoreIO
+from schemas.storage import Store, StoreIO, store_io
 
 MANIFEST_NAME = re.compile(r"gen-(\d{6})\.json")
 CURRENT_TEXT = re.compile(rb"manifests/gen-(\d{6})\.json\n")

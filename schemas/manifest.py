@@ -18,7 +18,6 @@ from pathlib import Path
 import jsonschema
 
 from schemas.commit import (
-    Store,
     commit_manifest,
     listed_generations,
     manifest_relpath,
@@ -28,7 +27,7 @@ from schemas.commit import (
 from schemas.errors import StoreFormatError
 from schemas.layout import CURRENT_FILE, MANIFEST_DIR  # noqa: F401 - re-exported
 from schemas.ranges import check_ranges
-from schemas.storage import store_io
+from schemas.storage import Store, store_io
 
 FORMAT_VERSION = 2
 # What an older store gets told. Format 1 (float16 keys in keys.lance, an IVF index per shard,

@@ -42,6 +42,7 @@ import os
 import shutil
 import stat
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -211,6 +212,8 @@ class StoreIO(ABC):
 
         try:
             return json.loads(self.read(relpath).decode("utf-8"))
+        except StorageError:
+            raise  # the store could not be reached: not the same as a missing file
         except (OSError, ValueError):
             return None
 
@@ -219,6 +222,12 @@ class StoreIO(ABC):
         import json
 
         self.replace(relpath, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def _absent_is_fine(function, path, exc_info) -> None:
+    """rmtree's error handler: a file another remover took first is fine, anything else not."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 class LocalStoreIO(StoreIO):
@@ -308,7 +317,7 @@ class LocalStoreIO(StoreIO):
     def remove(self, relpath: str) -> None:
         path = self.root / relpath
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, onerror=_absent_is_fine)
         else:
             path.unlink(missing_ok=True)
 
@@ -321,7 +330,7 @@ class LocalStoreIO(StoreIO):
         for rel in relpaths:
             target = self.root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.put.tmp")
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
             shutil.copyfile(local_root / rel, tmp)
             os.replace(tmp, target)
 
@@ -545,6 +554,10 @@ class ObjectStoreIO(StoreIO):
             for rel in fetch:
                 if rel not in after:
                     self.remove(rel)
+
+
+# What the functions of schemas and pipelines take as a store: its location or its StoreIO.
+Store = str | os.PathLike | StoreIO
 
 
 def _modified(info: dict) -> float:

@@ -337,3 +337,22 @@ def test_killed_build_then_rerun_from_the_cli(point, corpus, tiny_llama_dir, cle
         assert "reusing 1 shard(s)" in rerun.stderr
     assert _counts(load_store(store).manifest) == clean["built"][1]
     assert not run_dirs(store) and resolve_generation(store) == 1
+
+
+def test_a_launcher_in_another_pid_namespace_is_left_to_its_heartbeat(tmp_path):
+    """A pid is probed only where it means this machine's process: same host, boot and pid
+    namespace. A run written by a container sharing the host name (another pid namespace), or
+    by an older journal without the identity, stays live while its heartbeat is fresh."""
+    import json
+
+    from pipelines.journal import _process_identity, is_live
+
+    gone_pid = 2**22 + 12345  # above the kernel's pid_max: no such process
+    here = _process_identity()
+    run = f"{JOURNAL_DIR}/run-000001-k-2"
+    (tmp_path / run).mkdir(parents=True)
+    for info, live in ((dict(here, pid=gone_pid), False),
+                       (dict(here, pid=gone_pid, pidns=(here["pidns"] or 0) + 1), True),
+                       ({"host": here["host"], "pid": gone_pid}, True)):
+        (tmp_path / run / RUN_FILE).write_text(json.dumps(info))
+        assert is_live(tmp_path, run) is live, info
