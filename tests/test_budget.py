@@ -338,7 +338,10 @@ def test_calibration_rounds_that_disagree_are_provisional():
 
 
 def slowing_model(model, step_s):
-    """The model on a machine that gets busier every round: each forward sleeps longer."""
+    """The model on a machine that gets busier every round: each forward sleeps longer, by
+    ``step_s / 40`` per call so far, or by its own time / 300 per call where that is more (a
+    machine already busy): either way the rounds of both attempts of a calibration (about 400
+    forwards each) disagree by more than the tolerance."""
     import time
 
     forward = model.forward
@@ -346,8 +349,11 @@ def slowing_model(model, step_s):
 
     def slow(*a, **kw):
         calls[0] += 1
-        time.sleep(step_s * calls[0] / 40)
-        return forward(*a, **kw)
+        start = time.perf_counter()
+        out = forward(*a, **kw)
+        took = time.perf_counter() - start
+        time.sleep(calls[0] * max(step_s / 40, took / 300))
+        return out
 
     model.forward = slow
     return model

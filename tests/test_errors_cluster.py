@@ -21,7 +21,9 @@ def _dask(cluster) -> list[str]:
 
 def _set_worker_env(cluster, name: str, value: str | None) -> None:
     """Set (or, with None, unset) a variable in the workers and their nannies, so a worker the
-    nanny starts again after a death has it too."""
+    nanny starts again after a death has it too. Unsetting restarts every worker from its
+    nanny and waits for all of them: a worker the nanny was starting again when the variable
+    went would keep it, and die in the next test that writes a shard."""
     from distributed import Client
 
     def apply(name=name, value=value):
@@ -32,7 +34,12 @@ def _set_worker_env(cluster, name: str, value: str | None) -> None:
 
     with Client(cluster.scheduler_address) as client:
         client.run(apply, nanny=True)
-        client.run(apply)
+        if value is None:
+            client.restart(wait_for_workers=True)
+            client.wait_for_workers(2, timeout=120)
+            assert set(client.run(lambda: os.environ.get(name)).values()) == {None}
+        else:
+            client.run(apply)
 
 
 def _build_args(store, corpus, model_dir) -> list[str]:
@@ -66,8 +73,11 @@ def test_the_api_raises_workers_lost_error(dask_cluster):
 
     p = beam.Pipeline(options=pipeline_options(_dask(dask_cluster)))
     _ = p | beam.Create([1]) | beam.Map(_die)
-    with pytest.raises(WorkersLostError, match="Dask workers kept dying"):
-        p.run().wait_until_finish()
+    try:
+        with pytest.raises(WorkersLostError, match="Dask workers kept dying"):
+            p.run().wait_until_finish()
+    finally:
+        _set_worker_env(dask_cluster, faults.ENV, None)  # restarts the killed workers, waits
     assert issubclass(WorkersLostError, RuntimeError)
 
 

@@ -425,6 +425,8 @@ def test_dask_workers_build_update_compact_on_s3(s3_and_local, corpora, tiny_lla
     env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION", "DRESD_S3_ENDPOINT_URL")}
     with Client(dask_cluster.scheduler_address) as client:
+        client.wait_for_workers(2, timeout=120)
+        client.run(lambda: os.environ.update(env), nanny=True)  # a restarted worker too
         client.run(lambda: os.environ.update(env))
     args = ["--runner=DaskRunner", f"--dask_client_address={dask_cluster.scheduler_address}"]
     corpus = s3_and_local["corpus"]
