@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -21,9 +22,9 @@ def _dask(cluster) -> list[str]:
 
 def _set_worker_env(cluster, name: str, value: str | None) -> None:
     """Set (or, with None, unset) a variable in the workers and their nannies, so a worker the
-    nanny starts again after a death has it too. Unsetting restarts every worker from its
-    nanny and waits for all of them: a worker the nanny was starting again when the variable
-    went would keep it, and die in the next test that writes a shard."""
+    nanny starts again after a death has it too. Unsetting waits for every worker: one its
+    nanny was starting again when the variable went would keep it, and die in the next test
+    that writes a shard."""
     from distributed import Client
 
     def apply(name=name, value=value):
@@ -34,12 +35,19 @@ def _set_worker_env(cluster, name: str, value: str | None) -> None:
 
     with Client(cluster.scheduler_address) as client:
         client.run(apply, nanny=True)
-        if value is None:
-            client.restart(wait_for_workers=True)
-            client.wait_for_workers(2, timeout=120)
-            assert set(client.run(lambda: os.environ.get(name)).values()) == {None}
-        else:
+        if value is not None:
             client.run(apply)
+            return
+        # A worker its nanny was starting again when the nanny's variable went may have it
+        # still: wait until every worker is up, then unset it in each and check, until none
+        # has it (the faults module reads the variable at each point, so that is enough).
+        for _ in range(30):
+            client.wait_for_workers(2, timeout=120)
+            client.run(apply)
+            if set(client.run(lambda: os.environ.get(name)).values()) == {None}:
+                return
+            time.sleep(1)
+        raise AssertionError(f"{name} still set in a Dask worker")
 
 
 def _build_args(store, corpus, model_dir) -> list[str]:
