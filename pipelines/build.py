@@ -215,7 +215,7 @@ def _start_journal(store: StoreIO, kind: str, parent: int, files: list[str], set
 
 
 def _commit(journal: RunJournal, generation: int, model: ModelSpec, value_len: int,
-            transform, index, shards: tuple, parent: int | None, note: str) -> Manifest:
+            transform, index, shards: tuple, parent: Manifest | None, note: str) -> Manifest:
     manifest = commit_generation(journal.store, generation, model, value_len, transform, index,
                                  shards, parent, note)
     journal.finish(manifest.shards)
@@ -258,7 +258,7 @@ def _encode_and_run(p, docs, config: BuildConfig, fitted, journal: RunJournal, g
     _ = (
         shards
         | "FillShardIndex" >> FillShardIndex(store, generation, fitted, vocab_size,
-                                             config.keep_keys)
+                                             config.archive)
         | "Record" >> RecordResult(journal, fitted)
     )
     _report(store, generation, _run(p), stats)
@@ -339,6 +339,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     config = dataclasses.replace(
         config or BuildConfig(model=current.model.name),
         dim=current.dim, value_len=current.value_len, index_kind=current.index.kind,
+        archive=current.archive is not None,
         nlist=current.index.nlist, nprobe=current.index.nprobe, pq_m=current.index.pq_m,
         **({"pq_nbits": current.index.pq_nbits} if current.index.kind == "ivf_pq" else {}),
     )
@@ -406,7 +407,7 @@ def _commit_update(journal: RunJournal, current: Manifest, model: ModelSpec, new
         try:
             return _commit(journal, parent.generation + 1, model, current.value_len,
                            current.transform, current.index, parent.shards + new,
-                           parent.generation, note)
+                           parent, note)
         except CommitConflictError as e:
             if attempt == rebases:
                 raise
@@ -455,7 +456,7 @@ def compact_store(store: str | os.PathLike, shard_tokens: int | None = None,
         kept = tuple(g[0] for g in groups if len(g) == 1)
         manifest = _commit(journal, current.generation + 1, current.model, current.value_len,
                            current.transform, current.index, kept + merged,
-                           current.generation, "compact")
+                           current, "compact")
         committed = True
         return manifest
     finally:

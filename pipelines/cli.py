@@ -21,7 +21,7 @@ from pipelines.config import BuildConfig, GenerateConfig
 
 # Fixed by the store an update extends; an update reads them from its manifest.
 STORE_FIXED = ("dim", "value_len", "index_kind", "nlist", "nprobe", "pq_m", "pq_nbits",
-               "sample_size", "train_size", "seed")
+               "sample_size", "train_size", "seed", "archive")
 
 
 def _quiet_beam(args) -> None:

@@ -3,29 +3,34 @@
 Merged shards are new, immutable shards: token streams concatenated, document starts rebased,
 and the inverted lists merged list by list on disk (ids rebased by the same offset, which moves
 only their position bits, each list re-sorted by id), so compaction needs neither the model nor
-the float keys. The key archive is merged too when every merged shard kept one. The shards they
-replace stay on disk for readers of older generations.
+the float keys. The key archive follows: the merged shards' fragments are read, their rows given
+the new shard id and rebased positions, and written as the new shard's fragment, so the
+generation's archive version holds every key once, under the shard that serves it. The shards
+(and fragments) they replace stay on disk for readers of older generations.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipelines.archive import write_fragment
 from pipelines.faults import maybe_fail
 from pipelines.fit import load_fitted
 from pipelines.journal import RunJournal
 from pipelines.publish import RecordResult
 from schemas import Manifest, ShardInfo, StoreFormatError
+from schemas.archive import fragment_rows
 from schemas.lists import MAX_POSITION, ListsFile, write_lists
 from schemas.shard_io import (
     INDEX_FILE,
-    KEY_DTYPE,
-    KEYS_FILE,
     ShardData,
     read_counts,
     read_docs,
-    read_keys,
     read_tokens,
     shard_info,
     shard_path,
@@ -53,8 +58,9 @@ def merge_shards(shards: list[ShardInfo], store: str, nlist: int, code_size: int
                  vocab_size: int, generation: int) -> ShardInfo:
     """Merge ``shards`` into one new shard; on a remote store their files are fetched into a
     local staging directory, merged there, and the new shard uploaded (schemas.storage)."""
-    keep_keys = all(s.keys is not None for s in shards)
-    fetch = [f.path for s in shards for f in s.files() if keep_keys or f is not s.keys]
+    archived = all(s.archive is not None for s in shards)
+    fetch = [f.path for s in shards
+             for f in s.serving_files() + ((s.archive.file,) if archived else ())]
     with staged(store, fetch) as root:
         return _merge_shards(shards, root, nlist, code_size, vocab_size, generation)
 
@@ -84,8 +90,7 @@ def _merge_shards(shards: list[ShardInfo], store, nlist: int, code_size: int,
     maybe_fail("after_shard_write")
     del tokens, data
 
-    lists = [ListsFile(shard_path(store, s.shard_id, INDEX_FILE), nlist, code_size)
-             for s in shards]
+    lists = [ListsFile(Path(store) / s.index.path, nlist, code_size) for s in shards]
     sizes = np.sum([f.header.sizes for f in lists], axis=0)
 
     def merged():
@@ -104,17 +109,24 @@ def _merge_shards(shards: list[ShardInfo], store, nlist: int, code_size: int,
     for s in shards:
         counts += read_counts(store, s.shard_id, vocab_size, s.num_keys)
     write_counts(store, shard_id, counts)
-    if all(s.keys is not None for s in shards):  # every part kept its keys: so does the merge
-        first = read_keys(store, shards[0].shard_id)
-        out = np.lib.format.open_memmap(shard_path(store, shard_id, KEYS_FILE), "w+",
-                                        KEY_DTYPE, (offset, first.shape[1]))
-        for s, off in zip(shards, offsets):
-            k = read_keys(store, s.shard_id)
-            out[off : off + len(k)] = k
-        out.flush()
-        del out
+    fragment = None
+    if all(s.archive is not None for s in shards):  # every part has its keys: so does the merge
+        fragment = write_fragment(store, _merged_archive(store, shards, offsets, shard_id))
     return shard_info(store, shard_id, len(doc_ids), offset, sum(s.num_keys for s in shards),
-                      generation)
+                      generation, fragment)
+
+
+def _merged_archive(store, shards: list[ShardInfo], offsets: list[int], shard_id: str):
+    """The parts' archive rows under the merged shard's id, positions rebased."""
+    parts = []
+    for s, off in zip(shards, offsets):
+        rows = fragment_rows(store, s.archive.file.path)
+        if rows.num_rows != s.num_keys:
+            raise StoreFormatError(f"archive fragment {s.archive.file.path} of shard "
+                                   f"{s.shard_id}: {rows.num_rows} rows for {s.num_keys} keys")
+        parts.append(rows.set_column(0, "shard", pa.array([shard_id] * rows.num_rows))
+                     .set_column(1, "position", pc.add(rows.column("position"), off)))
+    return pa.concat_tables(parts)
 
 
 def run_compaction(p: beam.Pipeline, store: str, current: Manifest,
@@ -128,7 +140,7 @@ def run_compaction(p: beam.Pipeline, store: str, current: Manifest,
     if not code_size:
         first = current.shards[0]
         with staged(store, [first.index.path]) as root:
-            code_size = ListsFile(shard_path(root, first.shard_id, INDEX_FILE)).header.code_size
+            code_size = ListsFile(Path(root) / first.index.path).header.code_size
     _ = (
         p
         | "Groups" >> beam.Create(merges)

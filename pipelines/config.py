@@ -30,9 +30,11 @@ class BuildConfig:
     train_size: int = option(0, "stored keys sampled to train the index quantizer (0 = about "
                                 "39 per list, at least 65536, at most ~4M, never more than the "
                                 "store holds; the paper used about 1M)")
-    keep_keys: bool = option(False, "keep the float16 keys (keys.npy, 128 bytes/token at d=64) "
-                                    "as an archive beside the index, to re-index without the "
-                                    "model; the runtime never reads them")
+    archive: bool = option(True, "keep the float16 keys in the store's Lance dataset "
+                                 "archive.lance (about 2*dim+40 bytes/token), from which "
+                                 "`dresd reindex` builds a new index without the model; "
+                                 "--no-archive drops them after the fill (the runtime never "
+                                 "reads them)")
     batch_tokens: int = option(8192, "token budget of one forward batch, padding included")
     max_len: int = option(2048, "longest window of one forward pass; longer documents are split")
     shard_tokens: int = option(1_000_000, "tokens per shard before a new one is started")

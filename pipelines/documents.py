@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.manifest import ArchiveFragment
+
 
 @dataclass(frozen=True)
 class TextDocument:
@@ -68,9 +70,11 @@ class DeadLetter:
 
 @dataclass(frozen=True)
 class WrittenShard:
-    """A shard whose tokens, docs and keys are on disk; its ivf.faiss is not written yet."""
+    """A shard whose tokens and docs are on disk and whose keys are in its archive fragment
+    (not committed yet); its inverted lists are not written yet."""
 
     shard_id: str
     num_docs: int
     num_tokens: int
     num_keys: int
+    archive: ArchiveFragment | None = None

@@ -3,9 +3,9 @@
 The model loads once per worker process, shared with the sampling step (``pipelines.encoder``).
 Documents are buffered until they hold ``shard_tokens`` tokens (or the bundle ends), then encoded
 longest-window-first under the token budget and written as one shard. A key exists for every
-position t with t + 1 < length: its vector is transform(h_t) in float16, staged in ``keys.npy``
-(row t) until the fill step encodes it into the shard's inverted lists, filed under the token at
-t + 1.
+position t with t + 1 < length: its vector is transform(h_t) in float16, written to the shard's
+fragment of the key archive (pipelines.archive), from which the fill step encodes it into the
+shard's inverted lists, filed under the token at t + 1.
 
 Every worker reports its timings as Beam metrics (see ``EncodeTiming``), so a launcher on any
 runner can tell the encode throughput without the model load, tokenization or the other stages.
@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 
+from pipelines.archive import archive_table, write_fragment
 from pipelines.config import BuildConfig
 from pipelines.dedupe import NAMESPACE
 from pipelines.documents import TokenizedDoc, WrittenShard
 from pipelines.faults import maybe_fail
-from schemas.shard_io import KEY_DTYPE
+from schemas.shard_io import KEY_DTYPE, key_positions
 from schemas.storage import staged, store_io
 
 # Distributions hold ints: wall-clock instants in epoch milliseconds, durations in milliseconds.
@@ -103,6 +105,14 @@ def shard_keys(docs: list[TokenizedDoc], states: np.ndarray):
     )
 
 
+def archive_rows(shard_id: str, data) -> pa.Table:
+    """The shard's archive rows: the key of every position that has one (ShardData)."""
+    positions = key_positions(data.starts, data.lengths, len(data.tokens))
+    doc_of = np.repeat(np.arange(len(data.doc_ids)), data.lengths)[positions]
+    return archive_table(shard_id, positions, data.tokens[positions + 1],
+                         np.asarray(data.doc_ids, object)[doc_of], data.vectors[positions])
+
+
 class EncodeShardsFn(beam.DoFn):
     def __init__(self, config: BuildConfig, store: str):
         self.config = config
@@ -158,13 +168,14 @@ class EncodeShardsFn(beam.DoFn):
         data = shard_keys(docs, states)
         with staged(self.store) as root:  # a remote store: written here, then uploaded
             shard_id = write_shard(root, data)
+            fragment = write_fragment(root, archive_rows(shard_id, data))
         maybe_fail("after_shard_write")
         Metrics.counter(NAMESPACE, ENCODED_TOKENS).inc(len(data.tokens))
         Metrics.distribution(NAMESPACE, ENCODE_DONE_MS).update(_now_ms())
         cpu, self.cpu_mark = self.cpu_mark, time.process_time()
         Metrics.distribution(NAMESPACE, ENCODE_CPU_MS).update(int((self.cpu_mark - cpu) * 1000))
         return WrittenShard(shard_id=shard_id, num_docs=len(docs), num_tokens=len(data.tokens),
-                            num_keys=len(data.tokens) - len(docs))
+                            num_keys=len(data.tokens) - len(docs), archive=fragment)
 
 
 class EncodeShards(beam.PTransform):

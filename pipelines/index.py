@@ -25,19 +25,20 @@ import os
 import apache_beam as beam
 import faiss
 import numpy as np
+import pyarrow.compute as pc
 
 from pipelines.documents import WrittenShard
 from schemas import StoreFormatError
+from schemas.archive import fragment_rows, keys_of
 from schemas.atomic import replacing
 from schemas.lists import ListsFile, check_vocab, pack_ids
+from schemas.manifest import ArchiveFragment
 from schemas.shard_io import (
     DOCS_FILE,
     INDEX_FILE,
-    KEYS_FILE,
     TOKENS_FILE,
     key_positions,
     read_docs,
-    read_keys,
     read_tokens,
     shard_info,
     shard_path,
@@ -176,16 +177,17 @@ def code_size(index: faiss.Index) -> int:
     return int(faiss.extract_index_ivf(index).code_size)
 
 
-def fill_lists(quantizer: faiss.Index, vectors: np.ndarray, tokens: np.ndarray,
+def fill_lists(quantizer: faiss.Index, keys: np.ndarray, tokens: np.ndarray,
                positions: np.ndarray, path: str | os.PathLike) -> int:
-    """Write ``path`` (ivf.lists): the keys ``vectors[positions]`` encoded by ``quantizer``,
-    ids packed from (tokens[position + 1], position), every list in ascending id order."""
+    """Write ``path`` (ivf.lists): ``keys`` (row i: the key at ``positions[i]``) encoded by
+    ``quantizer``, ids packed from (tokens[position + 1], position), every list in ascending id
+    order."""
     index = quantizer  # trained and empty, filled here
     ids = pack_ids(tokens[positions + 1], positions)
     order = np.argsort(ids, kind="stable")  # added in id order, so each list ends up sorted
     for start in range(0, len(order), ADD_CHUNK):
         rows = order[start : start + ADD_CHUNK]
-        x = np.ascontiguousarray(vectors[positions[rows]], np.float32)
+        x = np.ascontiguousarray(keys[rows], np.float32)
         index.add_with_ids(x, ids[rows])
     ivf = faiss.extract_index_ivf(index)
     with replacing(path) as tmp:
@@ -195,41 +197,63 @@ def fill_lists(quantizer: faiss.Index, vectors: np.ndarray, tokens: np.ndarray,
     return int(index.ntotal)
 
 
-def fill_shard_index(store: str, shard_id: str, quantizer: bytes, vocab_size: int,
-                     keep_keys: bool = False) -> int:
-    """Write the shard's ivf.lists and counts.npy from its staged keys; drop the keys unless
-    ``keep_keys``. Returns the number of keys added."""
-    vectors = read_keys(store, shard_id)
-    tokens = read_tokens(store, shard_id)
-    docs = read_docs(store, shard_id)
+def shard_keys_from_archive(root, shard_id: str, fragment: ArchiveFragment | None,
+                            tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The shard's keys [len(positions), d] from its archive fragment under ``root``, checked
+    to be this shard's rows in position order, with the right next tokens."""
+    if fragment is None:
+        raise StoreFormatError(f"shard {shard_id} has no key archive (it was built with "
+                               "--no-archive): its lists cannot be filled again without "
+                               "encoding its documents with the model")
+    rows = fragment_rows(root, fragment.file.path)
+    where = f"archive fragment {fragment.file.path} of shard {shard_id}"
+    if rows.num_rows != len(positions):
+        raise StoreFormatError(f"{where}: {rows.num_rows} rows for {len(positions)} keys")
+    if len(positions) and (
+            not pc.all(pc.equal(rows.column("shard"), shard_id)).as_py()
+            or not np.array_equal(rows.column("position").to_numpy(), positions)
+            or not np.array_equal(rows.column("next_token").to_numpy(), tokens[positions + 1])):
+        raise StoreFormatError(f"{where}: its rows are not this shard's keys in position order")
+    return keys_of(rows)
+
+
+def fill_shard_index(root, shard_id: str, quantizer: bytes, vocab_size: int,
+                     fragment: ArchiveFragment | None, lists_name: str = INDEX_FILE,
+                     counts: bool = True) -> int:
+    """Write the shard's inverted lists ``lists_name`` from the keys of its archive fragment,
+    and (with ``counts``) its counts.npy. Returns the number of keys added."""
+    tokens = read_tokens(root, shard_id)
+    docs = read_docs(root, shard_id)
     check_vocab(vocab_size)
     if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
         raise StoreFormatError(f"shard {shard_id}: token ids outside the vocabulary of "
                                f"{vocab_size}")
     positions = key_positions(docs.column("start").to_numpy(), docs.column("length").to_numpy(),
                               len(tokens))
+    keys = shard_keys_from_archive(root, shard_id, fragment, tokens, positions)
     index = index_from_bytes(quantizer)
-    path = shard_path(store, shard_id, INDEX_FILE)
-    added = fill_lists(index, vectors, tokens, positions, path)
+    path = shard_path(root, shard_id, lists_name)
+    added = fill_lists(index, keys, tokens, positions, path)
     lists = ListsFile(path, faiss.extract_index_ivf(index).nlist, code_size(index))
     if lists.header.num_entries != len(positions):
         raise StoreFormatError(f"{path}: {lists.header.num_entries} entries written for "
                                f"{len(positions)} keys")
     lists.check_ids(len(tokens), vocab_size)
-    write_counts(store, shard_id, np.bincount(tokens[positions + 1], minlength=vocab_size))
-    del vectors
-    if not keep_keys:
-        shard_path(store, shard_id, KEYS_FILE).unlink()
+    if counts:
+        write_counts(root, shard_id, np.bincount(tokens[positions + 1], minlength=vocab_size))
     return added
 
 
-def shard_files(shard_id: str, names=(TOKENS_FILE, DOCS_FILE, KEYS_FILE)) -> list[str]:
-    """Store-relative paths of a shard's files (what a step on a remote store fetches)."""
-    return [f"{shard_relpath(shard_id)}/{n}" for n in names]
+def shard_files(shard: WrittenShard, names=(TOKENS_FILE, DOCS_FILE)) -> list[str]:
+    """Store-relative paths of a shard's files and archive fragment (what a step on a remote
+    store fetches)."""
+    files = [f"{shard_relpath(shard.shard_id)}/{n}" for n in names]
+    return files + ([shard.archive.file.path] if shard.archive else [])
 
 
 def sample_keys(store: str, shards: list[WrittenShard], size: int, seed: int) -> np.ndarray:
-    """About ``size`` keys drawn uniformly from the shards' staged keys (float32 [n, d])."""
+    """About ``size`` keys drawn uniformly from the shards' archive fragments (float32
+    [n, d]); only the drawn rows are read."""
     shards = sorted(shards, key=lambda s: s.shard_id)  # the same draw on every runner
     total = sum(s.num_keys for s in shards)
     rng = np.random.default_rng(seed)
@@ -238,52 +262,55 @@ def sample_keys(store: str, shards: list[WrittenShard], size: int, seed: int) ->
         want = min(s.num_keys, int(round(size * s.num_keys / max(total, 1))))
         if want == 0:
             continue
-        with staged(store, shard_files(s.shard_id)) as root:
-            tokens = read_tokens(root, s.shard_id)
-            docs = read_docs(root, s.shard_id)
-            pos = key_positions(docs.column("start").to_numpy(),
-                                docs.column("length").to_numpy(), len(tokens))
-            rows = np.sort(rng.choice(pos, want, replace=False))
-            out.append(np.asarray(read_keys(root, s.shard_id)[rows], np.float32))
-            del tokens, docs
+        if s.archive is None:
+            raise StoreFormatError(f"shard {s.shard_id} has no key archive to sample from")
+        with staged(store, [s.archive.file.path]) as root:
+            rows = np.sort(rng.choice(s.num_keys, want, replace=False))
+            out.append(keys_of(fragment_rows(root, s.archive.file.path, rows))
+                       .astype(np.float32))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 class FillShardIndexFn(beam.DoFn):
-    def __init__(self, store: str, generation: int, vocab_size: int, keep_keys: bool = False):
+    def __init__(self, store: str, generation: int, vocab_size: int, keep_archive: bool = True,
+                 lists_name: str = INDEX_FILE):
         self.store = store
         self.generation = generation
         self.vocab_size = vocab_size
-        self.keep_keys = keep_keys
+        self.keep_archive = keep_archive
+        self.lists_name = lists_name
 
     def process(self, shard: WrittenShard, fitted):
-        # A remote store: the staged keys, tokens and documents come down, the lists and counts
-        # go up and the keys are removed there unless kept; checksums are taken locally.
-        with staged(self.store, shard_files(shard.shard_id)) as root:
+        # A remote store: the tokens, documents and archive fragment come down, the lists and
+        # counts go up; checksums are taken locally.
+        with staged(self.store, shard_files(shard)) as root:
             added = fill_shard_index(root, shard.shard_id, fitted.quantizer, self.vocab_size,
-                                     self.keep_keys)
+                                     shard.archive, self.lists_name)
             if added != shard.num_keys:
                 raise RuntimeError(f"shard {shard.shard_id}: index holds {added} keys, "
                                    f"the shard {shard.num_keys}")
             info = shard_info(root, shard.shard_id, shard.num_docs, shard.num_tokens,
-                              shard.num_keys, self.generation)
+                              shard.num_keys, self.generation,
+                              shard.archive if self.keep_archive else None, self.lists_name)
+        if not self.keep_archive and shard.archive:
+            store_io(self.store).remove(shard.archive.file.path)  # never committed: not read
         yield info
 
 
 class FillShardIndex(beam.PTransform):
-    """WrittenShards -> ShardInfos, after writing each shard's ivf.lists and counts."""
+    """WrittenShards -> ShardInfos, after writing each shard's inverted lists and counts from
+    its archive fragment (dropped afterwards unless ``keep_archive``)."""
 
     def __init__(self, store: str, generation: int, fitted, vocab_size: int,
-                 keep_keys: bool = False):
+                 keep_archive: bool = True):
         super().__init__()
         self.store = store_io(store)
         self.generation = generation
         self.fitted = fitted  # singleton PCollection of FittedKeys, quantizer trained
         self.vocab_size = vocab_size
-        self.keep_keys = keep_keys
+        self.keep_archive = keep_archive
 
     def expand(self, shards):
         return shards | "FillIndex" >> beam.ParDo(
-            FillShardIndexFn(self.store, self.generation, self.vocab_size, self.keep_keys),
+            FillShardIndexFn(self.store, self.generation, self.vocab_size, self.keep_archive),
             beam.pvalue.AsSingleton(self.fitted))
-

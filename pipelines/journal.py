@@ -159,7 +159,7 @@ def recorded_shards(store: Store, run: str) -> list[dict]:
             continue
         rec = io.read_json(f"{run}/{name}")
         try:
-            rec["shard"] = _refs(ShardInfo, rec["shard"])
+            rec["shard"] = ShardInfo.from_dict(rec["shard"])
         except (KeyError, TypeError):
             continue
         out.append(rec)
@@ -264,7 +264,7 @@ class RunJournal:
             raise RuntimeError("the pipeline finished without writing its result "
                                f"({self.io.where(f'{self.relpath}/{RESULT_FILE}')})")
         return RunResult(
-            shards=tuple(_refs(ShardInfo, s) for s in d["shards"]),
+            shards=tuple(ShardInfo.from_dict(s) for s in d["shards"]),
             transform=_refs(TransformSpec, d["transform"]) if d["transform"] else None,
             index=_refs(IndexSpec, d["index"]) if d["index"] else None,
         )

@@ -3,7 +3,8 @@
 The pipeline's last steps record every finished shard in the run journal and write the run's
 result once (``RecordResult``); after the pipeline the launcher creates the manifest of
 generation parent + 1 only if absent, the commit point (``commit_generation``, protocol in
-schemas.commit), then updates the ``CURRENT`` hint and cleans up the run's own files.
+schemas.commit), right after the key archive's version (pipelines.archive), then updates the
+``CURRENT`` hint and cleans up the run's own files.
 """
 
 from __future__ import annotations
@@ -12,24 +13,36 @@ import logging
 
 import apache_beam as beam
 
+from pipelines.archive import commit_archive
 from pipelines.faults import maybe_fail
 from pipelines.journal import RunJournal
 from schemas import IndexSpec, Manifest, ModelSpec, ShardInfo, TransformSpec
 from schemas.commit import commit_manifest, update_current
 from schemas.manifest import manifest_bytes
+from schemas.storage import StoreIO
 
 log = logging.getLogger(__name__)
 
 LAYER = -1  # keys are final-layer states after the final norm
 
 
-def commit_generation(store: str, generation: int, model: ModelSpec, value_len: int,
+def commit_generation(store: StoreIO, generation: int, model: ModelSpec, value_len: int,
                       transform: TransformSpec, index: IndexSpec, shards: tuple[ShardInfo, ...],
-                      parent: int | None, note: str) -> Manifest:
-    """Commit ``generation`` (CommitConflictError if another writer did), then the hint."""
+                      parent: Manifest | None, note: str) -> Manifest:
+    """Commit the archive version of ``shards`` (the parent's when they hold the same
+    fragments), then ``generation`` naming it (CommitConflictError if another writer did),
+    then the hint.
+
+    The manifest is the commit point: a crash before it leaves an archive version no manifest
+    names, which readers never open and gc removes; a crash after it leaves the generation
+    committed whole, its archive included."""
+    archive = commit_archive(store, tuple(shards), transform.dim,
+                             parent.archive if parent else None,
+                             parent.shards if parent else ())
     manifest = Manifest(generation=generation, model=model, layer=LAYER, value_len=value_len,
                         transform=transform, index=index, shards=tuple(shards),
-                        parent_generation=parent, note=note)
+                        parent_generation=parent.generation if parent else None, note=note,
+                        archive=archive)
     data = manifest_bytes(manifest)
     maybe_fail("before_manifest")
     commit_manifest(store, generation, data)

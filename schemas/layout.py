@@ -9,6 +9,10 @@ MANIFEST_DIR = "manifests"  # gen-NNNNNN.json, one per generation, never rewritt
 SHARDS_DIR = "shards"
 TOKENS_FILE = "tokens.arrow"
 DOCS_FILE = "docs.arrow"
-KEYS_FILE = "keys.npy"  # float16 [T, d], row t = key of position t (staging, then archive)
+KEYS_FILE = "keys.npy"  # float16 [T, d]: the key archive of stores written before archive.lance
 INDEX_FILE = "ivf.lists"  # the shard's inverted lists (schemas.lists)
 COUNTS_FILE = "counts.npy"  # int32 [vocab]: keys per next token (how many a search can find)
+ARCHIVE_DIR = "archive.lance"  # the key archive: a Lance dataset, one row per key (schemas.archive)
+ARCHIVE_DATA_DIR = f"{ARCHIVE_DIR}/data"  # its fragments' data files, one per shard
+ARCHIVE_VERSIONS_DIR = f"{ARCHIVE_DIR}/_versions"  # its version manifests (Lance's own)
+ARCHIVE_TRANSACTIONS_DIR = f"{ARCHIVE_DIR}/_transactions"  # Lance's record of each commit

@@ -81,6 +81,30 @@ class IndexSpec:
 
 
 @dataclass(frozen=True)
+class ArchiveFragment:
+    """A shard's rows of the key archive: one Lance fragment, one data file."""
+
+    file: FileRef  # archive.lance/data/<name>.lance
+    lance: str  # the fragment's Lance metadata as JSON (FragmentMetadata.to_json()): the commit
+    #             of an archive version lists the fragments it holds in this form
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """The version of the key archive (the Lance dataset ``archive.lance``) a generation covers:
+    it holds exactly the fragments of the generation's shards."""
+
+    path: str  # "archive.lance"
+    version: int
+    manifest: FileRef  # the Lance manifest file of that version
+    rows: int  # keys in it
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ArchiveSpec:
+        return cls(**{**d, "manifest": FileRef(**d["manifest"])})
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     shard_id: str
     num_docs: int
@@ -91,12 +115,34 @@ class ShardInfo:
     index: FileRef  # inverted lists of the shard's keys (serving)
     counts: FileRef  # keys per next token, int32 [vocab] (serving)
     generation_added: int
-    keys: FileRef | None = None  # float16 key archive, never opened by the runtime
+    keys: FileRef | None = None  # keys.npy: the key archive of a store written before Lance
+    archive: ArchiveFragment | None = None  # the shard's rows of archive.lance
+
+    def serving_files(self) -> tuple[FileRef, ...]:
+        """The files the runtime maps or reads."""
+        return (self.tokens, self.docs, self.index, self.counts)
+
+    def archive_files(self) -> tuple[FileRef, ...]:
+        """The shard's float keys, which the runtime never opens."""
+        return (((self.keys,) if self.keys else ())
+                + ((self.archive.file,) if self.archive else ()))
 
     def files(self) -> tuple[FileRef, ...]:
         """Every file of the shard the manifest names (the archive last, when kept)."""
-        return (self.tokens, self.docs, self.index, self.counts) + (
-            (self.keys,) if self.keys else ())
+        return self.serving_files() + self.archive_files()
+
+    @classmethod
+    def from_dict(cls, s: dict) -> ShardInfo:
+        def ref(x: dict | None) -> FileRef | None:
+            return FileRef(**x) if x else None
+
+        archive = s.get("archive")
+        return cls(**{
+            **s,
+            **{name: ref(s.get(name)) for name in ("tokens", "docs", "index", "counts", "keys")},
+            "archive": ArchiveFragment(file=ref(archive["file"]), lance=archive["lance"])
+            if archive else None,
+        })
 
 
 @dataclass(frozen=True)
@@ -112,6 +158,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     parent_generation: int | None = None
     note: str = ""
+    archive: ArchiveSpec | None = None  # the key archive's version (None: no archive kept)
 
     @property
     def dim(self) -> int:
@@ -142,19 +189,34 @@ class Manifest:
             "shared": self.transform.file.bytes + self.index.quantizer.bytes,
         }
         parts["serving"] = sum(parts.values())
-        parts["archive"] = sum(s.keys.bytes for s in sh if s.keys)
+        parts["archive"] = sum(f.bytes for f in self.archive_files())
         parts["total"] = parts["serving"] + parts["archive"]
         return parts
 
-    def files(self) -> tuple[FileRef, ...]:
-        """Every file this generation names: transform, quantizer, then the shards' files."""
+    def serving_files(self) -> tuple[FileRef, ...]:
+        """What the runtime maps or reads: transform, quantizer, the shards' serving files."""
         return (self.transform.file, self.index.quantizer) + tuple(
-            f for s in self.shards for f in s.files())
+            f for s in self.shards for f in s.serving_files())
+
+    def archive_files(self) -> tuple[FileRef, ...]:
+        """The key archive: its version manifest and the shards' fragments."""
+        return ((self.archive.manifest,) if self.archive else ()) + tuple(
+            f for s in self.shards for f in s.archive_files())
+
+    def files(self) -> tuple[FileRef, ...]:
+        """Every file this generation names: the serving set, then the archive."""
+        return self.serving_files() + self.archive_files()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dim"] = self.dim
         d["shards"] = [asdict(s) for s in self.shards]
+        if self.archive is None:
+            del d["archive"]  # a store without one writes what format 2 always wrote
+        for s in d["shards"]:
+            for name in ("keys", "archive"):
+                if s[name] is None:
+                    del s[name]
         return d
 
     @classmethod
@@ -174,19 +236,8 @@ class Manifest:
             value_len=d["value_len"],
             transform=TransformSpec(**{**t, "file": ref(t["file"])}),
             index=IndexSpec(**{**i, "quantizer": ref(i["quantizer"])}),
-            shards=tuple(
-                ShardInfo(
-                    **{
-                        **s,
-                        "tokens": ref(s["tokens"]),
-                        "docs": ref(s["docs"]),
-                        "keys": ref(s["keys"]) if s.get("keys") else None,
-                        "index": ref(s["index"]),
-                        "counts": ref(s["counts"]),
-                    }
-                )
-                for s in d["shards"]
-            ),
+            shards=tuple(ShardInfo.from_dict(s) for s in d["shards"]),
+            archive=ArchiveSpec.from_dict(d["archive"]) if d.get("archive") else None,
             created=d["created"],
             format_version=d["format_version"],
             parent_generation=d.get("parent_generation"),

@@ -27,7 +27,7 @@ from schemas.layout import (  # noqa: F401 - the shard layout, re-exported for t
     SHARDS_DIR,
     TOKENS_FILE,
 )
-from schemas.manifest import FileRef, ShardInfo, make_file_ref
+from schemas.manifest import ArchiveFragment, FileRef, ShardInfo, make_file_ref
 
 KEY_DTYPE = np.float16  # keys need no more: they are searched through 8-bit PQ codes
 
@@ -49,7 +49,8 @@ class ShardData:
     sources: list[str]
     starts: np.ndarray  # int64 [D]
     lengths: np.ndarray  # int32 [D]
-    vectors: np.ndarray | None  # [T, d] key of every position (a document's last: unused)
+    vectors: np.ndarray | None  # [T, d] key of every position (a document's last: unused);
+    #                             written to the archive, not with the shard
 
 
 def key_positions(starts: np.ndarray, lengths: np.ndarray, num_tokens: int) -> np.ndarray:
@@ -68,8 +69,8 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
 
 
 def write_shard(store: str | os.PathLike, data: ShardData, shard_id: str | None = None) -> str:
-    """Write tokens, docs and (when given) keys of one shard; returns the shard id. The index
-    is written later, by the builder's fill step, which also drops the keys unless kept."""
+    """Write the tokens and docs of one shard; returns the shard id. Its keys go into the
+    archive (pipelines.archive), its inverted lists are written by the builder's fill step."""
     shard_id = shard_id or new_shard_id()
     final = Path(store) / shard_relpath(shard_id)
     if final.exists():
@@ -93,12 +94,6 @@ def write_shard(store: str | os.PathLike, data: ShardData, shard_id: str | None 
                 schema=DOCS_SCHEMA,
             ),
         )
-        if data.vectors is not None:
-            vectors = np.asarray(data.vectors)
-            if vectors.ndim != 2 or len(vectors) != len(data.tokens):
-                raise ValueError(f"{vectors.shape} key vectors for {len(data.tokens)} tokens: "
-                                 "one row per position is expected")
-            np.save(tmp / KEYS_FILE, vectors.astype(KEY_DTYPE, copy=False))
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,19 +131,6 @@ def shard_path(store: str | os.PathLike, shard_id: str, name: str) -> Path:
     return Path(store) / shard_relpath(shard_id) / name
 
 
-def read_keys(store: str | os.PathLike, shard_id: str) -> np.ndarray:
-    """The float16 keys [T, d] of a shard (row t: position t), memory-mapped. Only the builder
-    reads them (index training and filling, conversion); the runtime never does."""
-    path = shard_path(store, shard_id, KEYS_FILE)
-    if not path.exists():
-        raise StoreFormatError(f"{path} does not exist: the shard's keys were not kept "
-                               "(build with --keep-keys to keep them)")
-    keys = np.load(path, mmap_mode="r")
-    if keys.ndim != 2 or keys.dtype != KEY_DTYPE:
-        raise StoreFormatError(f"{path}: {keys.dtype} {keys.shape}, not float16 [tokens, d]")
-    return keys
-
-
 def write_counts(store: str | os.PathLike, shard_id: str, counts: np.ndarray) -> None:
     with replacing(shard_path(store, shard_id, COUNTS_FILE)) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(counts, np.int32))
@@ -177,15 +159,16 @@ def open_counts(path: Path, vocab_size: int, num_keys: int | None = None) -> np.
 
 def shard_info(
     store: str | os.PathLike, shard_id: str, num_docs: int, num_tokens: int, num_keys: int,
-    generation_added: int,
+    generation_added: int, archive: ArchiveFragment | None = None,
+    lists_name: str = INDEX_FILE,
 ) -> ShardInfo:
-    """Checksum a complete shard (tokens, docs, index, counts, the key archive if kept)."""
+    """Checksum a complete shard (tokens, docs, inverted lists ``lists_name``, counts); its
+    archive fragment, when kept, was checksummed when it was written."""
     rel = shard_relpath(shard_id)
 
     def ref(name: str) -> FileRef:
         return make_file_ref(store, f"{rel}/{name}")
 
-    kept = shard_path(store, shard_id, KEYS_FILE).exists()
     return ShardInfo(
         shard_id=shard_id,
         num_docs=num_docs,
@@ -193,8 +176,8 @@ def shard_info(
         num_keys=num_keys,
         tokens=ref(TOKENS_FILE),
         docs=ref(DOCS_FILE),
-        index=ref(INDEX_FILE),
+        index=ref(lists_name),
         counts=ref(COUNTS_FILE),
-        keys=ref(KEYS_FILE) if kept else None,
+        archive=archive,
         generation_added=generation_added,
     )
