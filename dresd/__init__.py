@@ -5,6 +5,7 @@ Public API::
     store = dresd.load_store(path, model, tokenizer)
     result = dresd.generate(model, tokenizer, store, "prompt", max_new_tokens=128)
     result.text, result.tokens, result.stats
+    table = dresd.open_archive(path)  # the store's float16 keys as a LanceDB table
 
 By default ``generate`` drafts with the hybrid composite (the store's dense drafts, dense drafts
 over the live context and prompt lookup in one tree) under the budget calibrated for the model on
@@ -16,6 +17,7 @@ Errors: ``StoreFormatError`` (the store on disk is not what this code reads), ``
 ``ValueError``/``TypeError`` naming the argument for bad arguments.
 """
 
+from dresd.archive import open_archive
 from dresd.budget import BudgetPolicy, CalibratedBudget, FixedBudget, calibrated_budget
 from dresd.calibrate import Calibration
 from dresd.decode import DecodeConfig, GenerationResult, GenerationStats, as_drafter, generate
@@ -52,4 +54,5 @@ __all__ = [
     "calibrated_budget",
     "generate",
     "load_store",
+    "open_archive",
 ]

@@ -18,7 +18,7 @@ final name. Each verified checksum is recorded (schemas.integrity), so the load 
 does not read the large files again. A second load of a generation whose ``complete`` marker
 exists, whose cached manifest is byte for byte the store's and every file present at its
 recorded size, downloads nothing but that manifest. The key archive
-(``keys.npy``), which the runtime never opens, is not downloaded.
+(``archive.lance``), which the runtime never opens, is not downloaded.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ def cache_dir(url: str) -> Path:
 
 
 def _runtime_files(manifest: Manifest) -> list[FileRef]:
-    """Every file the runtime opens: all but the key archives."""
-    archives = {s.keys for s in manifest.shards if s.keys}
-    return [f for f in manifest.files() if f not in archives]
+    """Every file the runtime opens: all but the key archive."""
+    return list(manifest.serving_files())
 
 
 def _download(io: ObjectStoreIO, ref: FileRef, root: Path) -> None:

@@ -330,7 +330,7 @@ def load_store(
     if not manifest.shards or manifest.num_keys == 0:
         raise StoreFormatError(f"store {root} holds no keys: there is nothing to draft from")
     check_vocab(spec.vocab_size)
-    check_present(root, manifest.files())  # sizes, before anything is mapped
+    check_present(root, manifest.serving_files())  # sizes, before anything is mapped
     opened = {}
     for ref in (f for s in manifest.shards for f in (s.tokens, s.docs, s.counts, s.index)):
         st = os.stat(store_file(root, ref.path))

@@ -229,12 +229,13 @@ def _completed_earlier(io: StoreIO, parent: int, key: str) -> Manifest | None:
     generation = parent + 1
     if not io.exists(manifest_relpath(generation)):
         return None
-    named = {s.shard_id for s in read_manifest(io, generation).shards}
+    # A shard is identified with its lists: a re-index records the shards it re-filled.
+    named = {(s.shard_id, s.index) for s in read_manifest(io, generation).shards}
     for run in run_dirs(io):
         info = run_info(io, run)
         if not info or info.get("key") != key or info.get("parent") != parent:
             continue
-        recorded = {r["shard"].shard_id for r in recorded_shards(io, run)}
+        recorded = {(r["shard"].shard_id, r["shard"].index) for r in recorded_shards(io, run)}
         if recorded and recorded <= named:
             update_current(io, newest_generation(io))
             io.remove(run)

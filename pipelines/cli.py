@@ -3,6 +3,7 @@
     dresd build STORE CORPUS... [build options] [Beam pipeline options]
     dresd update STORE CORPUS... [options]
     dresd compact STORE [--shard-tokens N]
+    dresd reindex STORE [--nlist N] [--index-kind K] [--pq-m M] [--nprobe P]
     dresd gc STORE [--keep N] [--dry-run] [--grace SECONDS]
     dresd generate-corpus OUTPUT.jsonl PROMPTS... [generation options]
 
@@ -17,7 +18,7 @@ import logging
 import time
 
 from dresd.config import add_arguments, from_arguments
-from pipelines.config import BuildConfig, GenerateConfig
+from pipelines.config import INDEX_KINDS, BuildConfig, GenerateConfig
 
 # Fixed by the store an update extends; an update reads them from its manifest.
 STORE_FIXED = ("dim", "value_len", "index_kind", "nlist", "nprobe", "pq_m", "pq_nbits",
@@ -89,6 +90,19 @@ def run_compact(args) -> int:
     return 0
 
 
+def run_reindex(args) -> int:
+    _quiet_beam(args)  # before Beam is imported
+    from pipelines.reindex import ReindexSettings, reindex_store
+
+    start = time.perf_counter()
+    settings = ReindexSettings(index_kind=args.index_kind, nlist=args.nlist, pq_m=args.pq_m,
+                               pq_nbits=args.pq_nbits, nprobe=args.nprobe,
+                               train_size=args.train_size, seed=args.seed)
+    manifest = reindex_store(args.store, settings, args.extra)
+    print(_summary(manifest, time.perf_counter() - start))
+    return 0
+
+
 def run_gc(args) -> int:
     from pipelines.gc import collect_garbage
 
@@ -139,6 +153,24 @@ def register(subparsers) -> None:
     p.add_argument("--shard-tokens", type=int, default=BuildConfig().shard_tokens,
                    help="largest merged shard in tokens (default: %(default)s)")
     p.set_defaults(func=run_compact, accepts_extra=True)
+
+    p = subparsers.add_parser("reindex", help="train a new index from the store's key archive "
+                              "and commit it as a new generation (no model needed)")
+    p.add_argument("store")
+    p.add_argument("--index-kind", choices=INDEX_KINDS, default=None,
+                   help="ivf_pq or ivf_flat (default: the store's)")
+    p.add_argument("--nlist", type=int, default=0,
+                   help="IVF lists (default 0: about 4*sqrt(keys), as a build picks)")
+    p.add_argument("--pq-m", type=int, default=0,
+                   help="PQ sub-quantizers, must divide d (default 0: d/4)")
+    p.add_argument("--pq-nbits", type=int, default=None,
+                   help="bits per PQ code (default: the store's, or 8)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="lists probed per query by default (default: the store's)")
+    p.add_argument("--train-size", type=int, default=0,
+                   help="archive keys sampled to train the quantizer (default 0: as a build)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample and the training")
+    p.set_defaults(func=run_reindex, accepts_extra=True)
 
     p = subparsers.add_parser("gc", help="remove temporary files, unreferenced shards and, with "
                               "--keep, old generations")

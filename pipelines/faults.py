@@ -1,6 +1,6 @@
 """Injected failure points, for testing that a crash at any step leaves a usable store.
 
-Every step of build, update, compact, publish and gc calls ``maybe_fail(point)``. Nothing
+Every step of build, update, compact, reindex, publish and gc calls ``maybe_fail(point)``. Nothing
 happens unless ``DRESD_FAULT`` names the point (``DRESD_FAULT=after_manifest``), optionally
 with the occurrence to fail at (``after_shard_write:2`` fails at the second shard written in
 this process; default the first). The failure is an ``InjectedFault`` raised at that instant,
@@ -18,10 +18,14 @@ ENV = "DRESD_FAULT"
 
 POINTS = (
     "after_fit",  # transform and quantizer written, nothing recorded
-    "after_shard_write",  # a shard's tokens, docs and keys written, no index yet
+    "after_fragment_write",  # a shard's archive fragment written, not committed
+    "after_shard_write",  # a shard's tokens, docs and archive fragment written, no index yet
     "after_index_fill",  # a shard's ivf.faiss written, the shard not recorded in the journal
     "after_shard_record",  # a shard recorded in the run journal (reusable by a rerun)
-    "before_manifest",  # the run's result collected, nothing committed
+    "after_reindex_train",  # a re-index's quantizer written, no shard filled
+    "before_archive_commit",  # the run's result collected, nothing committed
+    "after_archive_commit",  # an archive version committed that no manifest names yet
+    "before_manifest",  # the archive version committed, the manifest not
     "after_manifest",  # generation committed, CURRENT not updated
     "after_current",  # CURRENT updated, the run's journal not cleaned up
     "during_cleanup",  # part of the run's own temporary files removed

@@ -2,9 +2,10 @@
 
 Garbage is: temporary files and directories (``.*.tmp*``, ``*.part``), shard directories and
 transform/quantizer files that no retained manifest names (the shards of crashed runs and of
-the loser of a race), journals of dead runs, and, with ``keep``, the manifests (and dead-letter
-reports) of generations older than the newest ``keep``; the newest committed generation is
-always kept.
+the loser of a race), the inverted lists a re-index replaced, the key archive's fragments and
+versions that no retained manifest names (with the Lance transaction files of those versions),
+journals of dead runs, and, with ``keep``, the manifests (and dead-letter reports) of generations
+older than the newest ``keep``; the newest committed generation is always kept.
 
 Never removed: anything a retained manifest names, anything modified within ``grace_s`` (a run
 that started while gc was looking), and, while any run is live (its journal heartbeat is
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -26,8 +28,14 @@ from pipelines.faults import maybe_fail
 from pipelines.fit import INDEX_DIR, TRANSFORM_DIR
 from pipelines.journal import JOURNAL_DIR, is_live, run_dirs
 from schemas import list_generations, read_manifest
+from schemas.archive import version_of
 from schemas.commit import manifest_relpath, resolve_generation, update_current
-from schemas.layout import MANIFEST_DIR
+from schemas.layout import (
+    ARCHIVE_DATA_DIR,
+    ARCHIVE_TRANSACTIONS_DIR,
+    ARCHIVE_VERSIONS_DIR,
+    MANIFEST_DIR,
+)
 from schemas.shard_io import SHARDS_DIR, shard_relpath
 from schemas.storage import Store, is_scratch, store_io
 
@@ -82,6 +90,24 @@ def _referenced(manifest_dict) -> set[str]:
     return out
 
 
+_TRANSACTION = re.compile(rb"[0-9]+-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.txn")
+
+
+def _unnamed_transactions(io, referenced: set[str]) -> list[str]:
+    """Lance's transaction files that no retained archive version's manifest names (each
+    version's manifest records the name of the transaction that made it). When a retained one
+    names none (a Lance that records them elsewhere), nothing is removed."""
+    named: set[str] = set()
+    for rel in referenced:
+        if rel.startswith(f"{ARCHIVE_VERSIONS_DIR}/") and rel.endswith(".manifest"):
+            found = _TRANSACTION.findall(io.read(rel))
+            if not found:
+                return []
+            named.update(n.decode() for n in found)
+    return [f"{ARCHIVE_TRANSACTIONS_DIR}/{name}" for name in io.listdir(ARCHIVE_TRANSACTIONS_DIR)
+            if name.endswith(".txn") and name not in named]
+
+
 def collect_garbage(store: Store, keep: int | None = None, dry_run: bool = False,
                     grace_s: float = DEFAULT_GRACE_S) -> GcReport:
     """Remove the store's garbage (see the module docstring); ``keep`` newest generations
@@ -116,11 +142,17 @@ def collect_garbage(store: Store, keep: int | None = None, dry_run: bool = False
             stem = name.removesuffix(".parquet")
             if stem.startswith("gen-") and stem[4:].isdigit() and int(stem[4:]) > last:
                 young.append(f"{DEAD_LETTER_DIR}/{name}")
-    for top in (SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR):
+    for top in (SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, ARCHIVE_DATA_DIR, ARCHIVE_VERSIONS_DIR):
         for name in io.listdir(top):
             rel = f"{top}/{name}"
+            if top == ARCHIVE_VERSIONS_DIR and version_of(name) is None:
+                continue  # Lance's own hint of its latest version, rewritten by Lance
             if is_scratch(name) or (rel not in referenced and not live):
                 young.append(rel)
+            elif top == SHARDS_DIR and not live:  # lists a re-index replaced
+                young += [f"{rel}/{n}" for n in io.listdir(rel) if f"{rel}/{n}" not in referenced]
+    if not live:
+        young += _unnamed_transactions(io, referenced)
     for top in ("", MANIFEST_DIR, DEAD_LETTER_DIR, JOURNAL_DIR):
         young += [f"{top}/{n}".lstrip("/") for n in io.listdir(top) if is_scratch(n)]
     usage = {rel: io.usage(rel) for rel in young}

@@ -34,6 +34,7 @@ from schemas.atomic import replacing
 from schemas.lists import ListsFile, check_vocab, pack_ids
 from schemas.manifest import ArchiveFragment
 from schemas.shard_io import (
+    COUNTS_FILE,
     DOCS_FILE,
     INDEX_FILE,
     TOKENS_FILE,
@@ -271,27 +272,37 @@ def sample_keys(store: str, shards: list[WrittenShard], size: int, seed: int) ->
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def reindexed_lists_name(quantizer_sha256: str) -> str:
+    """The inverted lists a re-index writes into an existing shard: named by the quantizer, so
+    they never replace the lists an older generation names."""
+    return f"ivf-{quantizer_sha256[:16]}.lists"
+
+
 class FillShardIndexFn(beam.DoFn):
     def __init__(self, store: str, generation: int, vocab_size: int, keep_archive: bool = True,
-                 lists_name: str = INDEX_FILE):
+                 reindex: bool = False):
         self.store = store
         self.generation = generation
         self.vocab_size = vocab_size
         self.keep_archive = keep_archive
-        self.lists_name = lists_name
+        self.reindex = reindex  # an existing shard: new lists beside its own, counts kept
 
     def process(self, shard: WrittenShard, fitted):
         # A remote store: the tokens, documents and archive fragment come down, the lists and
         # counts go up; checksums are taken locally.
-        with staged(self.store, shard_files(shard)) as root:
+        lists_name = (reindexed_lists_name(fitted.index_spec.quantizer.sha256) if self.reindex
+                      else INDEX_FILE)
+        fetch = shard_files(shard, (TOKENS_FILE, DOCS_FILE, COUNTS_FILE) if self.reindex
+                            else (TOKENS_FILE, DOCS_FILE))
+        with staged(self.store, fetch) as root:
             added = fill_shard_index(root, shard.shard_id, fitted.quantizer, self.vocab_size,
-                                     shard.archive, self.lists_name)
+                                     shard.archive, lists_name, counts=not self.reindex)
             if added != shard.num_keys:
                 raise RuntimeError(f"shard {shard.shard_id}: index holds {added} keys, "
                                    f"the shard {shard.num_keys}")
             info = shard_info(root, shard.shard_id, shard.num_docs, shard.num_tokens,
                               shard.num_keys, self.generation,
-                              shard.archive if self.keep_archive else None, self.lists_name)
+                              shard.archive if self.keep_archive else None, lists_name)
         if not self.keep_archive and shard.archive:
             store_io(self.store).remove(shard.archive.file.path)  # never committed: not read
         yield info
@@ -302,15 +313,17 @@ class FillShardIndex(beam.PTransform):
     its archive fragment (dropped afterwards unless ``keep_archive``)."""
 
     def __init__(self, store: str, generation: int, fitted, vocab_size: int,
-                 keep_archive: bool = True):
+                 keep_archive: bool = True, reindex: bool = False):
         super().__init__()
         self.store = store_io(store)
         self.generation = generation
         self.fitted = fitted  # singleton PCollection of FittedKeys, quantizer trained
         self.vocab_size = vocab_size
         self.keep_archive = keep_archive
+        self.reindex = reindex
 
     def expand(self, shards):
         return shards | "FillIndex" >> beam.ParDo(
-            FillShardIndexFn(self.store, self.generation, self.vocab_size, self.keep_archive),
+            FillShardIndexFn(self.store, self.generation, self.vocab_size, self.keep_archive,
+                             self.reindex),
             beam.pvalue.AsSingleton(self.fitted))

@@ -1,6 +1,7 @@
 """Each builder PTransform on Beam's TestPipeline with a tiny random model and real files."""
 
 import json
+from pathlib import Path
 
 import apache_beam as beam
 import faiss
@@ -14,9 +15,10 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from dresd.models import load_model
 from pipelines.config import BuildConfig
+from pipelines.archive import write_fragment
 from pipelines.dedupe import DropKnownDocuments
 from pipelines.documents import ChatDocument, TextDocument, TokenizedDoc, WrittenShard
-from pipelines.encode import EncodeShards
+from pipelines.encode import EncodeShards, archive_rows
 from pipelines.fit import FitTransform, fit_keys, train_index
 from pipelines.forward import split_windows, token_budget_batches
 from pipelines.index import FillShardIndex
@@ -27,16 +29,18 @@ from pipelines.readers import DEAD, ReadCorpus
 from pipelines.sample import SampleStates, SmallestHashDocs
 from pipelines.tokenize import Tokenize, load_tokenizer
 from schemas import ModelSpec, StoreFormatError, read_manifest
+from schemas.archive import ARCHIVE_COLUMNS, fragment_rows, keys_of, read_shard_keys
 from schemas.lists import ListsFile, unpack_ids
+from schemas.manifest import make_file_ref
 from schemas.shard_io import (
     ShardData,
     key_positions,
     read_counts,
     read_docs,
-    read_keys,
     read_tokens,
     write_shard,
 )
+from schemas.storage import store_io
 
 
 def beam_test_pipeline():

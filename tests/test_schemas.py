@@ -1,9 +1,12 @@
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from pipelines.archive import archive_table, write_fragment
 from schemas import StoreFormatError, file_digest, read_manifest
+from schemas.archive import ARCHIVE_COLUMNS, fragment_rows, keys_of, read_shard_keys
 from schemas.lists import (
     MAX_POSITION,
     MAX_VOCAB,
@@ -20,7 +23,6 @@ from schemas.shard_io import (
     ShardData,
     key_positions,
     read_docs,
-    read_keys,
     read_tokens,
     write_shard,
 )
@@ -41,13 +43,50 @@ def test_shard_round_trip(tmp_path):
     sid = write_shard(tmp_path, _shard())
     tokens = read_tokens(tmp_path, sid)
     assert tokens.dtype == np.int32 and tokens.tolist() == list(range(20))
-    vectors = read_keys(tmp_path, sid)
-    assert vectors.shape == (20, 8) and vectors.dtype == np.float16
     assert key_positions(np.array([0, 10]), np.array([10, 10]), 20).tolist() == [
         *range(9), *range(10, 19)]
     assert read_docs(tmp_path, sid).column("start").to_pylist() == [0, 10]
-    # nothing half-written is left behind
+    # the keys are not written with the shard (they go into the archive), and nothing
+    # half-written is left behind
+    assert sorted(p.name for p in (tmp_path / "shards" / sid).iterdir()) == [
+        "docs.arrow", "tokens.arrow"]
     assert [p.name for p in (tmp_path / "shards").iterdir()] == [sid]
+
+
+def test_archive_fragment_round_trip(tmp_path):
+    data = _shard()
+    sid = write_shard(tmp_path, data)
+    pos = key_positions(data.starts, data.lengths, len(data.tokens))
+    doc_ids = np.array(data.doc_ids, object)[np.repeat([0, 1], 10)[pos]]
+    fragment = write_fragment(tmp_path, archive_table(sid, pos, data.tokens[pos + 1], doc_ids,
+                                                      data.vectors[pos]))
+    # one data file under archive.lance/data, checksummed, named by its Lance metadata
+    rel = fragment.file.path
+    assert rel.startswith("archive.lance/data/") and rel.endswith(".lance")
+    assert (tmp_path / rel).stat().st_size == fragment.file.bytes
+    assert file_digest(tmp_path / rel) == (fragment.file.sha256, fragment.file.bytes)
+    assert [f["path"] for f in json.loads(fragment.lance)["files"]] == [rel.rsplit("/", 1)[1]]
+    # the rows: every position that has a key, in order, with its next token and document
+    rows = fragment_rows(tmp_path, rel)
+    assert tuple(rows.schema.names) == ARCHIVE_COLUMNS and rows.num_rows == len(pos) == 18
+    assert set(rows.column("shard").to_pylist()) == {sid}
+    assert rows.column("next_token").to_pylist() == data.tokens[pos + 1].tolist()
+    assert rows.column("doc_id").to_pylist() == ["a"] * 9 + ["b"] * 9
+    keys = keys_of(rows)
+    assert keys.shape == (18, 8) and keys.dtype == np.float16
+    np.testing.assert_array_equal(keys, data.vectors[pos].astype(np.float16))
+    # only some rows
+    np.testing.assert_array_equal(keys_of(fragment_rows(tmp_path, rel, np.array([0, 17]))),
+                                  keys[[0, 17]])
+    # read back per shard: (positions, keys)
+    positions, got = read_shard_keys(tmp_path, SimpleNamespace(shard_id=sid, archive=fragment))
+    assert positions.dtype == np.int64 and positions.tolist() == pos.tolist()
+    np.testing.assert_array_equal(got, keys)
+    with pytest.raises(StoreFormatError, match="has no key archive"):
+        read_shard_keys(tmp_path, SimpleNamespace(shard_id=sid, archive=None))
+    (tmp_path / "archive.lance" / "data" / "junk.lance").write_bytes(b"not lance")
+    with pytest.raises(StoreFormatError, match="not a readable Lance data file"):
+        fragment_rows(tmp_path, "archive.lance/data/junk.lance")
 
 
 def test_directory_digest_changes_with_content(tmp_path):

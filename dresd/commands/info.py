@@ -3,7 +3,8 @@
 Bytes per token are split the way the store is. The serving set, what the runtime maps or reads:
 values (token streams), index (inverted lists: compressed key codes and packed ids), docs
 (document tables) and shared (transform and quantizer, once per store). The archive: the float16
-keys kept with ``--keep-keys``, which the runtime never opens.
+keys in ``archive.lance`` (kept unless built with ``--no-archive``), which the runtime never opens
+and ``dresd reindex`` builds a new index from.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def describe(store: str, generation: int | None = None) -> dict:
         "tokens": manifest.num_tokens,
         "keys": manifest.num_keys,
         "bytes": sizes,
+        "archive": ({"path": manifest.archive.path, "version": manifest.archive.version,
+                     "rows": manifest.archive.rows} if manifest.archive else None),
         "bytes_per_token": {k: v / per_token for k, v in sizes.items()},
         "generations": generations,
         "shards": [{"shard_id": s.shard_id, "generation_added": s.generation_added,
@@ -85,8 +88,11 @@ def format_info(d: dict) -> str:
             lines.append("-" * 36)
         lines.append(f"{part:<10}{_mib(d['bytes'][part]):>14}{d['bytes_per_token'][part]:>12.2f}")
     b = d["bytes_per_token"]
-    lines.append(f"serving set {b['serving']:.1f} bytes/token (what the runtime maps); with the "
-                 f"key archive {b['total']:.1f}" + ("" if b["archive"] else " (no archive kept)"))
+    archive = d.get("archive")
+    lines.append(f"serving set {b['serving']:.1f} bytes/token (what the runtime maps); key "
+                 + (f"archive {b['archive']:.1f} ({archive['path']} version {archive['version']}, "
+                    f"{archive['rows']} keys); total {b['total']:.1f}" if archive
+                    else "archive: none kept (built with --no-archive)"))
     lines += ["", f"{'gen':>4} {'':1} {'shards':>6} {'docs':>8} {'tokens':>10} {'keys':>10}  note"]
     for g in d["generations"]:
         mark = "*" if g["current"] else ""
