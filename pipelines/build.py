@@ -57,7 +57,7 @@ from schemas.commit import (
     update_current,
 )
 from schemas.integrity import VERIFIED_DIR
-from schemas.layout import CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR
+from schemas.layout import ARCHIVE_DIR, CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR
 from schemas.shard_io import read_docs
 from schemas.storage import StoreIO, staged, store_io
 
@@ -86,7 +86,7 @@ def describe_model(config: BuildConfig, name: str | None = None) -> ModelSpec:
 
 # Everything a store directory holds at its top level (a failed build may leave some of it).
 STORE_ENTRIES = {CURRENT_FILE, MANIFEST_DIR, SHARDS_DIR, TRANSFORM_DIR, INDEX_DIR, DEAD_LETTER_DIR,
-                 JOURNAL_DIR, VERIFIED_DIR}
+                 JOURNAL_DIR, VERIFIED_DIR, ARCHIVE_DIR}
 
 
 def _absolute_model(config: BuildConfig) -> BuildConfig:

@@ -81,12 +81,18 @@ def reindex_store(store: str | os.PathLike, settings: ReindexSettings | None = N
     io = store_io(store)
     io.check_writable(must_exist=True)
     current = read_manifest(io)
-    shards = _written(current)
-    config = settings.config(current)
     recorded = dataclasses.asdict(settings)
-    key = run_key("reindex", current.generation, [], recorded, current.model.fingerprint)
-    if done := _completed_earlier(io, current.generation, key):
-        return done
+
+    def key(parent: int) -> str:
+        return run_key("reindex", parent, [], recorded, current.model.fingerprint)
+
+    # A run of this command that crashed after its commit made the current generation (or
+    # the one after it, when CURRENT was not updated yet): complete that one.
+    for parent in dict.fromkeys((current.generation, current.parent_generation)):
+        if parent and (done := _completed_earlier(io, parent, key(parent))):
+            return done
+    shards = _written(current)  # every shard's keys are in the archive
+    config = settings.config(current)  # checked as a build's settings are
     journal = _start_journal(io, "reindex", current.generation, [], recorded,
                              current.model.fingerprint)
     committed = False

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from dresd.archive import open_archive
 from dresd.cli import main as dresd_main
 from dresd.store import load_store
 from pipelines import faults
@@ -17,13 +18,18 @@ from pipelines.build import build_store, compact_store, update_store
 from pipelines.config import BuildConfig
 from pipelines.gc import collect_garbage
 from pipelines.journal import JOURNAL_DIR, RUN_FILE, recorded_shards, run_dirs
+from pipelines.reindex import ReindexSettings, reindex_store
 from schemas import StoreFormatError, list_generations, read_manifest
+from schemas.archive import lance, version_of
 from schemas.commit import CommitConflictError, commit_manifest, resolve_generation
 from schemas.manifest import CURRENT_FILE
 
-BUILD_POINTS = ["after_fit", "after_shard_write", "after_index_fill", "after_shard_record",
+BUILD_POINTS = ["after_fit", "after_fragment_write", "after_shard_write", "after_index_fill",
+                "after_shard_record", "before_archive_commit", "after_archive_commit",
                 "before_manifest", "after_manifest", "after_current", "during_cleanup"]
 UPDATE_POINTS = BUILD_POINTS[1:]
+REINDEX_POINTS = ["after_reindex_train", "after_index_fill", "after_shard_record",
+                  "before_manifest", "after_manifest", "after_current", "during_cleanup"]
 
 
 def _config(model_dir, **kw):
@@ -90,6 +96,25 @@ def _unreferenced_shards(path):
     return sorted(p.name for p in (path / "shards").iterdir() if p.name not in named)
 
 
+def _latest_archive_version(path) -> int:
+    return lance().dataset(str(path / "archive.lance")).version
+
+
+def _check_archive_after_gc(path):
+    """Every generation's archive version and fragments are on disk, nothing else is: what a
+    crashed run left (fragments, a version no manifest names) is gone, so the dataset's latest
+    version is the live generation's."""
+    manifests = [read_manifest(path, g) for g in list_generations(path)]
+    live = manifests[-1]
+    assert live.archive.rows == live.num_keys == open_archive(path).count_rows()
+    named_files = {f.path.rsplit("/", 1)[1] for m in manifests for f in m.archive_files()
+                   if "/data/" in f.path}
+    assert {p.name for p in (path / "archive.lance" / "data").iterdir()} == named_files
+    versions = {version_of(p.name) for p in (path / "archive.lance" / "_versions").iterdir()}
+    assert versions - {None} == {m.archive.version for m in manifests}
+    assert _latest_archive_version(path) == max(m.archive.version for m in manifests)
+
+
 @pytest.mark.parametrize("point", BUILD_POINTS)
 def test_build_crash_at_every_step_then_rerun(point, fault, corpus, tiny_llama_dir, clean,
                                               tmp_path):
@@ -115,6 +140,7 @@ def test_build_crash_at_every_step_then_rerun(point, fault, corpus, tiny_llama_d
     collect_garbage(store, grace_s=0)
     assert not _unreferenced_shards(store)
     assert _counts(load_store(store).manifest) == clean["built"][1]
+    _check_archive_after_gc(store)
 
 
 @pytest.mark.parametrize("point", UPDATE_POINTS)
@@ -126,6 +152,11 @@ def test_update_crash_at_every_step_then_rerun(point, fault, corpus, tiny_llama_
     _fails(update_store, corpus[1], store, _config(tiny_llama_dir))
     committed = point in ("after_manifest", "after_current", "during_cleanup")
     assert _loadable_generation(store) == (2 if committed else 1)
+    if point in ("after_archive_commit", "before_manifest"):
+        # the crashed run's archive version exists, but no manifest names it: readers of the
+        # store see generation 1's version
+        assert _latest_archive_version(store) > read_manifest(store).archive.version == 1
+        assert open_archive(store).version == 1
     recorded = [r["shard"].shard_id for d in run_dirs(store) for r in recorded_shards(store, d)]
     fault(None)
     manifest = update_store(corpus[1], store, _config(tiny_llama_dir))
@@ -136,6 +167,7 @@ def test_update_crash_at_every_step_then_rerun(point, fault, corpus, tiny_llama_
     collect_garbage(store, grace_s=0)
     assert not _unreferenced_shards(store) and not run_dirs(store)
     assert _counts(load_store(store).manifest) == clean["updated"][1]
+    _check_archive_after_gc(store)
 
 
 @pytest.mark.parametrize("point", UPDATE_POINTS)
@@ -153,6 +185,31 @@ def test_compact_crash_at_every_step_then_rerun(point, fault, clean, tmp_path):
     collect_garbage(store, grace_s=0)
     assert not _unreferenced_shards(store) and not run_dirs(store)
     assert _loadable_generation(store) == 3
+    _check_archive_after_gc(store)
+
+
+@pytest.mark.parametrize("point", REINDEX_POINTS)
+def test_reindex_crash_at_every_step_then_rerun(point, fault, clean, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(clean["updated"][0], store)
+    before = read_manifest(store)
+    settings = ReindexSettings(nlist=7)
+    fault(point)
+    _fails(reindex_store, store, settings)
+    committed = point in ("after_manifest", "after_current", "during_cleanup")
+    assert _loadable_generation(store) == (3 if committed else 2)
+    assert read_manifest(store, 2) == before  # the generation it re-indexes is untouched
+    fault(None)
+    manifest = reindex_store(store, settings)
+    assert manifest.generation == 3 and manifest.index.nlist == 7
+    assert manifest.archive == before.archive  # the same keys: the same archive version
+    assert [s.shard_id for s in manifest.shards] == [s.shard_id for s in before.shards]
+    assert all(s.index.path.rsplit("/", 1)[1].startswith("ivf-") for s in manifest.shards)
+    assert _counts(manifest) == clean["updated"][1]
+    collect_garbage(store, grace_s=0)
+    assert not run_dirs(store)
+    assert _counts(load_store(store).manifest) == clean["updated"][1]
+    _check_archive_after_gc(store)
 
 
 def test_gc_crash_leaves_a_loadable_store_and_a_rerun_finishes(fault, clean, tmp_path):
