@@ -5,8 +5,8 @@ Loading reads the manifest, the key transform and the index quantizer (the HNSW 
 list centroids and the PQ codebooks, tens of MB at most), and memory-maps per shard the token
 stream (``tokens.arrow``), the document table (``docs.arrow``), the keys per next token
 (``counts.npy``) and the inverted lists (``ivf.lists``, via faiss ``IO_FLAG_MMAP``). Nothing is sorted, merged or rewritten: the builder
-wrote every list in the order the search needs (schemas.lists), and the float keys, when kept
-(``keys.npy``), are never opened. A value is read from the mapped token stream when a search
+wrote every list in the order the search needs (schemas.lists), and the float keys (the archive,
+``archive.lance``) are never opened. A value is read from the mapped token stream when a search
 returns its key.
 
 What is checked when (``verify``):

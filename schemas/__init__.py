@@ -14,8 +14,9 @@ A store is one directory, or the same layout under a prefix on object storage
         docs.arrow                one row per document: content hash, source, start, length
         ivf.lists                 the shard's inverted lists: compressed key codes + packed ids
                                   (next_token << 40 | position), ascending ids per list
-        keys.npy                  optional archive (--keep-keys): float16 keys, one row per
-                                  position; the runtime never opens it
+      archive.lance/              the key archive: a Lance dataset, one row per key (shard,
+                                  position, next token, document, float16 key), a fragment per
+                                  shard; each manifest names its version (schemas.archive)
 
 Serving set (what the runtime maps): tokens.arrow + ivf.lists + docs.arrow per shard, plus the
 transform and the quantizer once. Shards are immutable once a manifest names them; an update or

@@ -1,0 +1,116 @@
+"""What the key archive costs and what `dresd reindex` gives back, measured on one corpus.
+
+    .venv/bin/python benchmarks/archive.py [--max-tokens 20000] [--prompts 8]
+
+On the same corpus (a deterministic subset of the standard library's sources, as
+benchmarks/encode.py picks it) and with the real default model, in this order and one at a time:
+
+1. build without the archive (``--no-archive``) and 2. with it (the default): the archive's cost
+   in build time and in bytes per token;
+3. ``dresd reindex`` of store 2 to half its number of lists (no model), timed against build 2;
+4. a fresh build with that same nlist;
+5. the acceptance replay (benchmarks/replay.py, ``--drafting-ms 1``, HumanEval prompts 0..N-1)
+   of the re-indexed store 3 and the fresh store 4: AL of the dense drafter at the 4x8 budget
+   and of the default (hybrid, calibrated).
+
+Results: benchmarks/results/archive-<max_tokens>.json and .txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RUNS = "dense:4x8,hybrid:calibrated"
+
+
+def timed(fn, *args, **kw):
+    start = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - start
+
+
+def replay(stores: list[Path], prompts: int, out: Path) -> dict:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replay.py"), "--prompts",
+                    str(prompts), "--drafting-ms", "1", "--runs", RUNS, "--stores",
+                    ",".join(str(s) for s in stores), "--out", str(out)], check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-tokens", type=int, default=20_000, help="corpus size in tokens")
+    ap.add_argument("--sample-size", type=int, default=4096,
+                    help="hidden states sampled to fit the transform")
+    ap.add_argument("--prompts", type=int, default=8, help="HumanEval prompts replayed")
+    ap.add_argument("--keep", default="", help="keep the stores in this directory")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from benchmarks.encode import pick_corpus
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig
+    from pipelines.reindex import ReindexSettings, reindex_store
+
+    tmp = Path(args.keep or tempfile.mkdtemp(prefix="dresd-archive-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    files, corpus_tokens = pick_corpus("default", args.max_tokens)
+    config = BuildConfig(sample_size=args.sample_size, glob="*.py", progress=False)
+    rows = {}
+    try:
+        plain, plain_s = timed(build_store, files, tmp / "no-archive",
+                               BuildConfig(**{**config.__dict__, "archive": False}))
+        kept, kept_s = timed(build_store, files, tmp / "archive", config)
+        nlist = max(1, kept.index.nlist // 2)
+        shutil.copytree(tmp / "archive", tmp / "reindexed")
+        reindexed, reindex_s = timed(reindex_store, tmp / "reindexed",
+                                     ReindexSettings(nlist=nlist))
+        fresh, fresh_s = timed(build_store, files, tmp / "fresh",
+                               BuildConfig(**{**config.__dict__, "nlist": nlist}))
+        result = replay([tmp / "reindexed", tmp / "fresh"], args.prompts,
+                        tmp / "replay.json")
+        bytes_kept = kept.storage_bytes()
+        rows = {
+            "date": time.strftime("%Y-%m-%d"), "corpus_tokens": corpus_tokens,
+            "store_tokens": kept.num_tokens, "keys": kept.num_keys, "dim": kept.dim,
+            "build_no_archive_s": plain_s, "build_archive_s": kept_s,
+            "archive_build_overhead": kept_s / plain_s - 1,
+            "bytes_per_token": {k: v / kept.num_tokens for k, v in bytes_kept.items()},
+            "serving_bytes_per_token_no_archive":
+                plain.storage_bytes()["serving"] / plain.num_tokens,
+            "nlist_built": kept.index.nlist, "nlist_reindexed": nlist,
+            "reindex_s": reindex_s, "reindex_over_build": reindex_s / kept_s,
+            "fresh_build_s": fresh_s, "replay_prompts": args.prompts,
+            "replay": result,
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    out = ROOT / "benchmarks" / "results" / f"archive-{args.max_tokens}"
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    lines = [f"{rows['date']}: {rows['store_tokens']} tokens, {rows['keys']} keys, "
+             f"d={rows['dim']}, default model on {sys.platform}",
+             f"build without archive {rows['build_no_archive_s']:.1f} s, with "
+             f"{rows['build_archive_s']:.1f} s ({100 * rows['archive_build_overhead']:+.1f}%)",
+             f"bytes/token: serving {rows['bytes_per_token']['serving']:.1f}, archive "
+             f"{rows['bytes_per_token']['archive']:.1f}",
+             f"reindex nlist {rows['nlist_built']} -> {nlist}: {reindex_s:.1f} s "
+             f"({100 * rows['reindex_over_build']:.1f}% of the build); fresh build at nlist "
+             f"{nlist}: {fresh_s:.1f} s"]
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"replay: {tmp / 'replay.json'} (summary in {out.with_suffix('.json')})")
+
+
+if __name__ == "__main__":
+    main()
