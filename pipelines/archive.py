@@ -60,6 +60,15 @@ def write_fragment(root, table: pa.Table) -> ArchiveFragment:
     return ArchiveFragment(file=ref, lance=fragment_json(fragment))
 
 
+def discard_version(io: StoreIO, spec: ArchiveSpec) -> None:
+    """Remove an archive version this run committed but no manifest will name (its commit
+    lost the race for the generation); its fragments stay, garbage for gc unless a rerun or a
+    rebased commit lists them again."""
+    io.remove(spec.manifest.path)
+    log.info("archive version %d discarded: its generation was committed by another writer",
+             spec.version)
+
+
 def commit_archive(io: StoreIO, shards: tuple[ShardInfo, ...], dim: int,
                    parent: ArchiveSpec | None = None,
                    parent_shards: tuple[ShardInfo, ...] = ()) -> ArchiveSpec | None:

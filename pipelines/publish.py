@@ -13,11 +13,11 @@ import logging
 
 import apache_beam as beam
 
-from pipelines.archive import commit_archive
+from pipelines.archive import commit_archive, discard_version
 from pipelines.faults import maybe_fail
 from pipelines.journal import RunJournal
 from schemas import IndexSpec, Manifest, ModelSpec, ShardInfo, TransformSpec
-from schemas.commit import commit_manifest, update_current
+from schemas.commit import CommitConflictError, commit_manifest, update_current
 from schemas.manifest import manifest_bytes
 from schemas.storage import StoreIO
 
@@ -45,7 +45,15 @@ def commit_generation(store: StoreIO, generation: int, model: ModelSpec, value_l
                         archive=archive)
     data = manifest_bytes(manifest)
     maybe_fail("before_manifest")
-    commit_manifest(store, generation, data)
+    try:
+        commit_manifest(store, generation, data)
+    except CommitConflictError:
+        # Another writer committed this generation: ours was not, so nor is its archive
+        # version (it stays invisible to dresd readers either way; this spares a raw Lance
+        # reader of the latest version the sight of it until gc).
+        if archive is not None and archive != (parent.archive if parent else None):
+            discard_version(store, archive)
+        raise
     maybe_fail("after_manifest")
     update_current(store, generation)
     maybe_fail("after_current")

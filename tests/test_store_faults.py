@@ -252,6 +252,8 @@ def test_two_updates_from_the_same_generation(clean, corpus, tiny_llama_dir, tmp
         update_store(corpus[1], store, _config(tiny_llama_dir))
     assert _loadable_generation(store) == 2
     assert read_manifest(store).num_docs == clean["built"][1][0] + 1
+    # the loser's archive version was discarded: the latest is the winner's
+    assert _latest_archive_version(store) == read_manifest(store).archive.version
     monkeypatch.setattr(build, "commit_generation", real)
     final = update_store(corpus[1], store, _config(tiny_llama_dir))
     assert final.generation == 3 and final.num_docs == clean["updated"][1][0] + 1
