@@ -32,6 +32,8 @@ from schemas.storage import StoreIO
 
 log = logging.getLogger(__name__)
 
+COMMIT_ATTEMPTS = 16
+
 
 def archive_table(shard_id: str, positions: np.ndarray, next_tokens: np.ndarray,
                   doc_ids: list[str] | np.ndarray, keys: np.ndarray) -> pa.Table:
@@ -80,14 +82,24 @@ def commit_archive(io: StoreIO, shards: tuple[ShardInfo, ...], dim: int,
     if parent is not None and fragments == [s.archive for s in parent_shards if s.archive]:
         return parent
     lance_module = lance()
+    from lance.commit import CommitConflictError as LanceConflict
     from lance.fragment import FragmentMetadata
 
     uri = archive_uri(io)
+    operation = lance_module.LanceOperation.Overwrite(
+        archive_schema(dim), [FragmentMetadata.from_json(f.lance) for f in fragments])
     maybe_fail("before_archive_commit")
-    dataset = lance_module.LanceDataset.commit(
-        uri, lance_module.LanceOperation.Overwrite(
-            archive_schema(dim), [FragmentMetadata.from_json(f.lance) for f in fragments]),
-        storage_options=lance_storage_options(uri) or None)
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            dataset = lance_module.LanceDataset.commit(
+                uri, operation, storage_options=lance_storage_options(uri) or None)
+            break
+        except LanceConflict:
+            # Another writer committed a version first. Ours lists every fragment it holds,
+            # whatever the latest version is, so committing it again as the next is safe.
+            if attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            log.info("archive version taken by another writer; committing again")
     version = dataset.version
     rel = version_relpath(version)
     with io.staged([rel]) as root:

@@ -122,7 +122,7 @@ def _check_fragment(fragment: dict, where: str) -> None:
     try:
         meta = json.loads(fragment["lance"])
         named = [f["path"] for f in meta["files"]]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         _fail(f"{where}lance", "is not a Lance fragment's metadata")
     if named != [path.rsplit("/", 1)[1]]:
         _fail(f"{where}lance", f"names data files {named}, not its own {path!r}")

@@ -26,9 +26,10 @@ from pipelines.encode import (
 from pipelines.encoder import EncoderSpec
 from pipelines.tokenize import load_tokenizer
 from schemas import StoreFormatError, list_generations, read_manifest
+from schemas.archive import read_shard_keys
 from schemas.lists import ListsFile, unpack_ids
 from schemas.manifest import generation_path, make_file_ref
-from schemas.shard_io import key_positions, read_counts, read_docs, read_keys, read_tokens
+from schemas.shard_io import key_positions, read_counts, read_docs, read_tokens
 
 
 def _config(model_dir, **kw):
@@ -81,6 +82,12 @@ def test_build_writes_a_complete_verifiable_store(built, corpus, tiny_llama_dir)
     assert manifest.num_docs == 6 and len(manifest.shards) >= 2
     checks, _ = _files_state(store, manifest)
     assert all(checks.values()), checks
+    # the archive version the manifest names holds exactly the shards' fragments
+    assert manifest.archive is not None and manifest.archive.rows == manifest.num_keys
+    assert (store / manifest.archive.manifest.path).is_file()
+    assert sorted(p.name for p in (store / "archive.lance" / "data").iterdir()) == sorted(
+        s.archive.file.path.rsplit("/", 1)[1] for s in manifest.shards)
+    assert len(manifest.archive_files()) == len(manifest.shards) + 1
 
     tokenizer, eos = load_tokenizer(str(tiny_llama_dir))
     seen = set()
@@ -90,8 +97,17 @@ def test_build_writes_a_complete_verifiable_store(built, corpus, tiny_llama_dir)
         pos = key_positions(docs.column("start").to_numpy(), docs.column("length").to_numpy(),
                             len(tokens))
         assert len(tokens) == shard.num_tokens and len(pos) == shard.num_keys
-        assert shard.keys is None  # no archive by default: the staged keys are gone
+        # the key archive is kept by default: the shard's fragment of archive.lance holds
+        # every key, in position order; nothing is staged beside the shard
+        assert shard.keys is None
         assert not (store / "shards" / shard.shard_id / "keys.npy").exists()
+        assert shard.archive is not None and shard.archive.file.path.startswith(
+            "archive.lance/data/")
+        assert (store / shard.archive.file.path).is_file()
+        positions, keys = read_shard_keys(store, shard)
+        assert positions.tolist() == pos.tolist() and keys.shape == (len(pos), 16)
+        np.testing.assert_allclose(np.linalg.norm(keys.astype(np.float32), axis=1), 1,
+                                   atol=2e-3)
         lists = ListsFile(store / shard.index.path, manifest.index.nlist,
                           manifest.index.code_size)
         ids = np.concatenate([lists.list(i)[1] for i in range(lists.header.nlist)])
@@ -149,14 +165,19 @@ def test_update_adds_a_generation_and_leaves_the_first_untouched(
     before = _files_state(store, first)
     # the old corpus again plus three new files: only the new ones are encoded
     manifest = update_store([corpus[0], corpus[1]], store, _config(tiny_llama_dir, dim=8,
-                                                                   keep_keys=True))
+                                                                   archive=False))
     assert manifest.generation == 2 and manifest.parent_generation == 1
     assert manifest.dim == 16  # the store's d, not the config's
     assert manifest.num_docs == first.num_docs + 3
     assert manifest.shards[:len(first.shards)] == first.shards
     new = manifest.shards[len(first.shards):]
     assert {s.generation_added for s in new} == {2}
-    assert all(s.keys is not None for s in new)  # --keep-keys on the update
+    # the store keeps an archive, so the update does too (whatever its config said): a
+    # new archive version holding the first generation's fragments and the new ones
+    assert all(s.archive is not None and (store / s.archive.file.path).is_file() for s in new)
+    assert manifest.archive.rows == manifest.num_keys
+    assert manifest.archive.version > first.archive.version
+    assert manifest.archive.manifest.path != first.archive.manifest.path
     assert manifest.transform == first.transform and manifest.index == first.index
     assert _files_state(store, read_manifest(store, 1)) == before
     assert list_generations(store) == [1, 2]
@@ -172,6 +193,19 @@ def test_update_adds_a_generation_and_leaves_the_first_untouched(
         manifest.num_docs, manifest.num_tokens, manifest.num_keys)
     assert _keys_by_doc(store, compacted) == _keys_by_doc(store, manifest)
     assert _files_state(store, read_manifest(store, 1)) == before
+    assert _files_state(store, read_manifest(store, 2))[0] == {
+        f.path: True for f in manifest.files()}
+    # ... and the archive follows: the merged shard's one fragment holds every key once,
+    # under its new id and rebased positions, in a new version
+    [merged] = compacted.shards
+    assert merged.archive is not None and compacted.archive.rows == compacted.num_keys
+    assert compacted.archive.version > manifest.archive.version
+    assert merged.archive.file.path not in {s.archive.file.path for s in manifest.shards}
+    archived = _archived_keys(store, compacted)
+    assert archived.keys() == _archived_keys(store, manifest).keys()
+    for doc_id, (tokens, keys) in _archived_keys(store, manifest).items():
+        assert archived[doc_id][0] == tokens
+        np.testing.assert_array_equal(archived[doc_id][1], keys)
 
 
 def _keys_by_doc(store, manifest):
@@ -235,8 +269,7 @@ def test_multiprocessing_ivf_pq_build_matches_in_memory(tmp_path, corpus, tiny_l
             f.write(json.dumps({"prompt": f"Write function {i}.", "response": f"def f{i}(x):\n"
                                 f"    return x * {i} + {i * i}\n"}) + "\n")
     small = [records, *sorted(corpus[1].glob("*.py"))[:1]]
-    config = _config(tiny_llama_dir, index_kind="ivf_pq", pq_m=4, pq_nbits=4, sample_size=800,
-                     keep_keys=True)
+    config = _config(tiny_llama_dir, index_kind="ivf_pq", pq_m=4, pq_nbits=4, sample_size=800)
     a = build_store(small, tmp_path / "a", config)
     b = build_store(small, tmp_path / "b", config, beam_args=[
         "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
@@ -256,14 +289,16 @@ def test_multiprocessing_ivf_pq_build_matches_in_memory(tmp_path, corpus, tiny_l
 
 
 def _archived_keys(store, manifest):
-    """doc_id -> (tokens, float32 keys) from the --keep-keys archive."""
+    """doc_id -> (tokens, float32 keys) from the key archive (each shard's fragment)."""
     out = {}
     for s in manifest.shards:
         tokens = read_tokens(store, s.shard_id)
-        keys = read_keys(store, s.shard_id)
+        positions, keys = read_shard_keys(store, s)
         for row in read_docs(store, s.shard_id).to_pylist():
             span = slice(row["start"], row["start"] + row["length"] - 1)
-            out[row["doc_id"]] = (tokens[span].tobytes(), keys[span].astype(np.float32))
+            rows = slice(*np.searchsorted(positions, [span.start, span.stop]))
+            assert positions[rows].tolist() == list(range(span.start, span.stop))
+            out[row["doc_id"]] = (tokens[span].tobytes(), keys[rows].astype(np.float32))
     return out
 
 
@@ -278,7 +313,7 @@ def test_cli_build_info_update_compact(tmp_path, corpus, tiny_llama_dir, capsys)
     shutil.copy(files[0], one)
     shutil.copy(files[1], two)
     assert dresd_main(["build", store, str(one), "--model", str(tiny_llama_dir), *common,
-                       "--direct_num_workers=1"]) == 0
+                       "--no-archive", "--direct_num_workers=1"]) == 0
     assert "generation 1:" in capsys.readouterr().out
     assert dresd_main(["update", store, str(one), str(two), "--glob", "*.py",
                        "--no-progress"]) == 0
@@ -292,6 +327,16 @@ def test_cli_build_info_update_compact(tmp_path, corpus, tiny_llama_dir, capsys)
     assert [g["current"] for g in info["generations"]] == [False, False, True]
     assert (info["docs"], info["tokens"], info["keys"]) == (2, manifest.num_tokens,
                                                             manifest.num_keys)
+    # --no-archive: the fragments were dropped after the fill, and the update (which keeps
+    # the store's choice) and the compaction wrote none
+    for g in (1, 2, 3):
+        m = read_manifest(store, g)
+        assert m.archive is None and all(s.archive is None for s in m.shards)
+        assert m.archive_files() == () and m.files() == m.serving_files()
+        assert "archive" not in json.loads(generation_path(store, g).read_text())
+    data = tmp_path / "s" / "archive.lance" / "data"
+    assert not data.exists() or not any(data.iterdir())
+    assert not (tmp_path / "s" / "archive.lance" / "_versions").exists()
     s = manifest.shards[0]
     assert info["bytes"]["archive"] == 0 and info["bytes"]["index"] == s.index.bytes
     assert info["bytes_per_token"]["values"] == pytest.approx(s.tokens.bytes / s.num_tokens)

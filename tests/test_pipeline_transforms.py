@@ -14,14 +14,14 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from dresd.models import load_model
-from pipelines.config import BuildConfig
 from pipelines.archive import write_fragment
+from pipelines.config import BuildConfig
 from pipelines.dedupe import DropKnownDocuments
 from pipelines.documents import ChatDocument, TextDocument, TokenizedDoc, WrittenShard
 from pipelines.encode import EncodeShards, archive_rows
 from pipelines.fit import FitTransform, fit_keys, train_index
 from pipelines.forward import split_windows, token_budget_batches
-from pipelines.index import FillShardIndex
+from pipelines.index import FillShardIndex, fill_shard_index
 from pipelines.journal import RunJournal
 from pipelines.options import pipeline_options
 from pipelines.publish import RecordResult, commit_generation
@@ -257,18 +257,35 @@ def test_encode_shards_keys_are_transformed_windowed_forward(tmp_path, tiny_llam
         shards = p | beam.Create(docs) | EncodeShards(config, str(tmp_path), fitted)
         assert_that(shards | beam.Map(lambda s: (s.num_docs, s.num_tokens, s.num_keys)),
                     _two_shards_closing_at_160_tokens)
+        assert_that(shards | "Fragments" >> beam.Map(lambda s: (s.shard_id, s.archive)),
+                    _each_shard_has_its_own_fragment(tmp_path), label="Archived")
 
     model, _ = load_model(tiny_llama_dir)
     by_source = {d.source: d for d in docs}
     shard_ids = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    # each shard's keys are one uncommitted fragment of the archive: nothing else holds them
+    fragments = {}
+    for f in sorted((tmp_path / "archive.lance" / "data").iterdir()):
+        rows = fragment_rows(tmp_path, f"archive.lance/data/{f.name}")
+        (sid,) = set(rows.column("shard").to_pylist())
+        fragments[sid] = rows
+    assert sorted(fragments) == shard_ids
+    assert not (tmp_path / "archive.lance" / "_versions").exists()  # the launcher commits
     for sid in shard_ids:
+        assert sorted(p.name for p in (tmp_path / "shards" / sid).iterdir()) == [
+            "docs.arrow", "tokens.arrow"]  # no staged keys beside the shard
         tokens = read_tokens(tmp_path, sid)
         doc_table = read_docs(tmp_path, sid).to_pylist()
-        vectors = read_keys(tmp_path, sid)
-        assert vectors.shape == (len(tokens), 8) and vectors.dtype == np.float16
         pos = key_positions(np.array([r["start"] for r in doc_table]),
                             np.array([r["length"] for r in doc_table]), len(tokens))
         assert len(pos) == len(tokens) - len(doc_table)
+        rows = fragments[sid]
+        # row i: the key at pos[i], filed under the token that follows it
+        assert rows.column("position").to_pylist() == pos.tolist()
+        assert rows.column("next_token").to_pylist() == tokens[pos + 1].tolist()
+        vectors = keys_of(rows)
+        assert vectors.shape == (len(pos), 8) and vectors.dtype == np.float16
+        row_docs = np.array(rows.column("doc_id").to_pylist(), object)
         for row in doc_table:
             doc = by_source[row["source"]]
             assert row["doc_id"] == doc.doc_id
@@ -281,11 +298,27 @@ def test_encode_shards_keys_are_transformed_windowed_forward(tmp_path, tiny_llam
                     ids = torch.tensor(doc.tokens[None, s:s + 64], dtype=torch.long)
                     want.append(model.base_model(ids).last_hidden_state[0].numpy())
             want = fitted_value.transform(np.concatenate(want))[:-1]  # last token: no key
-            rows = (pos >= row["start"]) & (pos < row["start"] + row["length"] - 1)
-            got = vectors[pos[rows]].astype(np.float32)
+            rows_of_doc = (pos >= row["start"]) & (pos < row["start"] + row["length"] - 1)
+            assert (row_docs[rows_of_doc] == doc.doc_id).all()
+            got = vectors[rows_of_doc].astype(np.float32)
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=2e-3)
             np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=2e-3)
+
+
+def _each_shard_has_its_own_fragment(store):
+    def check(pairs):
+        assert len(pairs) == 2, pairs
+        for sid, fragment in pairs:
+            assert fragment is not None, sid
+            # checksummed as written, one data file of the archive holding only this shard
+            assert make_file_ref(store, fragment.file.path) == fragment.file
+            assert fragment.file.path.startswith("archive.lance/data/")
+            assert set(fragment_rows(store, fragment.file.path).column("shard").to_pylist()) == {
+                sid}
+        assert len({f.file.path for _, f in pairs}) == 2
+
+    return check
 
 
 def _two_shards_closing_at_160_tokens(sizes):
@@ -296,34 +329,56 @@ def _two_shards_closing_at_160_tokens(sizes):
     assert max(s[1] for s in sizes) >= 160
 
 
-def test_fill_shard_index_and_publish(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("keep_archive", [True, False])
+def test_fill_shard_index_and_publish(tmp_path, tiny_llama_dir, keep_archive):
     config = _config(tiny_llama_dir)
     fitted_value = _fitted(tmp_path, tiny_llama_dir, config)
     rng = np.random.default_rng(0)
     vectors = fitted_value.transform(rng.standard_normal((42, 64)).astype(np.float32))
     tokens = np.arange(42, dtype=np.int32) % 7 + 3
-    sid = write_shard(tmp_path, ShardData(
+    data = ShardData(
         tokens=tokens, doc_ids=["d1", "d2"], sources=["x", "y"],
-        starts=np.array([0, 21]), lengths=np.array([21, 21]), vectors=vectors.astype(np.float16)))
+        starts=np.array([0, 21]), lengths=np.array([21, 21]), vectors=vectors.astype(np.float16))
+    sid = write_shard(tmp_path, data)
+    fragment = write_fragment(Path(tmp_path), archive_rows(sid, data))
     spec = ModelSpec(name="tiny", fingerprint="f" * 64, tokenizer_fingerprint="t" * 64,
                      model_type="llama", hidden_size=64, vocab_size=384, eos_token_id=2)
     journal = RunJournal(str(tmp_path), "build", 0, "k").start()
     with beam_test_pipeline() as p:
         fitted = p | "Fitted" >> beam.Create([fitted_value])
-        recorded = (p | beam.Create([WrittenShard(sid, 2, 42, 40)])
-                    | FillShardIndex(str(tmp_path), 1, fitted, 384)
+        recorded = (p | beam.Create([WrittenShard(sid, 2, 42, 40, archive=fragment)])
+                    | FillShardIndex(str(tmp_path), 1, fitted, 384, keep_archive)
                     | RecordResult(journal, fitted))
         assert_that(recorded, equal_to([1]))
     result = journal.read_result()
     journal.stop(ended=False)
     assert result.transform == fitted_value.transform_spec
-    commit_generation(str(tmp_path), 1, spec, 20, result.transform, result.index, result.shards,
-                      None, "test")
+    commit_generation(store_io(str(tmp_path)), 1, spec, 20, result.transform, result.index,
+                      result.shards, None, "test")
     manifest = read_manifest(tmp_path)
     assert manifest.generation == 1 and manifest.note == "test" and manifest.layer == -1
     [shard] = manifest.shards
     assert (shard.shard_id, shard.num_keys, shard.generation_added) == (sid, 40, 1)
     assert shard.keys is None and not (tmp_path / "shards" / sid / "keys.npy").exists()
+    if keep_archive:  # the default: the fragment is the generation's archive version
+        assert shard.archive == fragment and (tmp_path / fragment.file.path).is_file()
+        assert manifest.archive is not None and manifest.archive.rows == 40
+        assert manifest.archive.path == "archive.lance"
+        assert make_file_ref(tmp_path, manifest.archive.manifest.path) == (
+            manifest.archive.manifest)
+        positions, keys = read_shard_keys(tmp_path, shard)
+        assert positions.tolist() == [*range(20), *range(21, 41)]
+        np.testing.assert_array_equal(keys, vectors.astype(np.float16)[positions])
+        assert tuple(fragment_rows(tmp_path, shard.archive.file.path).schema.names) == (
+            ARCHIVE_COLUMNS)
+    else:  # dropped after the fill, never committed
+        assert shard.archive is None and manifest.archive is None
+        assert not (tmp_path / fragment.file.path).exists()
+        assert not (tmp_path / "archive.lance" / "_versions").exists()
+        assert "archive" not in json.loads(
+            (tmp_path / "manifests" / "gen-000001.json").read_text())
+    assert manifest.files() == manifest.serving_files() + manifest.archive_files()
+    assert len(manifest.archive_files()) == (2 if keep_archive else 0)
     # every key is in the lists once, its id packing (next token, position), lists sorted
     lists = ListsFile(tmp_path / shard.index.path)
     ids = np.concatenate([lists.list(i)[1] for i in range(lists.header.nlist)])
@@ -333,6 +388,32 @@ def test_fill_shard_index_and_publish(tmp_path, tiny_llama_dir):
     lists.check_ids(42, 384)
     counts = read_counts(tmp_path, sid, 384, 40)
     assert counts.tolist() == np.bincount(tokens[pos + 1], minlength=384).tolist()
+
+
+def test_fill_shard_index_takes_the_keys_from_the_shards_own_fragment(tmp_path, tiny_llama_dir):
+    """The fill refuses a shard without a fragment, and a fragment that is not its keys."""
+    fitted_value = _fitted(tmp_path, tiny_llama_dir, _config(tiny_llama_dir))
+    rng = np.random.default_rng(1)
+
+    def shard(tokens):
+        data = ShardData(tokens=tokens, doc_ids=["d"], sources=["x"], starts=np.array([0]),
+                         lengths=np.array([len(tokens)]),
+                         vectors=rng.standard_normal((len(tokens), 8)).astype(np.float16))
+        sid = write_shard(tmp_path, data)
+        return sid, write_fragment(Path(tmp_path), archive_rows(sid, data))
+
+    a, fa = shard(np.arange(30, dtype=np.int32) % 5 + 3)
+    b, fb = shard(np.arange(30, dtype=np.int32) % 6 + 3)  # as long, other next tokens
+    c, fc = shard(np.arange(12, dtype=np.int32) + 3)
+    assert fill_shard_index(tmp_path, a, fitted_value.quantizer, 384, fa) == 29
+    keys = keys_of(fragment_rows(tmp_path, fa.file.path))
+    assert keys.shape == (29, 8)
+    with pytest.raises(StoreFormatError, match="no key archive"):
+        fill_shard_index(tmp_path, a, fitted_value.quantizer, 384, None)
+    with pytest.raises(StoreFormatError, match="not this shard's keys"):
+        fill_shard_index(tmp_path, a, fitted_value.quantizer, 384, fb)
+    with pytest.raises(StoreFormatError, match="11 rows for 29 keys"):
+        fill_shard_index(tmp_path, a, fitted_value.quantizer, 384, fc)
 
 
 def test_record_with_no_shards_commits_nothing(tmp_path, tiny_llama_dir):

@@ -12,10 +12,11 @@ from dresd.decode import generate
 from dresd.models import load_model
 from dresd.store import StoreMismatchError, load_store
 from schemas import StoreFormatError, read_manifest, write_manifest
+from schemas.archive import read_shard_keys
 from schemas.commit import CommitConflictError
 from schemas.lists import ListsFile, pack_ids, unpack_ids, write_lists
 from schemas.manifest import make_file_ref
-from schemas.shard_io import key_positions, read_keys
+from schemas.shard_io import key_positions
 
 PROMPT = "def parse_args(argv):\n    parser = "
 
@@ -37,8 +38,7 @@ def built(tiny_llama_dir, code_corpus_dir, tmp_path_factory):
     (corpus / "own.txt").write_text(tok.decode(out[0], skip_special_tokens=True))
     store = tmp_path_factory.mktemp("store") / "s"
     build_store(corpus, store, BuildConfig(model=str(tiny_llama_dir), dim=16, value_len=12,
-                                           sample_size=2000, shard_tokens=12000, progress=False,
-                                           keep_keys=True))
+                                           sample_size=2000, shard_tokens=12000, progress=False))
     return store, model, tok, out[0, len(ids):].tolist()
 
 
@@ -55,8 +55,11 @@ def test_load_store_values_and_stats(built):
     b = store.stats.bytes_per_token
     assert set(b) == {"values", "index", "docs", "shared", "serving", "archive", "total"}
     # codes of d/4 bytes + an 8-byte id per key, 4 bytes per token; the archive 2 bytes x d
+    # per key plus its columns (shard, position, next token, document), well compressed
     assert b["index"] == pytest.approx(4 + 8, rel=0.1) and b["values"] == pytest.approx(4, 0.01)
-    assert b["archive"] == pytest.approx(2 * 16, rel=0.05)
+    assert 2 * 16 < b["archive"] < 2 * 16 + 40
+    assert b["total"] == pytest.approx(b["serving"] + b["archive"])
+    assert m.archive is not None and m.archive.rows == m.num_keys  # kept by default
     # Every key's value starts with its next token and follows the token stream to the
     # document's end, then EOS.
     rng = np.random.default_rng(0)
@@ -74,30 +77,60 @@ def test_load_store_values_and_stats(built):
         store.value(0, len(store.shards[0].tokens))
 
 
-def test_load_never_reads_the_keys(built, monkeypatch):
-    """The runtime opens no float keys: the archive reader is forbidden, the archive may be
-    gone, and load's resident memory does not hold them."""
-    import schemas.shard_io
+def test_load_never_reads_the_keys(built, monkeypatch, tmp_path):
+    """The runtime opens no float keys: nothing under archive.lance is opened and the archive
+    readers are forbidden, the archive may be gone, and load's resident memory does not hold
+    them."""
+    import builtins
+    import io
+
+    import schemas.archive
 
     path, *_ = built
+    assert (path / "archive.lance" / "data").is_dir()  # there to be read, if anything would
 
     def forbidden(*a, **k):
-        raise AssertionError("load_store read the keys")
+        raise AssertionError("load_store read the key archive")
 
-    monkeypatch.setattr(schemas.shard_io, "read_keys", forbidden)
-    real_load = np.load
+    for name in ("lance", "fragment_rows", "read_shard_keys", "keys_of"):
+        monkeypatch.setattr(schemas.archive, name, forbidden)
+    opened = []
 
-    def no_keys(file, *a, **k):
-        assert not str(file).endswith("keys.npy"), "load_store opened keys.npy"
-        return real_load(file, *a, **k)
+    def tracking(real):
+        def opener(file, *a, **k):
+            if isinstance(file, (str, bytes, os.PathLike)):
+                opened.append(os.fsdecode(file))
+            return real(file, *a, **k)
 
-    monkeypatch.setattr(np, "load", no_keys)
+        return opener
+
+    monkeypatch.setattr(np, "load", tracking(np.load))
+    monkeypatch.setattr(builtins, "open", tracking(builtins.open))
+    monkeypatch.setattr(io, "open", tracking(io.open))  # pathlib's
+    monkeypatch.setattr(os, "open", tracking(os.open))
     store = load_store(path)
     assert store.search.num_keys == store.num_keys
+    monkeypatch.undo()
+    seen = {f.rsplit("/", 1)[1] for f in opened}
+    assert {"CURRENT", f"gen-{store.manifest.generation:06d}.json", "docs.arrow", "counts.npy",
+            "ivf.lists"} <= seen, seen  # the tracking sees load_store's own opens ...
+    assert not [f for f in opened if "archive.lance" in f], "load_store opened the archive"
     # nothing held in memory is as large as the keys (keys x d float16)
     held = [v for sh in store.shards for v in vars(sh).values() if isinstance(v, np.ndarray)]
     assert not any(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in held)
     assert store.stats.resident_bytes < store.num_keys * 16 * 2
+    # ... and without the archive the store loads, verified in full, and searches the same
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path / "cache"))
+    gone = tmp_path / "s"
+    shutil.copytree(path, gone)
+    shutil.rmtree(gone / "archive.lance")
+    again = load_store(gone, verify="full")
+    assert again.num_keys == store.num_keys and again.stats.bytes_per_token == (
+        store.stats.bytes_per_token)
+    token = int(np.argmax(np.sum([sh.counts for sh in store.shards], axis=0)))
+    q = np.ones(store.manifest.dim, np.float32) / np.sqrt(store.manifest.dim)
+    a, b = store.search.search(q, token, 10), again.search.search(q, token, 10)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def _exact(path, store, q, token, k):
@@ -106,7 +139,9 @@ def _exact(path, store, q, token, k):
     for s, shard in enumerate(store.shards):
         pos = _positions(shard)
         pos = pos[np.asarray(shard.tokens)[pos + 1] == token]
-        sc = read_keys(path, shard.shard_id)[pos].astype(np.float32) @ q
+        positions, keys = read_shard_keys(path, store.manifest.shards[s])
+        assert np.array_equal(positions, _positions(shard))  # row i: the key at position i
+        sc = keys[np.searchsorted(positions, pos)].astype(np.float32) @ q
         best += [(float(sc[j]), s, int(pos[j])) for j in np.argsort(-sc)[:k]]
     return {(s, p) for _, s, p in sorted(best, reverse=True)[:k]}
 
@@ -125,7 +160,8 @@ def test_search_returns_keys_of_the_decided_token(built):
         sh = int(np.argmax([c[token] for c in s.counts]))
         pos = _positions(store.shards[sh])
         pos = pos[np.asarray(store.shards[sh].tokens)[pos + 1] == token]
-        q = read_keys(path, store.shards[sh].shard_id)[pos[0]].astype(np.float32)
+        positions, keys = read_shard_keys(path, store.manifest.shards[sh])
+        q = keys[np.searchsorted(positions, pos[0])].astype(np.float32)
         q += 0.05 * rng.standard_normal(len(q)).astype(np.float32)
         q /= np.linalg.norm(q)
         shards, ids, scores = s.search(q, token, 10)
@@ -201,7 +237,12 @@ def test_corrupt_shard_is_named(built, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("DRESD_CACHE", str(tmp_path / "cache"))
     path = _copy(built[0], tmp_path)
-    shard = read_manifest(path).shards[1]
+    m = read_manifest(path)
+    shard = m.shards[1]
+    # every file verify checksums: 4 serving files and an archive fragment per shard, the
+    # transform, the quantizer and the archive's version manifest
+    files = len(m.files())
+    assert files == 5 * len(m.shards) + 3
     # a small file read whole (the document table) is checksummed at every load
     f = path / shard.docs.path
     original = f.read_bytes()
@@ -228,7 +269,8 @@ def test_corrupt_shard_is_named(built, tmp_path, capsys, monkeypatch):
     assert main(["verify", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     # the first run recorded every other file: only the repaired one is checksummed again
-    assert " 1 checksummed" in out and "11 already verified" in out and "0 corrupt" in out
+    assert f"{files} files" in out and " 1 checksummed" in out
+    assert f"{files - 1} already verified" in out and "0 corrupt" in out
     # recorded: the next run checksums nothing, and a default load counts every file verified
     assert main(["verify", str(path), "--no-progress"]) == 0
     assert " 0 checksummed" in capsys.readouterr().out
@@ -306,7 +348,9 @@ def test_old_format_store_gets_the_documented_message(built, tmp_path):
 
 def test_empty_store_and_missing_store(built, tmp_path):
     path = _copy(built[0], tmp_path)
-    _next_generation(path, shards=())
+    with pytest.raises(StoreFormatError, match="archive/rows"):  # its archive must go too
+        _next_generation(path, shards=())
+    _next_generation(path, shards=(), archive=None)
     with pytest.raises(StoreFormatError, match="holds no keys"):
         load_store(path)
     with pytest.raises(FileNotFoundError, match="no store"):

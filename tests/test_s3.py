@@ -13,8 +13,10 @@ import logging
 import threading
 import uuid
 
+import numpy as np
 import pytest
 
+from dresd.archive import open_archive
 from dresd.cli import main as dresd_main
 from pipelines.build import build_store, compact_store, update_store
 from pipelines.config import BuildConfig
@@ -133,10 +135,23 @@ def test_build_update_compact_on_s3_match_local(s3_and_local, capsys):
     assert resolve_generation(store) == 3 and read_manifest(store).generation == 3
     assert io.read("CURRENT") == b"manifests/gen-000003.json\n"
     assert io.listdir("journal") == []  # every run removed its journal
-    named = {f.path for g in (1, 2, 3) for f in read_manifest(store, g).files()}
+    manifests = [read_manifest(store, g) for g in (1, 2, 3)]
+    named = {f.path for m in manifests for f in m.files()}
     stored = {p.split("/store/", 1)[1] for p in io.fs.find(io.path("shards"))}
-    assert not any(p.endswith("keys.npy") for p in stored)  # staged keys dropped after fill
-    assert stored <= named  # no stray files (retried bundles' shards were removed)
+    assert not any(p.endswith("keys.npy") for p in stored)  # keys go to the archive only
+    # the key archive is kept (the default): every generation's fragments are data files of
+    # archive.lance in the store, and the version each generation names is there
+    fragments = {p.split("/store/", 1)[1] for p in io.fs.find(io.path("archive.lance/data"))}
+    for m in manifests:
+        assert m.archive is not None and m.archive.rows == m.num_keys
+        assert all(s.archive is not None for s in m.shards)
+        assert {s.archive.file.path for s in m.shards} <= fragments
+        assert m.archive.manifest.path.startswith("archive.lance/_versions/")
+        assert io.exists(m.archive.manifest.path)
+        assert io.fs.size(io.path(m.archive.manifest.path)) == m.archive.manifest.bytes
+    assert len({m.archive.version for m in manifests}) == 3
+    assert all(p.startswith("archive.lance/data/") and p.endswith(".lance") for p in fragments)
+    assert stored | fragments <= named  # no stray files (retried bundles' shards were removed)
     assert dresd_main(["info", store, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [g["generation"] for g in info["generations"]] == [1, 2, 3]
@@ -163,7 +178,9 @@ def test_load_store_from_s3_syncs_once_and_verifies(s3_and_local, tmp_path, monk
     assert s.source == store and str(s.path).startswith(str(tmp_path / "cache" / "stores"))
     assert (s.manifest.generation, s.num_keys) == (3, load_store(local).num_keys)
     assert s.stats.unverified_bytes == 0  # every byte was checksummed on download
-    assert len(fetched) == len(s.manifest.files())
+    # the serving set only: the key archive, which the runtime never opens, stays remote
+    assert sorted(fetched) == sorted(f.path for f in s.manifest.serving_files())
+    assert s.manifest.archive_files() and not any(p.startswith("archive.lance") for p in fetched)
     fetched.clear()
     again = load_store(store, verify="full")
     assert fetched == [] and again.manifest.generation == 3  # nothing downloaded twice
@@ -277,8 +294,15 @@ def test_two_concurrent_updates_on_s3(s3_endpoint, corpora, tiny_llama_dir, monk
         report = collect_garbage(store, grace_s=0)
         assert report.removed and set(io.listdir("shards")) == named
         assert io.listdir("journal") == [] and resolve_generation(store) == 3
-        assert collect_garbage(store, keep=1, grace_s=0).removed == [
-            "manifests/gen-000001.json", "manifests/gen-000002.json"]
+        removed = collect_garbage(store, keep=1, grace_s=0).removed
+        # the old manifests first, then the archive versions only they named (and those
+        # versions' Lance transactions): every shard and fragment is in generation 3
+        assert removed[:2] == ["manifests/gen-000001.json", "manifests/gen-000002.json"]
+        assert removed[2:] and all(p.startswith(("archive.lance/_versions/",
+                                                 "archive.lance/_transactions/"))
+                                   for p in removed[2:]), removed
+        versions = [n for n in io.listdir("archive.lance/_versions") if n.endswith(".manifest")]
+        assert versions == [read_manifest(store).archive.manifest.path.rsplit("/", 1)[1]]
         assert io.listdir("manifests") == ["gen-000003.json"]
     final = read_manifest(store)
     assert final.num_docs == base.num_docs + 2 and final.generation == 3
@@ -333,7 +357,7 @@ def test_the_runtime_imports_no_builder_and_no_s3_client_until_needed():
 
 
 # after_current differs from after_manifest only in the hint, which test_store_faults covers.
-@pytest.mark.parametrize("point", ["before_manifest", "after_manifest"])
+@pytest.mark.parametrize("point", ["after_archive_commit", "before_manifest", "after_manifest"])
 def test_a_crashed_update_on_s3_never_blocks_the_store(point, s3_endpoint, corpora,
                                                       tiny_llama_dir, tmp_path, monkeypatch):
     """A crash before the commit leaves the parent generation; a crash after it (CURRENT not
@@ -351,13 +375,21 @@ def test_a_crashed_update_on_s3_never_blocks_the_store(point, s3_endpoint, corpo
         update_store(corpora["b"], store, _config(tiny_llama_dir))
     monkeypatch.delenv(faults.ENV)
     faults.reset()
-    committed = point != "before_manifest"
+    committed = point == "after_manifest"
     io = ObjectStoreIO(store)
     assert io.read("CURRENT") == b"manifests/gen-000001.json\n"  # the hint was not moved
     assert load_store(store).manifest.generation == (2 if committed else 1)
+    assert open_archive(store).version == read_manifest(store).archive.version
     again = update_store(corpora["b"], store, _config(tiny_llama_dir))
     assert again.generation == 2 and again.num_docs == 2
     assert load_store(store).manifest.generation == 2
+    from pipelines.gc import collect_garbage
+
+    collect_garbage(store, grace_s=0)  # the crashed run's archive version, if any, goes
+    versions = [n for n in io.listdir("archive.lance/_versions") if n.endswith(".manifest")]
+    assert sorted(versions) == sorted(read_manifest(store, g).archive.manifest.path
+                                      .rsplit("/", 1)[1] for g in (1, 2))
+    assert open_archive(store).count_rows() == again.num_keys
 
 
 # after_manifest takes the same path through the rerun as during_cleanup (a committed build).
@@ -390,6 +422,38 @@ def test_a_crashed_build_on_s3_is_completed_by_its_rerun(point, s3_endpoint, cor
     assert set(io.listdir("shards")) == {s.shard_id for s in m.shards}
 
 
+def test_archive_on_s3_opens_in_lancedb_and_reindexes(s3_endpoint, corpora, tiny_llama_dir,
+                                                     tmp_path, monkeypatch):
+    """The archive Lance wrote to the bucket: LanceDB reads it there (a vector search with a
+    next_token filter), and `dresd reindex` rebuilds the index from it into a new generation
+    that loads from s3."""
+    from dresd.store import load_store
+    from pipelines.reindex import ReindexSettings, reindex_store
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path / "cache"))
+    store = f"s3://{_bucket()}/store"
+    current = build_store(corpora["first"], store, _config(tiny_llama_dir))
+    table = open_archive(store)
+    assert table.version == current.archive.version
+    assert table.count_rows() == current.num_keys
+    first = table.search().limit(1).to_arrow()
+    query = np.asarray(first["key"][0].as_py(), np.float32)
+    y = first["next_token"][0].as_py()
+    hits = (table.search(query).metric("dot").where(f"next_token = {y}", prefilter=True)
+            .limit(5).to_arrow())
+    assert hits.num_rows >= 1 and set(hits["next_token"].to_pylist()) == {y}
+    assert hits["_distance"][0].as_py() == pytest.approx(0.0, abs=2e-3)  # the key itself
+    m = reindex_store(store, ReindexSettings(nlist=5, nprobe=5))
+    assert m.generation == current.generation + 1 and m.index.nlist == 5
+    assert m.archive == current.archive
+    assert all(s.index.path.rsplit("/", 1)[1].startswith("ivf-") for s in m.shards)
+    loaded = load_store(store)
+    assert loaded.manifest.generation == m.generation and loaded.num_keys == current.num_keys
+    s = loaded.search
+    hit = s.search(query, y, 3)
+    assert len(hit[1]) >= 1 and hit[2][0] == pytest.approx(1.0, abs=2e-2)
+
+
 def test_staged_uploads_what_a_step_wrote_and_nothing_after_an_error(s3_endpoint, tmp_path):
     from schemas.storage import staged
 
@@ -397,10 +461,10 @@ def test_staged_uploads_what_a_step_wrote_and_nothing_after_an_error(s3_endpoint
         assert root == tmp_path
     io = ObjectStoreIO(f"s3://{_bucket()}/store")
     io.replace("shards/s-1/tokens.arrow", b"tokens")
-    io.replace("shards/s-1/keys.npy", b"keys")
-    with staged(io.url, ["shards/s-1/tokens.arrow", "shards/s-1/keys.npy"]) as root:
+    io.replace("shards/s-1/docs.arrow", b"docs")
+    with staged(io.url, ["shards/s-1/tokens.arrow", "shards/s-1/docs.arrow"]) as root:
         assert (root / "shards/s-1/tokens.arrow").read_bytes() == b"tokens"
-        (root / "shards/s-1/keys.npy").unlink()  # removed there too
+        (root / "shards/s-1/docs.arrow").unlink()  # removed there too
         (root / "shards/s-1/ivf.lists").write_bytes(b"lists")  # uploaded
         (root / "shards/s-1/.ivf.lists.part").write_bytes(b"x")  # scratch: not uploaded
     assert io.listdir("shards/s-1") == ["ivf.lists", "tokens.arrow"]

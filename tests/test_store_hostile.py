@@ -7,8 +7,9 @@ not add up with a StoreFormatError, and detects every flipped byte.
   ``load_store`` (or a search over what it loaded) open a file outside the store, which an audit
   hook watches;
 - a single flipped byte in every file kind (CURRENT, manifest, transform, quantizer, document
-  table, counts, token stream, inverted lists, key archive) is detected: the small files by every
-  load, the large ones by ``load_store(verify="full")`` and ``dresd verify``.
+  table, counts, token stream, inverted lists, the key archive's fragments and version manifest)
+  is detected: the small files by every load, the large ones by ``load_store(verify="full")``
+  and ``dresd verify``.
 """
 
 from __future__ import annotations
@@ -39,16 +40,17 @@ FUZZ_EXAMPLES = 1000
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, code_corpus_dir, tiny_llama_dir) -> Path:
-    """A two-shard store that kept its key archive (every file kind present)."""
+    """A two-shard store with its key archive (kept by default: every file kind present)."""
     root = tmp_path_factory.mktemp("hostile")
     corpus = root / "corpus"
     corpus.mkdir()
     for f in sorted(code_corpus_dir.glob("*.py"), key=lambda p: p.stat().st_size)[:4]:
         shutil.copy(f, corpus / f.name)
     config = BuildConfig(model=str(tiny_llama_dir), dim=8, sample_size=600, glob="*.py",
-                         shard_tokens=1500, keep_keys=True, progress=False)
+                         shard_tokens=1500, progress=False)
     manifest = build_store(corpus, root / "s", config)
-    assert len(manifest.shards) >= 2 and all(s.keys is not None for s in manifest.shards)
+    assert len(manifest.shards) >= 2 and all(s.archive is not None for s in manifest.shards)
+    assert manifest.archive is not None and manifest.archive.rows == manifest.num_keys
     return root / "s"
 
 
@@ -81,7 +83,9 @@ def _file_kinds(path: Path) -> dict[str, str]:
     return {"CURRENT": CURRENT_FILE, "manifest": f"manifests/{_manifest_file(path).name}",
             "transform": m.transform.file.path, "quantizer": m.index.quantizer.path,
             "tokens": s.tokens.path, "docs": s.docs.path, "counts": s.counts.path,
-            "lists": s.index.path, "keys": s.keys.path, "shard directory": f"shards/{s.shard_id}"}
+            "lists": s.index.path, "archive fragment": s.archive.file.path,
+            "archive version": m.archive.manifest.path,
+            "shard directory": f"shards/{s.shard_id}"}
 
 
 @pytest.mark.parametrize("kind", ["CURRENT", "manifest", "transform", "quantizer", "tokens",
@@ -116,6 +120,89 @@ def test_a_shard_entry_naming_another_shards_files_is_refused(store, tmp_path):
     _rewrite_manifest(path, swap)
     with pytest.raises(StoreFormatError, match=r"shards/0/tokens/path.*not this shard's"):
         load_store(path)
+
+
+def _set(path, value):
+    def change(d):
+        x = d
+        for k in path[:-1]:
+            x = x[k]
+        x[path[-1]] = value if not callable(value) else value(d)
+
+    return change
+
+
+def _other_fragment(d):
+    return d["shards"][1]["archive"]["file"]["path"]
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    # a fragment's data file lies in archive.lance/data, and its Lance metadata names it
+    pytest.param(_set(("shards", 0, "archive", "file", "path"), "CURRENT"),
+                 r"shards/0/archive/file/path.*not a data file of archive.lance/data/",
+                 id="fragment-outside-data"),
+    pytest.param(_set(("shards", 0, "archive", "file", "path"), "archive.lance/data/a/b.lance"),
+                 r"shards/0/archive/file/path.*not a data file", id="fragment-in-subdirectory"),
+    pytest.param(_set(("shards", 0, "archive", "file", "path"), "archive.lance/../CURRENT"),
+                 r"shards/0/archive/file/path", id="fragment-dot-dot"),
+    pytest.param(_set(("shards", 0, "archive", "file", "path"), _other_fragment),
+                 r"shards/0/archive/lance.*names data files .*not its own",
+                 id="fragment-of-another-shard"),
+    pytest.param(_set(("shards", 0, "archive", "lance"), "not json"),
+                 r"shards/0/archive/lance.*not a Lance fragment's metadata",
+                 id="fragment-metadata-not-json"),
+    pytest.param(_set(("shards", 0, "archive", "lance"), "[" * 60000),
+                 r"shards/0/archive/lance.*not a Lance fragment's metadata",
+                 id="fragment-metadata-nested-too-deep"),
+    pytest.param(_set(("shards", 0, "archive", "lance"), '{"files": [{"path": "x.lance"}]}'),
+                 r"shards/0/archive/lance.*names data files \['x.lance'\]",
+                 id="fragment-metadata-names-another-file"),
+    # the archive's version manifest lies in archive.lance/_versions, its rows are the keys
+    pytest.param(_set(("archive", "manifest", "path"), "manifests/gen-000001.json"),
+                 r"archive/manifest/path.*not a version manifest of archive.lance/_versions/",
+                 id="version-outside-versions"),
+    pytest.param(_set(("archive", "rows"), lambda d: d["archive"]["rows"] + 1),
+                 r"archive/rows", id="rows-not-the-keys"),
+    pytest.param(_set(("shards", 0, "archive"), None), r"archive/rows",
+                 id="a-shard-without-fragment"),
+    pytest.param(_set(("archive", "path"), "elsewhere.lance"), r"archive", id="archive-path"),
+    # a shard's lists: its own ivf.lists or a re-index's ivf-<16 hex>.lists
+    pytest.param(_set(("shards", 0, "index", "path"), lambda d: d["shards"][1]["index"]["path"]),
+                 r"shards/0/index/path.*not this shard's", id="lists-of-another-shard"),
+    pytest.param(_set(("shards", 0, "index", "path"),
+                      lambda d: f"shards/{d['shards'][0]['shard_id']}/ivf-XYZ.lists"),
+                 r"shards/0/index/path.*ivf-<16 hex digits>.lists", id="lists-bad-name"),
+    pytest.param(_set(("shards", 0, "index", "path"),
+                      lambda d: f"shards/{d['shards'][0]['shard_id']}/counts.npy"),
+                 r"shards/0/index/path", id="lists-another-file"),
+])
+def test_archive_and_lists_paths_are_checked(store, tmp_path, change, match):
+    path = _copy(store, tmp_path / "s")
+    _rewrite_manifest(path, change)
+    with pytest.raises(StoreFormatError, match=match):
+        load_store(path)
+    assert dresd_main(["verify", str(path), "--force"]) != 0
+
+
+def test_a_reindexed_lists_name_and_a_store_without_archive_load(store, tmp_path):
+    """What the checks allow: lists named ``ivf-<16 hex>.lists``, no archive at all."""
+    path = _copy(store, tmp_path / "s")
+    m = read_manifest(path)
+    s = m.shards[0]
+    renamed = f"shards/{s.shard_id}/ivf-0123456789abcdef.lists"
+    os.replace(path / s.index.path, path / renamed)
+
+    def change(d):
+        d["shards"][0]["index"]["path"] = renamed
+        del d["archive"]
+        for shard in d["shards"]:
+            del shard["archive"]
+
+    _rewrite_manifest(path, change)
+    shutil.rmtree(path / "archive.lance")
+    loaded = load_store(path, verify="full")
+    assert loaded.manifest.archive is None and loaded.manifest.shards[0].index.path == renamed
+    assert loaded.num_keys == m.num_keys
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
@@ -339,7 +426,8 @@ def _get(d, path):
 # --------------------------------------------------------------------------- corruption
 SMALL = ["CURRENT", "manifest", "transform", "quantizer", "docs", "counts"]
 LARGE = ["tokens", "lists"]  # checksummed by verify="full" and dresd verify
-ARCHIVE = ["keys"]  # never opened by the runtime: checksummed by dresd verify
+ARCHIVE = ["archive fragment", "archive version"]  # never opened by the runtime: checksummed
+#                                                   by dresd verify
 
 
 def _offsets(size: int, rng, edge: int = 32) -> list[int]:
