@@ -1,19 +1,20 @@
 """What the key archive costs and what `dresd reindex` gives back, measured on one corpus.
 
-    .venv/bin/python benchmarks/archive.py [--max-tokens 20000] [--prompts 8]
+    .venv/bin/python benchmarks/archive.py [--id-prompts 64] [--prompts 16]
 
-On the same corpus (a deterministic subset of the standard library's sources, as
-benchmarks/encode.py picks it) and with the real default model, in this order and one at a time:
+On one in-domain corpus (the default model's greedy answers to ``--id-prompts`` stdlib signature
+prompts and to HumanEval's held-out problems: the ID store's corpus, benchmarks/corpora.py, cut
+short) and with the real default model, in this order and one at a time:
 
 1. build without the archive (``--no-archive``) and 2. with it (the default): the archive's cost
    in build time and in bytes per token;
 3. ``dresd reindex`` of store 2 to half its number of lists (no model), timed against build 2;
 4. a fresh build with that same nlist;
-5. the acceptance replay (benchmarks/replay.py, ``--drafting-ms 1``, HumanEval prompts 0..N-1)
-   of the re-indexed store 3 and the fresh store 4: AL of the dense drafter at the 4x8 budget
-   and of the default (hybrid, calibrated).
+5. the acceptance replay (benchmarks/replay.py, ``--drafting-ms 1``, HumanEval evaluation
+   prompts 0..N-1, none of which is in the corpus) of the re-indexed store 3 and the fresh store
+   4: AL of the dense drafter at the 4x8 budget and of the default (hybrid, calibrated).
 
-Results: benchmarks/results/archive-<max_tokens>.json and .txt.
+Results: benchmarks/results/archive-id<id_prompts>.json and .txt.
 """
 
 from __future__ import annotations
@@ -49,23 +50,29 @@ def replay(stores: list[Path], prompts: int, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-tokens", type=int, default=20_000, help="corpus size in tokens")
+    ap.add_argument("--id-prompts", type=int, default=64,
+                    help="stdlib signature prompts answered for the corpus (the ID store: 552)")
     ap.add_argument("--sample-size", type=int, default=4096,
                     help="hidden states sampled to fit the transform")
-    ap.add_argument("--prompts", type=int, default=8, help="HumanEval prompts replayed")
+    ap.add_argument("--prompts", type=int, default=16, help="HumanEval prompts replayed")
     ap.add_argument("--keep", default="", help="keep the stores in this directory")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from benchmarks.encode import pick_corpus
+    from benchmarks.corpora import RUNS, completions
+    from benchmarks.prompts import heldout_humaneval_prompts, stdlib_signature_prompts
     from pipelines.build import build_store
     from pipelines.config import BuildConfig
     from pipelines.reindex import ReindexSettings, reindex_store
 
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="dresd-archive-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    files, corpus_tokens = pick_corpus("default", args.max_tokens)
-    config = BuildConfig(sample_size=args.sample_size, glob="*.py", progress=False)
+    corpus = RUNS / f"corpus-archive-id{args.id_prompts}"
+    completions(stdlib_signature_prompts(args.id_prompts), corpus / "completions.jsonl",
+                "default", 256)
+    completions(heldout_humaneval_prompts(), corpus / "humaneval.jsonl", "default", 256)
+    files = [corpus]
+    config = BuildConfig(sample_size=args.sample_size, glob="*.jsonl", progress=False)
     rows = {}
     try:
         plain, plain_s = timed(build_store, files, tmp / "no-archive",
@@ -81,7 +88,7 @@ def main() -> None:
                         tmp / "replay.json")
         bytes_kept = kept.storage_bytes()
         rows = {
-            "date": time.strftime("%Y-%m-%d"), "corpus_tokens": corpus_tokens,
+            "date": time.strftime("%Y-%m-%d"), "corpus": str(corpus.relative_to(ROOT)),
             "store_tokens": kept.num_tokens, "keys": kept.num_keys, "dim": kept.dim,
             "build_no_archive_s": plain_s, "build_archive_s": kept_s,
             "archive_build_overhead": kept_s / plain_s - 1,
@@ -91,12 +98,13 @@ def main() -> None:
             "nlist_built": kept.index.nlist, "nlist_reindexed": nlist,
             "reindex_s": reindex_s, "reindex_over_build": reindex_s / kept_s,
             "fresh_build_s": fresh_s, "replay_prompts": args.prompts,
-            "replay": result,
+            "replay": {label.replace(str(tmp) + "/", ""): r for label, r in
+                       result["results"].items()},
         }
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    out = ROOT / "benchmarks" / "results" / f"archive-{args.max_tokens}"
+    out = ROOT / "benchmarks" / "results" / f"archive-id{args.id_prompts}"
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     lines = [f"{rows['date']}: {rows['store_tokens']} tokens, {rows['keys']} keys, "
              f"d={rows['dim']}, default model on {sys.platform}",
@@ -107,6 +115,11 @@ def main() -> None:
              f"reindex nlist {rows['nlist_built']} -> {nlist}: {reindex_s:.1f} s "
              f"({100 * rows['reindex_over_build']:.1f}% of the build); fresh build at nlist "
              f"{nlist}: {fresh_s:.1f} s"]
+    for method in RUNS.split(","):
+        name, budget = method.split(":")
+        al = {s: rows["replay"][f"{name}/{s}/{budget}"]["AL"] for s in ("reindexed", "fresh")}
+        lines.append(f"replay {name} {budget}: AL re-indexed {al['reindexed']:.3f}, fresh build "
+                     f"{al['fresh']:.3f} ({100 * (al['reindexed'] / al['fresh'] - 1):+.2f}%)")
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"replay: {tmp / 'replay.json'} (summary in {out.with_suffix('.json')})")

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from tiny_models import write_corpus_with_own_continuation
 
 from dresd import StoreFormatError, generate, load_store, open_archive
 from dresd.cli import main as dresd_main
@@ -31,16 +31,11 @@ def built(tiny_llama_dir, code_corpus_dir, tmp_path_factory):
     """A store of several shards over stdlib files and the model's own greedy continuation of
     PROMPT; the model, tokenizer and that continuation."""
     model, tok = load_model(tiny_llama_dir)
-    ids = tok(PROMPT)["input_ids"]
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     corpus = tmp_path_factory.mktemp("corpus")
-    for p in sorted(code_corpus_dir.iterdir())[:5]:
-        (corpus / (p.name + ".txt")).write_text(p.read_text())
-    (corpus / "own.txt").write_text(tok.decode(out[0], skip_special_tokens=True))
+    ref = write_corpus_with_own_continuation(model, tok, PROMPT, code_corpus_dir, corpus, 40)
     store = tmp_path_factory.mktemp("store") / "s"
     build_store(corpus, store, _config(tiny_llama_dir))
-    return store, model, tok, out[0, len(ids):].tolist()
+    return store, model, tok, ref
 
 
 def _all_keys(store):

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from tiny_models import write_corpus_with_own_continuation
 
 from dresd.decode import generate
 from dresd.models import load_model
@@ -29,17 +29,12 @@ def built(tiny_llama_dir, code_corpus_dir, tmp_path_factory):
     from pipelines.config import BuildConfig
 
     model, tok = load_model(tiny_llama_dir)
-    ids = tok(PROMPT)["input_ids"]
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=60,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     corpus = tmp_path_factory.mktemp("corpus")
-    for p in sorted(code_corpus_dir.iterdir())[:5]:
-        (corpus / (p.name + ".txt")).write_text(p.read_text())
-    (corpus / "own.txt").write_text(tok.decode(out[0], skip_special_tokens=True))
+    ref = write_corpus_with_own_continuation(model, tok, PROMPT, code_corpus_dir, corpus, 60)
     store = tmp_path_factory.mktemp("store") / "s"
     build_store(corpus, store, BuildConfig(model=str(tiny_llama_dir), dim=16, value_len=12,
                                            sample_size=2000, shard_tokens=12000, progress=False))
-    return store, model, tok, out[0, len(ids):].tolist()
+    return store, model, tok, ref
 
 
 def _positions(shard):

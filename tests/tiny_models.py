@@ -124,3 +124,17 @@ def save_flat_calibration(model, fingerprint: str) -> None:
     Calibration(fingerprint, device_name(model.device), 32, sizes, (1e-3,) * len(sizes)).save(
         calibration_path(fingerprint, model.device))
     budget._CALIBRATIONS.pop(model, None)
+
+
+def write_corpus_with_own_continuation(model, tok, prompt: str, code_corpus_dir: Path,
+                                       corpus: Path, max_new_tokens: int) -> list[int]:
+    """Write 5 stdlib files and the model's own greedy continuation of ``prompt`` (an
+    in-domain document, so dense drafts get accepted) into ``corpus``; the continuation's
+    tokens, which lossless decoding must reproduce."""
+    ids = tok(prompt)["input_ids"]
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    for p in sorted(code_corpus_dir.iterdir())[:5]:
+        (corpus / (p.name + ".txt")).write_text(p.read_text())
+    (corpus / "own.txt").write_text(tok.decode(out[0], skip_special_tokens=True))
+    return out[0, len(ids):].tolist()
