@@ -15,6 +15,14 @@ short) and with the real default model, in this order and one at a time:
    4: AL of the dense drafter at the 4x8 budget and of the default (hybrid, calibrated).
 
 Results: benchmarks/results/archive-id<id_prompts>.json and .txt.
+
+    .venv/bin/python benchmarks/archive.py --stand-in 200000
+
+measures only the build-time cost (builds without and with the archive, alternated, twice each)
+on ``--stand-in`` tokens of standard-library sources with a stand-in for the forward: a randomly
+initialised one-layer model of the default's family and sizes (hidden 576, d = 64, the real
+default tokenizer), so the archive's cost is set against the pipeline's own, as on a cluster
+where a GPU makes the forward cheap. Results: benchmarks/results/archive-standin-<N>.json, .txt.
 """
 
 from __future__ import annotations
@@ -48,6 +56,62 @@ def replay(stores: list[Path], prompts: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def stand_in_model(dest: Path) -> str:
+    """The default model's config with one layer, random weights, and its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dresd.models import resolve_model_path
+
+    source = resolve_model_path("default")
+    config = AutoConfig.from_pretrained(source)
+    config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(source).save_pretrained(dest)
+    return str(dest)
+
+
+def stand_in(tokens: int, sample_size: int) -> None:
+    from benchmarks.encode import pick_corpus
+    from pipelines.build import build_store
+    from pipelines.config import BuildConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="dresd-archive-standin-"))
+    try:
+        model = stand_in_model(tmp / "model")
+        files, corpus_tokens = pick_corpus(model, tokens)
+        runs = []
+        for rep in range(2):
+            for archive in (False, True):
+                store = tmp / f"store-{rep}-{archive}"
+                config = BuildConfig(model=model, sample_size=sample_size, glob="*.py",
+                                     progress=False, archive=archive)
+                manifest, seconds = timed(build_store, files, store, config)
+                b = manifest.storage_bytes()
+                runs.append({"archive": archive, "seconds": seconds,
+                             "tokens": manifest.num_tokens,
+                             "archive_bytes_per_token": b["archive"] / manifest.num_tokens,
+                             "serving_bytes_per_token": b["serving"] / manifest.num_tokens})
+                shutil.rmtree(store)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    mean = {a: sum(r["seconds"] for r in runs if r["archive"] == a) / 2 for a in (False, True)}
+    row = {"date": time.strftime("%Y-%m-%d"), "corpus_tokens": corpus_tokens, "runs": runs,
+           "mean_s": {"no_archive": mean[False], "archive": mean[True]},
+           "overhead": mean[True] / mean[False] - 1}
+    out = ROOT / "benchmarks" / "results" / f"archive-standin-{tokens}"
+    out.with_suffix(".json").write_text(json.dumps(row, indent=1) + "\n")
+    text = (f"{row['date']}: {runs[0]['tokens']} tokens, stand-in forward (1 random layer of the "
+            f"default's sizes): build without archive {mean[False]:.1f} s, with "
+            f"{mean[True]:.1f} s ({100 * row['overhead']:+.1f}%; runs "
+            + ", ".join(f"{r['seconds']:.1f}{'a' if r['archive'] else ''}" for r in runs)
+            + f"); archive {runs[1]['archive_bytes_per_token']:.1f} bytes/token, serving "
+            f"{runs[1]['serving_bytes_per_token']:.1f}")
+    out.with_suffix(".txt").write_text(text + "\n")
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--id-prompts", type=int, default=64,
@@ -56,8 +120,13 @@ def main() -> None:
                     help="hidden states sampled to fit the transform")
     ap.add_argument("--prompts", type=int, default=16, help="HumanEval prompts replayed")
     ap.add_argument("--keep", default="", help="keep the stores in this directory")
+    ap.add_argument("--stand-in", type=int, default=0, metavar="TOKENS",
+                    help="only the build-time cost, on this many tokens with a stand-in model")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.stand_in:
+        stand_in(args.stand_in, args.sample_size)
+        return
 
     from benchmarks.corpora import RUNS, completions
     from benchmarks.prompts import heldout_humaneval_prompts, stdlib_signature_prompts

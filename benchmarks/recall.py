@@ -2,7 +2,7 @@
 
 The scale benchmark measures recall on synthetic keys (isotropic noise around cluster centres in
 all 64 dimensions), the hardest case for product quantization. This script measures it where it
-matters: on a store built with ``--keep-keys`` from real text, whose float16 key archive gives the
+matters: on a store built from real text, whose float16 key archive (``archive.lance``) gives the
 exact answer. For ``--queries`` keys of the store, each used as a query with its next token, it
 compares the top 10 of
 
@@ -13,7 +13,7 @@ compares the top 10 of
 with the exact top 10 among all keys followed by the same token, the query itself excluded.
 Bytes per key of each encoding are printed next to its recall, so the trade-off is explicit.
 
-    .venv/bin/python benchmarks/recall.py runs/store-ood-130k-keep_keysTrue
+    .venv/bin/python benchmarks/recall.py runs/store-ood-130k
 """
 
 from __future__ import annotations
@@ -35,19 +35,17 @@ VARIANTS = "Flat,PQ16x8,OPQ16_64|PQ16x8,PQ16x10,PQ32x8"
 
 def archived_keys(store):
     """Every key of the store (float32), its shard, position and next token."""
-    from schemas.shard_io import read_keys
+    from schemas.archive import read_shard_keys
 
     m = store.manifest
     parts = []
     for i, (info, shard) in enumerate(zip(m.shards, store.shards)):
-        if info.keys is None:
-            raise SystemExit(f"shard {info.shard_id} kept no keys: build the store with "
-                             "--keep-keys to measure recall")
+        if info.archive is None:
+            raise SystemExit(f"shard {info.shard_id} has no key archive (built with "
+                             "--no-archive): rebuild it with the archive to measure recall")
         tokens = np.asarray(shard.tokens)
-        has = np.ones(len(tokens), bool)
-        has[shard.doc_ends - 1] = False
-        pos = np.flatnonzero(has)
-        keys = read_keys(store.path, info.shard_id)[pos].astype(np.float32)
+        pos, keys = read_shard_keys(store.path, info)
+        keys = keys.astype(np.float32)
         parts.append((keys, np.full(len(pos), i), pos, tokens[pos + 1].astype(np.int64)))
     return [np.concatenate(x) for x in zip(*parts)]
 

@@ -149,7 +149,7 @@ class RunMetrics:
         return EncodeTiming.from_metrics(self.counters, self.distributions)
 
 
-def _run(p: beam.Pipeline) -> RunMetrics:
+def run_pipeline(p: beam.Pipeline) -> RunMetrics:
     result = p.run()
     result.wait_until_finish()
     found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
@@ -205,7 +205,7 @@ def _check_device(config: BuildConfig, beam_args: Sequence[str] | None) -> None:
         check_device(config.device)
 
 
-def _start_journal(store: StoreIO, kind: str, parent: int, files: list[str], settings: dict,
+def start_journal(store: StoreIO, kind: str, parent: int, files: list[str], settings: dict,
                    model: str) -> RunJournal:
     journal = RunJournal(store, kind, parent, run_key(kind, parent, files, settings, model))
     try:
@@ -214,15 +214,15 @@ def _start_journal(store: StoreIO, kind: str, parent: int, files: list[str], set
         raise PermissionError(f"store directory {store.where()} is not writable") from None
 
 
-def _commit(journal: RunJournal, generation: int, model: ModelSpec, value_len: int,
-            transform, index, shards: tuple, parent: Manifest | None, note: str) -> Manifest:
+def commit_run(journal: RunJournal, generation: int, model: ModelSpec, value_len: int,
+               transform, index, shards: tuple, parent: Manifest | None, note: str) -> Manifest:
     manifest = commit_generation(journal.store, generation, model, value_len, transform, index,
                                  shards, parent, note)
     journal.finish(manifest.shards)
     return manifest
 
 
-def _completed_earlier(io: StoreIO, parent: int, key: str) -> Manifest | None:
+def completed_earlier(io: StoreIO, parent: int, key: str) -> Manifest | None:
     """The generation a crashed run of this very command committed before it could finish
     (its recorded shards are all in the generation after ``parent``), CURRENT repaired and the
     run's journal removed; None otherwise."""
@@ -262,7 +262,7 @@ def _encode_and_run(p, docs, config: BuildConfig, fitted, journal: RunJournal, g
                                              config.archive)
         | "Record" >> RecordResult(journal, fitted)
     )
-    _report(store, generation, _run(p), stats)
+    _report(store, generation, run_pipeline(p), stats)
 
 
 def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | None = None,
@@ -282,11 +282,11 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     _check_device(config, beam_args)
     model = describe_model(config, given_model)
     key = run_key("build", 0, files, config_settings(config), model.fingerprint)
-    if done := _completed_earlier(store, 0, key):
+    if done := completed_earlier(store, 0, key):
         return done
     _check_new_store(store)
     generation = 1
-    journal = _start_journal(store, "build", 0, files, config_settings(config),
+    journal = start_journal(store, "build", 0, files, config_settings(config),
                              model.fingerprint)
     committed = False
     try:
@@ -312,9 +312,9 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
             letters = read_dead_letters(store, generation)
             raise ValueError(f"no usable documents in the corpus ({len(files)} file(s)); "
                              f"{len(letters)} input(s) skipped: {summarize(letters) or 'none'}")
-        manifest = _commit(journal, generation, model, config.value_len,
-                           result.transform or adopted.transform, result.index or adopted.index,
-                           shards, None, config.note)
+        manifest = commit_run(journal, generation, model, config.value_len,
+                              result.transform or adopted.transform,
+                              result.index or adopted.index, shards, None, config.note)
         committed = True
         return manifest
     finally:
@@ -355,7 +355,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     files = _corpus_files(corpus, config.glob, store)
     fitted_value = load_fitted(store, current)
     generation = current.generation + 1
-    journal = _start_journal(store, "update", current.generation, files,
+    journal = start_journal(store, "update", current.generation, files,
                              config_settings(config), model.fingerprint)
     committed = False
     try:
@@ -406,9 +406,9 @@ def _commit_update(journal: RunJournal, current: Manifest, model: ModelSpec, new
     mine: set[str] | None = None
     for attempt in range(rebases + 1):
         try:
-            return _commit(journal, parent.generation + 1, model, current.value_len,
-                           current.transform, current.index, parent.shards + new,
-                           parent, note)
+            return commit_run(journal, parent.generation + 1, model, current.value_len,
+                              current.transform, current.index, parent.shards + new,
+                              parent, note)
         except CommitConflictError as e:
             if attempt == rebases:
                 raise
@@ -446,18 +446,18 @@ def compact_store(store: str | os.PathLike, shard_tokens: int | None = None,
         log.info("nothing to compact: generation %d stays current", current.generation)
         return current
     plan = [[s.shard_id for s in g] for g in groups]
-    journal = _start_journal(store, "compact", current.generation, [], {"groups": plan},
+    journal = start_journal(store, "compact", current.generation, [], {"groups": plan},
                              current.model.fingerprint)
     committed = False
     try:
         p = beam.Pipeline(options=pipeline_options(beam_args))
         run_compaction(p, store, current, groups, journal)
-        _run(p)
+        run_pipeline(p)
         merged = journal.read_result().shards
         kept = tuple(g[0] for g in groups if len(g) == 1)
-        manifest = _commit(journal, current.generation + 1, current.model, current.value_len,
-                           current.transform, current.index, kept + merged,
-                           current, "compact")
+        manifest = commit_run(journal, current.generation + 1, current.model, current.value_len,
+                              current.transform, current.index, kept + merged,
+                              current, "compact")
         committed = True
         return manifest
     finally:

@@ -6,7 +6,9 @@ with the occurrence to fail at (``after_shard_write:2`` fails at the second shar
 this process; default the first). The failure is an ``InjectedFault`` raised at that instant,
 which stops the run as a write error would (Beam workers inherit the environment); with a third
 field ``exit`` (``after_manifest:1:exit``) the process is killed on the spot instead, as by
-``kill -9``: no exception handler or cleanup runs.
+``kill -9``: no exception handler or cleanup runs. With ``DRESD_FAULT_ONCE`` naming a file, the
+failure happens once across all processes (the one that creates that file first), so one of a
+cluster's workers dies and the others, and its restarted self, carry on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from collections import Counter
 
 ENV = "DRESD_FAULT"
+ONCE_ENV = "DRESD_FAULT_ONCE"
 
 POINTS = (
     "after_fit",  # transform and quantizer written, nothing recorded
@@ -49,9 +52,22 @@ def maybe_fail(point: str) -> None:
     nth, _, mode = rest.partition(":")
     _seen[point] += 1
     if _seen[point] == int(nth or 1):
+        if not _first_anywhere():
+            return
         if mode == "exit":
             os._exit(137)
         raise InjectedFault(f"injected fault at {point}")
+
+
+def _first_anywhere() -> bool:
+    once = os.environ.get(ONCE_ENV)
+    if not once:
+        return True
+    try:
+        os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def reset() -> None:

@@ -329,7 +329,7 @@ class RunJournal:
             if i == 0:
                 maybe_fail("during_cleanup")
         # The shard records and run.json go last: until then a rerun of a build can tell that
-        # this run's commit happened (pipelines.build._completed_earlier).
+        # this run's commit happened (pipelines.build.completed_earlier).
         for i, name in enumerate(n for n in names if n != RUN_FILE
                                  and not n.startswith("shard-")):
             self.io.remove(f"{self.relpath}/{name}")

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 
+from pipelines.build import commit_run, completed_earlier, run_pipeline, start_journal
 from pipelines.config import BuildConfig
 from pipelines.documents import WrittenShard
 from pipelines.faults import maybe_fail
 from pipelines.fit import FittedKeys, TrainIndex, load_fitted
 from pipelines.index import FillShardIndex
+from pipelines.journal import run_key
 from pipelines.options import pipeline_options
 from pipelines.publish import RecordResult
 from schemas import Manifest, StoreFormatError, read_manifest
@@ -74,9 +76,6 @@ def reindex_store(store: str | os.PathLike, settings: ReindexSettings | None = N
                   beam_args: Sequence[str] | None = None) -> Manifest:
     """Train a new quantizer on keys sampled from the archive, fill every shard's lists with
     it, and commit them as the next generation; returns its manifest."""
-    from pipelines.build import _commit, _completed_earlier, _run, _start_journal
-    from pipelines.journal import run_key
-
     settings = settings or ReindexSettings()
     io = store_io(store)
     io.check_writable(must_exist=True)
@@ -89,11 +88,11 @@ def reindex_store(store: str | os.PathLike, settings: ReindexSettings | None = N
     # A run of this command that crashed after its commit made the current generation (or
     # the one after it, when CURRENT was not updated yet): complete that one.
     for parent in dict.fromkeys((current.generation, current.parent_generation)):
-        if parent and (done := _completed_earlier(io, parent, key(parent))):
+        if parent and (done := completed_earlier(io, parent, key(parent))):
             return done
     shards = _written(current)  # every shard's keys are in the archive
     config = settings.config(current)  # checked as a build's settings are
-    journal = _start_journal(io, "reindex", current.generation, [], recorded,
+    journal = start_journal(io, "reindex", current.generation, [], recorded,
                              current.model.fingerprint)
     committed = False
     try:
@@ -109,7 +108,7 @@ def reindex_store(store: str | os.PathLike, settings: ReindexSettings | None = N
                                                  current.model.vocab_size, reindex=True)
             | "Record" >> RecordResult(journal, trained)
         )
-        _run(p)
+        run_pipeline(p)
         result = journal.read_result()
         filled = {s.shard_id: s for s in result.shards}
         if set(filled) != {s.shard_id for s in current.shards}:
@@ -120,8 +119,8 @@ def reindex_store(store: str | os.PathLike, settings: ReindexSettings | None = N
         index = result.index
         note = (f"reindex {index.kind} nlist={index.nlist} nprobe={index.nprobe}"
                 + (f" pq_m={index.pq_m}" if index.pq_m else ""))
-        manifest = _commit(journal, current.generation + 1, current.model, current.value_len,
-                           current.transform, index, new, current, note)
+        manifest = commit_run(journal, current.generation + 1, current.model, current.value_len,
+                              current.transform, index, new, current, note)
         committed = True
         log.info("re-indexed generation %d as %d: %s", current.generation,
                  manifest.generation, note)

@@ -111,3 +111,43 @@ def test_relative_paths_mean_the_same_on_the_workers(dask_cluster, code_corpus_d
                        "--no-progress"] + _dask(dask_cluster)) == 0
     manifest = read_manifest(work / "s")
     assert manifest.generation == 2 and manifest.num_docs == len(files)
+
+
+def test_a_worker_killed_mid_encode_is_replaced_and_the_build_completes(
+        dask_cluster, code_corpus_dir, tiny_llama_dir, tmp_path):
+    """One worker process dies (as by kill -9) right after writing its first shard, before the
+    shard reaches the fill: its nanny starts it again, the engine runs the lost work again, and
+    the build completes with the counts of a clean build; the dead worker's shard and archive
+    fragment are counted nowhere and are garbage for gc."""
+    from distributed import Client
+
+    from pipelines.gc import collect_garbage
+
+    clean = tmp_path / "clean"
+    assert dresd_main(_build_args(clean, code_corpus_dir, tiny_llama_dir)) == 0
+    store = tmp_path / "s"
+    once = tmp_path / "fault-fired"
+    with Client(dask_cluster.scheduler_address) as client:
+        client.wait_for_workers(2, timeout=120)
+        before = set(client.scheduler_info()["workers"])
+        _set_worker_env(dask_cluster, faults.ONCE_ENV, str(once))
+        _set_worker_env(dask_cluster, faults.ENV, "after_shard_write:1:exit")
+        try:
+            assert dresd_main(_build_args(store, code_corpus_dir, tiny_llama_dir)
+                              + _dask(dask_cluster)) == 0
+        finally:
+            _set_worker_env(dask_cluster, faults.ENV, None)
+            _set_worker_env(dask_cluster, faults.ONCE_ENV, None)
+        died = once.exists() and before - set(client.scheduler_info()["workers"])
+    assert died, "no worker died: nothing was tested"
+    want, got = read_manifest(clean), read_manifest(store)
+    assert (got.num_docs, got.num_tokens, got.num_keys) == (want.num_docs, want.num_tokens,
+                                                            want.num_keys)
+    assert got.archive.rows == got.num_keys
+    named = {s.shard_id for s in got.shards}
+    orphans = [p.name for p in (store / "shards").iterdir() if p.name not in named]
+    assert orphans  # the killed worker's shard, written but never filled or committed
+    collect_garbage(store, grace_s=0)
+    assert {p.name for p in (store / "shards").iterdir()} == named
+    fragments = {s.archive.file.path.rsplit("/", 1)[1] for s in got.shards}
+    assert {p.name for p in (store / "archive.lance" / "data").iterdir()} == fragments
