@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RUNS = "dense:4x8,hybrid:calibrated"
+REPLAY_RUNS = "dense:4x8,hybrid:calibrated"
 
 
 def timed(fn, *args, **kw):
@@ -51,7 +51,7 @@ def timed(fn, *args, **kw):
 
 def replay(stores: list[Path], prompts: int, out: Path) -> dict:
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replay.py"), "--prompts",
-                    str(prompts), "--drafting-ms", "1", "--runs", RUNS, "--stores",
+                    str(prompts), "--drafting-ms", "1", "--runs", REPLAY_RUNS, "--stores",
                     ",".join(str(s) for s in stores), "--out", str(out)], check=True, cwd=ROOT)
     return json.loads(out.read_text())
 
@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--sample-size", type=int, default=4096,
                     help="hidden states sampled to fit the transform")
     ap.add_argument("--prompts", type=int, default=16, help="HumanEval prompts replayed")
+    ap.add_argument("--shard-tokens", type=int, default=8000,
+                    help="tokens per shard: several shards, so that a fresh build (new shard "
+                         "ids) draws another training sample than the re-index")
     ap.add_argument("--keep", default="", help="keep the stores in this directory")
     ap.add_argument("--stand-in", type=int, default=0, metavar="TOKENS",
                     help="only the build-time cost, on this many tokens with a stand-in model")
@@ -141,7 +144,8 @@ def main() -> None:
                 "default", 256)
     completions(heldout_humaneval_prompts(), corpus / "humaneval.jsonl", "default", 256)
     files = [corpus]
-    config = BuildConfig(sample_size=args.sample_size, glob="*.jsonl", progress=False)
+    config = BuildConfig(sample_size=args.sample_size, glob="*.jsonl", progress=False,
+                         shard_tokens=args.shard_tokens)
     rows = {}
     try:
         plain, plain_s = timed(build_store, files, tmp / "no-archive",
@@ -184,7 +188,7 @@ def main() -> None:
              f"reindex nlist {rows['nlist_built']} -> {nlist}: {reindex_s:.1f} s "
              f"({100 * rows['reindex_over_build']:.1f}% of the build); fresh build at nlist "
              f"{nlist}: {fresh_s:.1f} s"]
-    for method in RUNS.split(","):
+    for method in REPLAY_RUNS.split(","):
         name, budget = method.split(":")
         al = {s: rows["replay"][f"{name}/{s}/{budget}"]["AL"] for s in ("reindexed", "fresh")}
         lines.append(f"replay {name} {budget}: AL re-indexed {al['reindexed']:.3f}, fresh build "

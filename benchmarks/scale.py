@@ -238,11 +238,8 @@ def _fitted_from_json(d):
 
 
 def _shardinfo(d):
-    from schemas import FileRef, ShardInfo
+    from schemas import ShardInfo
 
-    d = dict(d)
-    for f in ("tokens", "docs", "index", "counts"):
-        d[f] = FileRef(**d[f])
     return ShardInfo.from_dict(d)
 
 
@@ -513,8 +510,8 @@ def report(rows: list[dict], out: Path) -> str:
             extra = f" = {v / 3600:.1f} h on one thread" if key == "fill_s" else ""
             lines.append(f"  {label:<28} {v:12.3f}  ({ext[key]['method']}){extra}")
     serving = rows[-1]["serving_bytes_per_token"]
-    lines.append(f"  serving set at 1B tokens      ~{serving:.1f} GB (+{2 * DIM} GB float16 "
-                 "archive if kept)")
+    lines.append(f"  serving set at 1B tokens      ~{serving:.1f} GB (+{2 * DIM + 4} GB key "
+                 "archive unless built with --no-archive)")
     text = "\n".join(lines)
     out.with_suffix(".txt").write_text(text + "\n")
     _plot(rows, ext, out.with_suffix(".png"))
