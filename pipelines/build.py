@@ -24,7 +24,7 @@ from pipelines.dead_letter import (
     read_dead_letters,
     summarize,
 )
-from pipelines.dedupe import NAMESPACE, DropKnownDocuments
+from pipelines.dedupe import NAMESPACE, FindDroppedSources
 from pipelines.encode import ENCODED_TOKENS, EncodeShards, EncodeTiming
 from pipelines.fit import (
     INDEX_DIR,
@@ -46,8 +46,9 @@ from pipelines.journal import (
 )
 from pipelines.options import pipeline_options
 from pipelines.publish import RecordResult, commit_generation
-from pipelines.readers import DEAD, ReadCorpus, list_corpus_files
+from pipelines.readers import DEAD, ReadCorpus, batch_files, list_corpus_files
 from pipelines.sample import SampleStates
+from pipelines.stage_clock import LauncherClock, stage_costs
 from pipelines.tokenize import Tokenize
 from schemas import Manifest, ModelSpec, StoreFormatError, read_manifest
 from schemas.commit import (
@@ -121,19 +122,33 @@ def _corpus_files(corpus: Corpus, glob: str, io: StoreIO) -> list[str]:
     return files
 
 
+# A batch of files holds about this many bytes per token of ``shard_tokens`` (source code and
+# prose run 3-5 bytes a token), so one batch makes about one shard, a little under the target.
+BATCH_BYTES_PER_TOKEN = 3
+
+
 def _read_documents(p, files, config: BuildConfig, store: str, known_shards: list[str],
                     generation: int):
-    """ReadCorpus -> DropKnownDocuments -> Tokenize, dead letters written; tokenized docs."""
-    read = p | "ReadCorpus" >> ReadCorpus(files, config.prompt_field, config.response_field,
-                                          config.max_doc_bytes)
-    new = read.docs | "DropKnown" >> DropKnownDocuments(store, known_shards)
-    tokenized = new | "Tokenize" >> Tokenize(config.model)
+    """(tokenized new documents, the first read's documents); dead letters written.
+
+    The corpus is read twice, in batches of files of about one shard: the first read finds the
+    documents to drop (repeated, or already in the store) and feeds the transform's sample;
+    the second skips the dropped ones and streams the rest through tokenization into the
+    encoder, one batch at a time. Reading again costs little next to tokenizing and encoding,
+    and no step holds the corpus (pipelines.dedupe).
+    """
+    batches = batch_files(files, config.shard_tokens * BATCH_BYTES_PER_TOKEN)
+    fields = (config.prompt_field, config.response_field, config.max_doc_bytes)
+    first = p | "ReadCorpus" >> ReadCorpus(batches, *fields)
+    dropped = first.docs | "FindDropped" >> FindDroppedSources(store, known_shards)
+    second = p | "ReadNew" >> ReadCorpus(batches, *fields, dropped=dropped)
+    tokenized = second.docs | "Tokenize" >> Tokenize(config.model)
     _ = (
-        (read[DEAD], tokenized[DEAD])
+        (first[DEAD], tokenized[DEAD])
         | "AllDeadLetters" >> beam.Flatten()
         | "WriteDeadLetters" >> WriteDeadLetters(store, generation)
     )
-    return tokenized.tokenized
+    return tokenized.tokenized, first.docs
 
 
 @dataclasses.dataclass
@@ -147,6 +162,11 @@ class RunMetrics:
     @property
     def encode(self) -> EncodeTiming | None:
         return EncodeTiming.from_metrics(self.counters, self.distributions)
+
+    @property
+    def stages(self):
+        """{stage: StageCost} of the stages the workers timed (pipelines.stage_clock)."""
+        return stage_costs(self.distributions)
 
 
 def run_pipeline(p: beam.Pipeline) -> RunMetrics:
@@ -203,6 +223,13 @@ def _check_device(config: BuildConfig, beam_args: Sequence[str] | None) -> None:
         from dresd.models import check_device
 
         check_device(config.device)
+
+
+def _launcher_clock(stats: dict | None) -> LauncherClock:
+    clock = LauncherClock()
+    if stats is not None:
+        stats["launcher"] = clock.costs
+    return clock
 
 
 def start_journal(store: StoreIO, kind: str, parent: int, files: list[str], settings: dict,
@@ -272,15 +299,19 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
 
     A rerun after a crash completes the build: shards (and the fitted transform) that the
     crashed run wrote and checksummed are reused (pipelines.journal). ``stats``, when given,
-    receives the run's ``RunMetrics`` under ``"metrics"`` (its ``encode`` timing included).
+    receives the run's ``RunMetrics`` under ``"metrics"`` (its ``encode`` timing and stage
+    costs included) and the launcher's own stages under ``"launcher"`` (pipelines.stage_clock).
     """
     config = config or BuildConfig()
     given_model, config = config.model, _absolute_model(config)
     store = store_io(store)
     store.check_writable(must_exist=False)
-    files = _corpus_files(corpus, config.glob, store)
+    clock = _launcher_clock(stats)
+    with clock("list"):
+        files = _corpus_files(corpus, config.glob, store)
     _check_device(config, beam_args)
-    model = describe_model(config, given_model)
+    with clock("describe_model"):
+        model = describe_model(config, given_model)
     key = run_key("build", 0, files, config_settings(config), model.fingerprint)
     if done := completed_earlier(store, 0, key):
         return done
@@ -292,12 +323,12 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
     try:
         adopted = journal.adopt()
         p = beam.Pipeline(options=pipeline_options(beam_args))
-        docs = _read_documents(p, files, config, store, [s.shard_id for s in adopted.shards],
-                               generation)
+        docs, first_read = _read_documents(p, files, config, store,
+                                           [s.shard_id for s in adopted.shards], generation)
         train = adopted.transform is None
         if train:
             fitted = (
-                docs
+                first_read
                 | "SampleStates" >> SampleStates(config)
                 | "FitTransform" >> FitTransform(config, store)
             )
@@ -312,9 +343,10 @@ def build_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig | 
             letters = read_dead_letters(store, generation)
             raise ValueError(f"no usable documents in the corpus ({len(files)} file(s)); "
                              f"{len(letters)} input(s) skipped: {summarize(letters) or 'none'}")
-        manifest = commit_run(journal, generation, model, config.value_len,
-                              result.transform or adopted.transform,
-                              result.index or adopted.index, shards, None, config.note)
+        with clock("commit"):
+            manifest = commit_run(journal, generation, model, config.value_len,
+                                  result.transform or adopted.transform,
+                                  result.index or adopted.index, shards, None, config.note)
         committed = True
         return manifest
     finally:
@@ -346,13 +378,16 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
     )
     given_model, config = config.model, _absolute_model(config)
     _check_device(config, beam_args)
-    model = describe_model(config, given_model)
+    clock = _launcher_clock(stats)
+    with clock("describe_model"):
+        model = describe_model(config, given_model)
     if model.fingerprint != current.model.fingerprint:
         raise StoreFormatError(
             f"model {config.model!r} (fingerprint {model.fingerprint[:12]}) is not the model "
             f"this store was built with ({current.model.name!r}, "
             f"{current.model.fingerprint[:12]})")
-    files = _corpus_files(corpus, config.glob, store)
+    with clock("list"):
+        files = _corpus_files(corpus, config.glob, store)
     fitted_value = load_fitted(store, current)
     generation = current.generation + 1
     journal = start_journal(store, "update", current.generation, files,
@@ -363,7 +398,7 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
         known = [s.shard_id for s in current.shards] + [s.shard_id for s in adopted.shards]
         p = beam.Pipeline(options=pipeline_options(beam_args))
         fitted = p | "FittedKeys" >> beam.Create([fitted_value])
-        docs = _read_documents(p, files, config, store, known, generation)
+        docs, _ = _read_documents(p, files, config, store, known, generation)
         _encode_and_run(p, docs, config, fitted, journal, generation, model.vocab_size, stats)
         new = tuple(adopted.shards) + journal.read_result().shards
         if not new:
@@ -371,8 +406,9 @@ def update_store(corpus: Corpus, store: str | os.PathLike, config: BuildConfig |
             journal.finish(())
             committed = True
             return current
-        manifest = _commit_update(journal, current, model, new, config.note or "update",
-                                  MAX_REBASES if rebase else 0)
+        with clock("commit"):
+            manifest = _commit_update(journal, current, model, new, config.note or "update",
+                                      MAX_REBASES if rebase else 0)
         committed = True
         return manifest
     finally:

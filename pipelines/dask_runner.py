@@ -35,8 +35,11 @@ Beam's (defects 1-6 were seen on a ``dask.distributed`` cluster of 2 worker proc
    the window-grouping step of a GroupByKey in the default global windowing (the grouping
    before it already gave each key its one pane).
 8. Partitions. Beam splits a Create into partitions of 128 elements, so a corpus of 100 files
-   is one task. Here a Create is split into about two partitions per worker thread unless
-   ``--dask_npartitions`` or ``--dask_partition_size`` say otherwise.
+   is one task, and a task holds all its partition's outputs at once. Here each element of a
+   Create is its own partition (up to ``MAX_CREATE_PARTITIONS``) unless ``--dask_npartitions``
+   or ``--dask_partition_size`` say otherwise: the builder's Creates hold units of work (a batch
+   of files of about one shard, a shard), so a task's memory is one unit's, whatever the
+   corpus size, and the scheduler balances units across workers.
 9. The client. Beam's result leaves the Client it opened connected; it outlives the cluster and
    logs reconnection errors when the scheduler goes away. Here the result closes it when the
    run finishes, fails or is cancelled.
@@ -74,6 +77,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 # The one apache-beam whose internals this module was written and tested against.
 BEAM_VERSION = "2.77.0"
 METRICS_TOPIC = "dresd-beam-metrics"
+MAX_CREATE_PARTITIONS = 4096  # past this, elements share partitions (see 8 above)
 
 
 def check_beam_version() -> None:
@@ -212,10 +216,9 @@ def _drain(partition):
 class _Visitor(beam.pipeline.PipelineVisitor):
     """Translates leaf transforms into bags, one per PCollection."""
 
-    def __init__(self, bag_kwargs: dict, run_id: str, default_partitions: int):
+    def __init__(self, bag_kwargs: dict, run_id: str):
         self.bag_kwargs = bag_kwargs
         self.run_id = run_id
-        self.default_partitions = default_partitions
         self.bags: dict[pvalue.PCollection, t.Any] = {}
         self.consumed: set[int] = set()
         self.sides: dict[int, t.Any] = {}
@@ -262,7 +265,7 @@ class _Visitor(beam.pipeline.PipelineVisitor):
         kwargs = dict(self.bag_kwargs)
         if not kwargs:
             n = len(node.transform.values)
-            kwargs["npartitions"] = max(1, min(n, self.default_partitions))
+            kwargs["npartitions"] = max(1, min(n, MAX_CREATE_PARTITIONS))
         return te.Create(node, bag_kwargs=kwargs).apply(input_bag=None)
 
     def _pardo(self, node, bag) -> None:
@@ -407,10 +410,9 @@ class DaskRunner(beam_dask.DaskRunner):
         bag_kwargs = beam_dask.DaskOptions._extract_bag_kwargs(dask_options)
         client = distributed.Client(**dask_options)
         try:
-            threads = sum(client.nthreads().values()) or 1
             pipeline.replace_all(beam_dask.dask_overrides())
             run_id = uuid.uuid4().hex
-            visitor = _Visitor(bag_kwargs, run_id, default_partitions=max(2, 2 * threads))
+            visitor = _Visitor(bag_kwargs, run_id)
             pipeline.visit(visitor)
             leaves = visitor.leaves()
             # Submitted together, the leaves form one graph: a step several leaves share runs

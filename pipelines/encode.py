@@ -23,9 +23,9 @@ from apache_beam.metrics import Metrics
 
 from pipelines.archive import archive_table, write_fragment
 from pipelines.config import BuildConfig
-from pipelines.dedupe import NAMESPACE
 from pipelines.documents import TokenizedDoc, WrittenShard
 from pipelines.faults import maybe_fail
+from pipelines.stage_clock import NAMESPACE, stage_clock
 from schemas.shard_io import KEY_DTYPE, key_positions
 from schemas.storage import staged, store_io
 
@@ -159,16 +159,18 @@ class EncodeShardsFn(beam.DoFn):
         docs, self.buffer, self.buffered = self.buffer, [], 0
         transform = self.fitted.transform
         start = time.perf_counter()
-        states = encode_stream(
-            self.model, [d.tokens for d in docs], transform.dim, transform.torch_apply,
-            KEY_DTYPE, self.config.batch_tokens, self.config.max_len, self.config.progress,
-        )
+        with stage_clock("encode_forward"):
+            states = encode_stream(
+                self.model, [d.tokens for d in docs], transform.dim, transform.torch_apply,
+                KEY_DTYPE, self.config.batch_tokens, self.config.max_len, self.config.progress,
+            )
         Metrics.distribution(NAMESPACE, ENCODE_FORWARD_MS).update(
             int((time.perf_counter() - start) * 1000))
-        data = shard_keys(docs, states)
-        with staged(self.store) as root:  # a remote store: written here, then uploaded
-            shard_id = write_shard(root, data)
-            fragment = write_fragment(root, archive_rows(shard_id, data))
+        with stage_clock("encode_write"):
+            data = shard_keys(docs, states)
+            with staged(self.store) as root:  # a remote store: written here, then uploaded
+                shard_id = write_shard(root, data)
+                fragment = write_fragment(root, archive_rows(shard_id, data))
         maybe_fail("after_shard_write")
         Metrics.counter(NAMESPACE, ENCODED_TOKENS).inc(len(data.tokens))
         Metrics.distribution(NAMESPACE, ENCODE_DONE_MS).update(_now_ms())

@@ -33,6 +33,7 @@ from pipelines.index import (
     train_quantizer,
     write_index,
 )
+from pipelines.stage_clock import stage_clock
 from schemas import IndexSpec, Manifest, StoreFormatError, TransformSpec
 from schemas.manifest import make_file_ref
 from schemas.storage import staged, store_io
@@ -142,7 +143,8 @@ def _fit_collected(states: list[np.ndarray], config: BuildConfig, store: str,
                    ) -> FittedKeys | None:
     if not states:
         return None  # no usable document at all: nothing to fit, nothing will be published
-    return fit_keys(np.concatenate(states), config, store)
+    with stage_clock("fit"):
+        return fit_keys(np.concatenate(states), config, store)
 
 
 class FitTransform(beam.PTransform):
@@ -170,8 +172,9 @@ def _train_collected(shards: list[WrittenShard], fitted: FittedKeys | None, conf
     if num_keys == 0:
         raise ValueError("the encoded shards hold no keys: nothing to train the index on")
     size = min(config.train_size, num_keys) if config.train_size else auto_train_size(num_keys)
-    keys = sample_keys(store, shards, size, config.seed)
-    return train_index(keys, config, num_keys, store, fitted)
+    with stage_clock("train"):
+        keys = sample_keys(store, shards, size, config.seed)
+        return train_index(keys, config, num_keys, store, fitted)
 
 
 class TrainIndex(beam.PTransform):

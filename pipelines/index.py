@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipelines.documents import WrittenShard
+from pipelines.stage_clock import stage_clock
 from schemas import StoreFormatError
 from schemas.archive import fragment_rows, keys_of
 from schemas.atomic import replacing
@@ -294,7 +295,7 @@ class FillShardIndexFn(beam.DoFn):
                       else INDEX_FILE)
         fetch = shard_files(shard, (TOKENS_FILE, DOCS_FILE, COUNTS_FILE) if self.reindex
                             else (TOKENS_FILE, DOCS_FILE))
-        with staged(self.store, fetch) as root:
+        with stage_clock("fill"), staged(self.store, fetch) as root:
             added = fill_shard_index(root, shard.shard_id, fitted.quantizer, self.vocab_size,
                                      shard.archive, lists_name, counts=not self.reindex)
             if added != shard.num_keys:

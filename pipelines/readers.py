@@ -15,6 +15,7 @@ from pathlib import Path
 import apache_beam as beam
 
 from pipelines.documents import ChatDocument, DeadLetter, Document, TextDocument
+from pipelines.stage_clock import stage_clock
 from schemas.errors import StorageError
 from schemas.storage import describe_kind, file_size, is_remote, list_files, open_input
 
@@ -150,6 +151,12 @@ def read_text_file(path: str, max_bytes: int) -> Iterator[Document | DeadLetter]
 
 def read_file(path: str, prompt_field: str, response_field: str, max_doc_bytes: int):
     """Documents of one corpus file; dead letters go to the ``dead`` tagged output."""
+    with stage_clock("read"):  # read whole, so the clock does not run the steps downstream
+        items = list(_file_items(path, prompt_field, response_field, max_doc_bytes))
+    yield from items
+
+
+def _file_items(path: str, prompt_field: str, response_field: str, max_doc_bytes: int):
     if path.endswith(".jsonl"):
         items = read_jsonl(path, prompt_field, response_field)
     elif path.endswith(".parquet"):
@@ -167,22 +174,58 @@ def read_file(path: str, prompt_field: str, response_field: str, max_doc_bytes: 
             yield item
 
 
-class ReadCorpus(beam.PTransform):
-    """file paths -> Documents (main output) and DeadLetters (``dead``)."""
+def batch_files(files: list[str], batch_bytes: int) -> list[list[str]]:
+    """The files in order, in batches of about ``batch_bytes`` (a larger file is a batch of its
+    own): the unit of work a task reads, tokenizes and encodes, so its memory does not grow
+    with the corpus."""
+    batches: list[list[str]] = []
+    size = batch_bytes
+    for f in files:
+        n = file_size(f)
+        if size + n > batch_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(f)
+        size += n
+    return batches
 
-    def __init__(self, files: list[str], prompt_field: str = "prompt",
-                 response_field: str = "response", max_doc_bytes: int = 8_000_000):
+
+def read_batch(files: list[str], prompt_field: str, response_field: str, max_doc_bytes: int,
+               dropped=None):
+    """Documents of a batch of files, less those whose source ``dropped`` names
+    (pipelines.dedupe.DroppedSources); dead letters go to the ``dead`` tagged output."""
+    for path in files:
+        for item in read_file(path, prompt_field, response_field, max_doc_bytes):
+            if dropped is not None and (isinstance(item, beam.pvalue.TaggedOutput)
+                                        or item.source in dropped):
+                continue  # the first read reported the dead letters
+            yield item
+
+
+class ReadCorpus(beam.PTransform):
+    """Batches of file paths (``batch_files``) -> Documents (main output) and DeadLetters
+    (``dead``).
+
+    With ``dropped`` (a singleton PCollection of ``DroppedSources``), a second read of the
+    same batches: documents it names are skipped, and so are dead letters.
+    """
+
+    def __init__(self, batches: list[list[str]], prompt_field: str = "prompt",
+                 response_field: str = "response", max_doc_bytes: int = 8_000_000,
+                 dropped=None):
         super().__init__()
-        self.files = list(files)
+        self.batches = [list(b) for b in batches]
         self.prompt_field = prompt_field
         self.response_field = response_field
         self.max_doc_bytes = max_doc_bytes
+        self.dropped = dropped
 
     def expand(self, pbegin):
+        sides = [beam.pvalue.AsSingleton(self.dropped)] if self.dropped is not None else []
         return (
             pbegin
-            | "Files" >> beam.Create(self.files)
+            | "Batches" >> beam.Create(self.batches)
             | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.FlatMap(read_file, self.prompt_field, self.response_field,
-                                     self.max_doc_bytes).with_outputs(DEAD, main="docs")
+            | "Read" >> beam.FlatMap(read_batch, self.prompt_field, self.response_field,
+                                     self.max_doc_bytes, *sides).with_outputs(DEAD, main="docs")
         )

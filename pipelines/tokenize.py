@@ -13,6 +13,7 @@ import numpy as np
 
 from pipelines.documents import ChatDocument, DeadLetter, TokenizedDoc
 from pipelines.readers import DEAD
+from pipelines.stage_clock import stage_clock
 
 
 def load_tokenizer(model: str):
@@ -37,6 +38,16 @@ def document_tokens(tokenizer, eos_id: int, doc) -> list[int]:
     return tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [eos_id]
 
 
+def tokenized(tokenizer, eos_id: int, doc) -> TokenizedDoc | None:
+    """The document's tokens; None for a record the tokenizer cannot template."""
+    if isinstance(doc, ChatDocument) and not tokenizer.chat_template:
+        return None
+    # Never fewer than two tokens (text + EOS, or a templated chat), so every document
+    # yields at least one key.
+    tokens = np.asarray(document_tokens(tokenizer, eos_id, doc), np.int32)
+    return TokenizedDoc(doc_id=doc.doc_id, source=doc.source, tokens=tokens)
+
+
 class TokenizeFn(beam.DoFn):
     def __init__(self, model: str):
         self.model = model
@@ -45,14 +56,13 @@ class TokenizeFn(beam.DoFn):
         self.tokenizer, self.eos_id = load_tokenizer(self.model)
 
     def process(self, doc):
-        if isinstance(doc, ChatDocument) and not self.tokenizer.chat_template:
+        with stage_clock("tokenize"):
+            out = tokenized(self.tokenizer, self.eos_id, doc)
+        if out is None:
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter.of(
                 doc.source, "prompt/response record, but the tokenizer has no chat template"))
-            return
-        # Never fewer than two tokens (text + EOS, or a templated chat), so every document
-        # yields at least one key.
-        tokens = np.asarray(document_tokens(self.tokenizer, self.eos_id, doc), np.int32)
-        yield TokenizedDoc(doc_id=doc.doc_id, source=doc.source, tokens=tokens)
+        else:
+            yield out
 
 
 class Tokenize(beam.PTransform):

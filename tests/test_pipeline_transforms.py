@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from dresd.models import load_model
 from pipelines.archive import write_fragment
 from pipelines.config import BuildConfig
-from pipelines.dedupe import DropKnownDocuments
+from pipelines.dedupe import DroppedSources, FindDroppedSources, source_key
 from pipelines.documents import ChatDocument, TextDocument, TokenizedDoc, WrittenShard
 from pipelines.encode import EncodeShards, archive_rows
 from pipelines.fit import FitTransform, fit_keys, train_index
@@ -25,9 +25,9 @@ from pipelines.index import FillShardIndex, fill_shard_index
 from pipelines.journal import RunJournal
 from pipelines.options import pipeline_options
 from pipelines.publish import RecordResult, commit_generation
-from pipelines.readers import DEAD, ReadCorpus
+from pipelines.readers import DEAD, ReadCorpus, batch_files
 from pipelines.sample import SampleStates, SmallestHashDocs
-from pipelines.tokenize import Tokenize, load_tokenizer
+from pipelines.tokenize import Tokenize, load_tokenizer, tokenized
 from schemas import ModelSpec, StoreFormatError, read_manifest
 from schemas.archive import ARCHIVE_COLUMNS, fragment_rows, keys_of, read_shard_keys
 from schemas.lists import ListsFile, unpack_ids
@@ -76,7 +76,7 @@ def test_read_corpus_sorts_good_records_from_dead_letters(tmp_path):
         str(tmp_path / n) for n in ("good.txt", "empty.txt", "binary.txt", "huge.txt")]
 
     with beam_test_pipeline() as p:
-        out = p | ReadCorpus(files, "q", "a", max_doc_bytes=4000)
+        out = p | ReadCorpus(batch_files(files, 100), "q", "a", max_doc_bytes=4000)
         assert_that(out.docs | beam.Map(lambda d: (type(d).__name__, d.source)), equal_to([
             ("ChatDocument", f"{jsonl}:1"),
             ("ChatDocument", f"{parquet}#0"),
@@ -121,7 +121,18 @@ def test_document_ids_are_content_hashes():
     assert ChatDocument("a", "p", "r").doc_id != ChatDocument("a", "pr", "").doc_id
 
 
-def test_drop_known_documents_skips_store_contents_and_duplicates(tmp_path):
+def test_batch_files_cuts_the_corpus_in_order_into_batches_of_about_the_size(tmp_path):
+    sizes = [30, 30, 50, 200, 10, 10]
+    files = []
+    for i, n in enumerate(sizes):
+        files.append(str(tmp_path / f"f{i}.txt"))
+        Path(files[-1]).write_text("x" * n)
+    batches = batch_files(files, 100)
+    assert batches == [files[:2], files[2:3], files[3:4], files[4:]]  # 200 alone: one file
+    assert batch_files([], 100) == []
+
+
+def test_find_dropped_sources_names_store_contents_and_repeated_copies(tmp_path):
     known = TextDocument("old.py", "old\n")
     sid = write_shard(tmp_path, ShardData(
         tokens=np.array([5, 6], np.int32), doc_ids=[known.doc_id], sources=["old.py"],
@@ -129,9 +140,35 @@ def test_drop_known_documents_skips_store_contents_and_duplicates(tmp_path):
     docs = [known, TextDocument("new.py", "new\n"), TextDocument("copy.py", "new\n"),
             TextDocument("other.py", "other\n")]
     with beam_test_pipeline() as p:
-        out = p | beam.Create(docs) | DropKnownDocuments(str(tmp_path), [sid])
-        assert_that(out | beam.Map(lambda d: d.doc_id), equal_to(
-            [TextDocument("", "new\n").doc_id, TextDocument("", "other\n").doc_id]))
+        out = p | beam.Create(docs) | FindDroppedSources(str(tmp_path), [sid])
+        # The copy kept is the first source in sorted order: copy.py, on every runner.
+        assert_that(out | beam.Map(lambda d: sorted(
+            s for s in ("old.py", "new.py", "copy.py", "other.py") if s in d)),
+            equal_to([["new.py", "old.py"]]))
+
+
+def test_dropped_sources_is_exact_for_its_keys():
+    dropped = DroppedSources(source_key(f"f{i}.py") for i in range(0, 1000, 2))
+    assert len(dropped) == 500
+    assert all(f"f{i}.py" in dropped for i in range(0, 1000, 2))
+    assert not any(f"f{i}.py" in dropped for i in range(1, 1000, 2))
+    assert "anything" not in DroppedSources([])
+
+
+def test_second_read_skips_dropped_documents_and_dead_letters(tmp_path):
+    for name, text in (("a.txt", "one\n"), ("b.txt", "one\n"), ("c.txt", "two\n"),
+                       ("d.txt", " ")):
+        (tmp_path / name).write_text(text)
+    batches = batch_files(sorted(str(p) for p in tmp_path.glob("*.txt")), 10)
+    with beam_test_pipeline() as p:
+        first = p | "First" >> ReadCorpus(batches)
+        dropped = first.docs | FindDroppedSources(str(tmp_path), [])
+        second = p | "Second" >> ReadCorpus(batches, dropped=dropped)
+        assert_that(first[DEAD] | beam.Map(lambda d: Path(d.source).name), equal_to(["d.txt"]),
+                    label="first read's dead letters")
+        assert_that(second.docs | beam.Map(lambda d: Path(d.source).name),
+                    equal_to(["a.txt", "c.txt"]), label="kept")
+        assert_that(second[DEAD], equal_to([]), label="reported once")
 
 
 def _docs(n, length, seed=0):
@@ -142,7 +179,7 @@ def _docs(n, length, seed=0):
 
 def test_smallest_hash_docs_keeps_just_enough_tokens():
     docs = _docs(10, 50)
-    fn = SmallestHashDocs(target_tokens=120)
+    fn = SmallestHashDocs(120, size_of=len)
     a = fn.create_accumulator()
     for d in docs[5:]:
         a = fn.add_input(a, d)
@@ -154,18 +191,34 @@ def test_smallest_hash_docs_keeps_just_enough_tokens():
 
 
 def test_sample_states_are_the_models_hidden_states(tiny_llama_dir):
-    docs = _docs(6, 80)
+    # Text documents of 30-90 tokens: the smallest ids until 8 x 2 x 100 characters are picked
+    # and tokenized, and encoded only up to 200 tokens in all.
+    docs = [TextDocument(f"doc{i}.py", f"def f{i}(x):\n    return x * {i}\n" * (3 + i % 4))
+            for i in range(40)]
     config = _config(tiny_llama_dir, sample_size=100)
+    tokenizer, eos = load_tokenizer(str(tiny_llama_dir))
+    picked, chars = [], 0
+    for d in sorted(docs, key=lambda d: d.doc_id):
+        picked.append(tokenized(tokenizer, eos, d).tokens)
+        chars += len(d.text)
+        if chars >= 1600:
+            break
     with beam_test_pipeline() as p:
         states = p | beam.Create(docs) | SampleStates(config)
         assert_that(states | beam.Map(lambda s: (s.shape, str(s.dtype))),
                     equal_to([((100, 64), "float32")]))
-        # picked docs: the 3 smallest ids (240 tokens >= 2 x 100), the third encoded only up to
-        # 200 tokens in all; every sampled state is one of those positions' real hidden states
+        # every sampled state is one of those positions' real hidden states
         model, _ = load_model(tiny_llama_dir)
+        want, budget = [], 200
         with torch.no_grad():
-            ids = torch.tensor(np.stack([d.tokens for d in docs[:3]]), dtype=torch.long)
-            want = model.base_model(ids).last_hidden_state.reshape(-1, 64).numpy()[:200]
+            for tokens in picked:
+                ids = torch.tensor(tokens[:budget][None], dtype=torch.long)
+                want.append(model.base_model(ids).last_hidden_state[0].numpy())
+                budget -= ids.shape[1]
+                if budget <= 0:
+                    break
+        want = np.concatenate(want)
+        assert len(want) == 200
 
         def all_rows_found(s):
             dist = ((s[:, None, :] - want[None]) ** 2).sum(-1).min(1)
