@@ -181,7 +181,7 @@ def launch(spec: dict) -> dict:
     elif spec["op"] == "update":
         manifest = update_store(files, spec["store"], config, beam_args, stats)
     else:
-        manifest = compact_store(spec["store"], None, beam_args)
+        manifest = compact_store(spec["store"], spec.get("shard_tokens"), beam_args)
     wall = time.perf_counter() - start
     ru = resource.getrusage(resource.RUSAGE_SELF)
     metrics = stats.get("metrics")
@@ -217,7 +217,7 @@ class Killer(threading.Thread):
         self.killed: dict | None = None
         self.done = threading.Event()
 
-    def _started(self) -> bool:
+    def stage_started(self) -> bool:
         if self.stage == "encode":
             return any((self.store / "archive.lance" / "data").glob("*.lance"))
         return any((self.store / "shards").glob("*/ivf*.lists"))
@@ -225,7 +225,7 @@ class Killer(threading.Thread):
     def run(self):
         start = time.perf_counter()
         while not self.done.is_set():
-            if self._started():
+            if self.stage_started():
                 pid = self.pids[-1]
                 os.kill(pid, signal.SIGKILL)
                 self.killed = {"pid": pid, "after_s": round(time.perf_counter() - start, 1)}
@@ -250,13 +250,13 @@ def store_bytes(store: Path) -> dict[str, int]:
 
 
 def run_launch(op: str, runner: str, store: Path, files: list[str], model: str, work: Path,
-               kill: str = "") -> dict:
+               kill: str = "", shard_tokens: int | None = None) -> dict:
     """One launch in a child process, on a fresh cluster for dask; figures of every process."""
     cluster = client = None
     files_json = work / f"files-{op}.json"
     files_json.write_text(json.dumps(files))
     spec = {"op": op, "store": str(store), "files": str(files_json) if files else "",
-            "model": model, "scheduler": ""}
+            "model": model, "scheduler": "", "shard_tokens": shard_tokens}
     if runner.startswith("dask-"):
         from distributed import Client, LocalCluster
 
@@ -299,14 +299,17 @@ def run_launch(op: str, runner: str, store: Path, files: list[str], model: str, 
     result["workers"] = workers
     result["attempts"] = attempts
     if killer:
+        if killer.killed is None:
+            raise SystemExit(f"--kill {kill}: no worker was killed (the stage's output never "
+                             "appeared while the build ran)")
         result["killed"] = killer.killed
     return result
 
 
 def summarize(label: str, op: str, runner: str, result: dict, store: Path) -> dict:
     stages = result["stages"]
-    tokens = result["store"]["tokens"] if op == "build" else result["counters"].get(
-        "encoded_tokens", 0)
+    tokens = {"build": result["store"]["tokens"], "compact": result["store"]["tokens"]}.get(
+        op, result["counters"].get("encoded_tokens", 0))
     cpu_total = result["launcher"]["cpu_s"] + sum(w["cpu_s"] for w in result["workers"])
     forward = sum(stages[s]["cpu_s"] for s in FORWARD_STAGES if s in stages)
     timed = sum(s["cpu_s"] for s in stages.values())
@@ -428,6 +431,8 @@ def main() -> None:
                     help="SIGKILL a worker when this stage starts (dask only)")
     ap.add_argument("--update", type=float, default=0, help="then add this many new tokens")
     ap.add_argument("--compact", action="store_true", help="then compact the store")
+    ap.add_argument("--compact-shard-tokens", type=float, default=4e6,
+                    help="shard size the compaction merges up to (the build's shards are ~1M)")
     ap.add_argument("--work", default="/tmp/dresd-build-scale", help="stores and caches")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
     ap.add_argument("--tag", default="", help="appended to every label (e.g. 'before')")
@@ -448,7 +453,7 @@ def main() -> None:
         label = f"build-{human(tokens)}-{args.runner}" + (f"-kill-{args.kill}" if args.kill
                                                            else "") + args.tag
         print(f"{label}: {len(files)} files, {corpus_tokens:,} tokens", flush=True)
-        store = work / f"store-{human(tokens)}-{args.runner}"
+        store = work / f"store-{label.removeprefix('build-')}"
         shutil.rmtree(store, ignore_errors=True)
         result = run_launch("build", args.runner, store, files, model, work, args.kill)
         rows.append(summarize(label, "build", args.runner, result, store))
@@ -462,7 +467,8 @@ def main() -> None:
             rows[-1]["corpus"] = {"files": len(more), "tokens": more_tokens}
             save(rows, meta)
         if args.compact:
-            result = run_launch("compact", args.runner, store, [], model, work)
+            result = run_launch("compact", args.runner, store, [], model, work,
+                                shard_tokens=int(args.compact_shard_tokens))
             rows.append(summarize(f"compact-{human(tokens)}", "compact", args.runner, result,
                                   store))
             save(rows, meta)
