@@ -402,17 +402,74 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def save(rows_new: list[dict], meta: dict) -> None:
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    return [r for r in old if r["label"] not in {n["label"] for n in new}] + new
+
+
+def save(rows_new: list[dict], meta: dict, serving_new: list[dict] = ()) -> None:
     path = RESULTS.with_suffix(".json")
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    keep = [r for r in old["runs"] if r["label"] not in {n["label"] for n in rows_new}]
-    runs = keep + rows_new
+    runs = merged(old["runs"], rows_new)
+    serving = merged(old.get("serving", []), list(serving_new))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
-    text = report(runs)
+    path.write_text(json.dumps({"meta": meta, "runs": runs, "serving": serving}, indent=1)
+                    + "\n")
+    text = report(runs) + serving_report(serving)
     RESULTS.with_suffix(".txt").write_text(text + "\n\n" + json.dumps(meta) + "\n")
     plot(runs, RESULTS.with_suffix(".png"))
     print(text)
+
+
+SERVING_FIGURES = ("serving_bytes_per_token", "load_s", "rss_after_load_mb",
+                   "rss_after_queries_mb", "p50_ms", "p99_ms", "recall_at_10")
+
+
+def predicted_row(keys: int, shards: int) -> dict:
+    """The synthetic store of ``benchmarks/scale.py`` closest to a real one: nearest key count
+    (in log), then nearest shard count."""
+    import math
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "scale.json").read_text())["rows"]
+    return min(rows, key=lambda r: (round(abs(math.log(r["keys"] / keys)), 1),
+                                    abs(r["shards"] - shards)))
+
+
+def serve(label: str, store: Path, queries: int, recall_queries: int) -> dict:
+    """What ``benchmarks/scale.py`` measures of its synthetic stores (load time, RssAnon, p50/p99
+    of ``Store.continuations``, recall@10 against exact search), measured on a built store in a
+    fresh process, keys from its archive, beside the synthetic prediction."""
+    child = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--measure", str(store),
+         "--archived", "--queries", str(queries), "--recall-queries", str(recall_queries),
+         "--no-progress"],
+        stdout=subprocess.PIPE, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    m = json.loads(next(line for line in child.stdout.splitlines()
+                        if line.startswith("RESULT "))[7:])
+    m["serving_bytes_per_token"] = m["bytes_per_token"]["serving"]
+    pred = predicted_row(m["keys"], m["shards"])
+    return {"label": label, "date": time.strftime("%Y-%m-%d"), "store": str(store),
+            "keys": m["keys"], "tokens": m["tokens"], "shards": m["shards"],
+            "nlist": m["nlist"], "nprobe": m["nprobe"], "factory": m["factory"],
+            "queries": m["queries"], "recall_queries": m["recall_queries"],
+            "bytes_per_token": m["bytes_per_token"], "stats_summary": m["stats_summary"],
+            "measured": {k: m[k] for k in SERVING_FIGURES},
+            "predicted_from": {k: pred[k] for k in ("keys", "shards", "nlist", "factory")},
+            "predicted": {k: pred[k] for k in SERVING_FIGURES}}
+
+
+def serving_report(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        p = r["predicted_from"]
+        lines += ["", f"{r['label']} ({r['date']}): {r['tokens']:,} tokens, {r['shards']} shards, "
+                  f"{r['factory']}, nprobe {r['nprobe']}; {r['queries']:,} queries, recall on "
+                  f"{r['recall_queries']}; predicted by the synthetic store of {p['keys']:,} "
+                  f"keys in {p['shards']} shards ({p['factory']})",
+                  f"  {'figure':24s} {'built':>10s} {'synthetic':>10s} {'ratio':>7s}"]
+        for k in SERVING_FIGURES:
+            a, b = r["measured"][k], r["predicted"][k]
+            lines.append(f"  {k:24s} {a:10.3f} {b:10.3f} {a / b if b else float('nan'):7.2f}")
+    return "\n".join(lines)
 
 
 def human(n: float) -> str:
@@ -436,6 +493,11 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/dresd-build-scale", help="stores and caches")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
     ap.add_argument("--tag", default="", help="appended to every label (e.g. 'before')")
+    ap.add_argument("--serve", nargs="*", metavar="LABEL=STORE", default=None,
+                    help="measure built stores as benchmarks/scale.py measures its synthetic "
+                         "ones, beside its prediction (no build)")
+    ap.add_argument("--queries", type=int, default=10_000, help="with --serve")
+    ap.add_argument("--recall-queries", type=int, default=300, help="with --serve")
     args = ap.parse_args()
     if args.kill and not args.runner.startswith("dask-"):
         sys.exit("--kill needs a dask runner")
@@ -446,6 +508,11 @@ def main() -> None:
             "python": platform.python_version(),
             "corpus": "stdlib + site-packages *.py in SHA-256 order of relative path",
             "model": f"SmolLM2-135M-Instruct config, 1 layer, MLP width {STAND_IN_MLP}, random weights (seed 0)"}
+    if args.serve is not None:
+        old = json.loads(RESULTS.with_suffix(".json").read_text())
+        save([], old["meta"], [serve(*item.split("=", 1), args.queries, args.recall_queries)
+                               for item in args.serve])
+        return
     rows = []
     for size in (float(x) for x in args.tokens.split(",")):
         tokens = int(size)

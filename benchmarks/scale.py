@@ -302,6 +302,45 @@ def _layout(store: Path, m) -> list[dict]:
     return out
 
 
+class SyntheticKeys:
+    """The keys of a store this script wrote, regenerated from the seed unit by unit (a unit is
+    one synthetic shard: ``units[s]`` says where it lies in the store)."""
+
+    def __init__(self, store: Path, m, seed: int):
+        self.units = _layout(store, m)
+        self.dim = DIM
+        self.seed, self.g = seed, _globals(seed)
+
+    def keys(self, st, s: int) -> np.ndarray:
+        """float16 [num_tokens, d]: unit ``s``'s keys by position (rows without a key unused)."""
+        return synthetic_shard(self.seed, s, self.units[s]["num_tokens"], self.g)[3]
+
+
+class ArchivedKeys:
+    """The keys of any store with a key archive (a real build: ``benchmarks/build_scale.py``),
+    read from ``archive.lance`` shard by shard; a unit is one store shard."""
+
+    def __init__(self, store: Path, m):
+        from schemas.archive import read_shard_keys
+
+        self.read = read_shard_keys
+        self.units = [dict(shard=i, offset=0, num_tokens=info.num_tokens,
+                           num_keys=info.num_keys) for i, info in enumerate(m.shards)]
+        self.dim = m.dim
+
+    def keys(self, st, s: int) -> np.ndarray:
+        unit, info = self.units[s], st.manifest.shards[s]
+        pos, keys = self.read(st.path, info)
+        # the archive holds a key at every position but each document's last, as the
+        # synthetic layout does, so the two sources are measured on the same positions
+        if not np.array_equal(np.sort(pos), _key_positions(st, unit)):
+            raise SystemExit(f"shard {info.shard_id}: archived positions are not every "
+                             "position but each document's last")
+        out = np.zeros((unit["num_tokens"], keys.shape[1]), np.float16)
+        out[pos] = keys
+        return out
+
+
 def _key_positions(st, where: dict) -> np.ndarray:
     """Positions (in the synthetic shard) that have a key: all but each document's last."""
     sh = st.shards[where["shard"]]
@@ -313,9 +352,10 @@ def _key_positions(st, where: dict) -> np.ndarray:
     return np.flatnonzero(has)
 
 
-def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_queries: int,
-            progress: bool) -> dict:
-    """Run in a fresh process: load, latency, RSS, recall."""
+def measure(store: Path, seed: int, queries: int, recall_queries: int, progress: bool,
+            archived: bool = False) -> dict:
+    """Run in a fresh process: load, latency, RSS, recall. ``archived``: take the keys from the
+    store's archive (a real store) instead of regenerating them (a store this script wrote)."""
     import faiss
     from tqdm import tqdm
 
@@ -329,16 +369,16 @@ def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_quer
     load_s = time.perf_counter() - t0
     rss_load = rss_anon()
     m = st.manifest
-    g = _globals(seed)
+    source = ArchivedKeys(store, m) if archived else SyntheticKeys(store, m, seed)
 
-    # query locations: a key chosen uniformly (synthetic shard by its key count, then a
-    # position); `layout` says where each synthetic shard lies in the store's shards
-    layout = _layout(store, m)
+    # query locations: a key chosen uniformly (unit by its key count, then a position);
+    # `layout` says where each unit lies in the store's shards
+    layout = source.units
     rng = np.random.default_rng([seed, 3])
     counts = np.array([w["num_keys"] for w in layout])
     q_shard = rng.choice(len(counts), queries, p=counts / counts.sum())
     q_pos = np.empty(queries, np.int64)  # position in the synthetic shard
-    q_vec = np.empty((queries, DIM), np.float32)
+    q_vec = np.empty((queries, source.dim), np.float32)
     for s in np.unique(q_shard):
         pos = _key_positions(st, layout[s])
         rows = np.flatnonzero(q_shard == s)
@@ -347,7 +387,7 @@ def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_quer
                       for s, p in zip(q_shard, q_pos)])
     # pass 1: regenerate each shard's keys and perturb the chosen ones into queries
     for s in tqdm(np.unique(q_shard), desc="queries", disable=not progress):
-        keys = synthetic_shard(seed, s, layout[s]["num_tokens"], g)[3]
+        keys = source.keys(st, s)
         rows = np.flatnonzero(q_shard == s)
         x = keys[q_pos[rows]].astype(np.float32)
         x += QUERY_NOISE * rng.standard_normal(x.shape, dtype=np.float32)
@@ -374,7 +414,7 @@ def measure(store: Path, seed: int, shard_tokens: int, queries: int, recall_quer
     best = [[] for _ in range(r)]
     for s in tqdm(range(len(layout)), desc="exact", disable=not progress):
         where = layout[s]
-        keys = synthetic_shard(seed, s, where["num_tokens"], g)[3]
+        keys = source.keys(st, s)
         tokens = np.asarray(st.shards[where["shard"]].tokens)[where["offset"]:]
         pos = _key_positions(st, where)
         nxt = tokens[pos + 1]
@@ -569,13 +609,17 @@ def main(argv=None) -> int:
     ap.add_argument("--compact-tokens", type=float, default=None,
                     help="measure a compacted copy of each store (hard links, then `dresd "
                          "compact --shard-tokens N`) instead of the store as built")
-    ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--measure", default=None, metavar="STORE",
+                    help="only measure STORE (in this process) and print its figures as JSON")
+    ap.add_argument("--archived", action="store_true",
+                    help="with --measure: STORE is any store with a key archive (a real build); "
+                         "queries and the exact search take its archived keys")
     args = ap.parse_args(argv)
     progress = not args.no_progress
     shard_tokens = int(args.shard_tokens)
     if args.measure:
-        print("RESULT " + json.dumps(measure(Path(args.measure), args.seed, shard_tokens,
-                                             args.queries, args.recall_queries, progress)))
+        print("RESULT " + json.dumps(measure(Path(args.measure), args.seed, args.queries,
+                                             args.recall_queries, progress, args.archived)))
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

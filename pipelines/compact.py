@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.archive import write_fragment
+from pipelines.documents import FilledShard
 from pipelines.faults import maybe_fail
 from pipelines.fit import load_fitted
 from pipelines.journal import RunJournal
@@ -146,5 +147,7 @@ def run_compaction(p: beam.Pipeline, store: str, current: Manifest,
         | "Groups" >> beam.Create(merges)
         | "Merge" >> beam.Map(merge_shards, store, index.nlist, code_size,
                               current.model.vocab_size, generation)
+        # the merged lists are the parts' lists, written with the store's quantizer
+        | "Filled" >> beam.Map(FilledShard, index.quantizer.sha256)
         | "Record" >> RecordResult(journal, fitted)
     )

@@ -42,7 +42,10 @@ Beam's (defects 1-6 were seen on a ``dask.distributed`` cluster of 2 worker proc
    corpus size, and the scheduler balances units across workers.
 9. The client. Beam's result leaves the Client it opened connected; it outlives the cluster and
    logs reconnection errors when the scheduler goes away. Here the result closes it when the
-   run finishes, fails or is cancelled.
+   run finishes, fails or is cancelled, and waits on that client only: waiting through the
+   process's default client (``distributed.wait``) runs another event loop when the caller
+   holds a Client of its own, and a future a lost worker sends back to pending then fails in
+   ``result()`` with asyncio's "bound to a different event loop".
 
 Create, GroupByKey and Flatten keep Beam's translations. Because this module reaches into
 Beam's internals (``_OutputHandler``, ``DoFnInvoker``, ``StateSampler``, the dask runner's
@@ -64,6 +67,7 @@ import dataclasses
 import logging
 import pickle
 import threading
+import time
 import typing as t
 import uuid
 
@@ -350,12 +354,24 @@ class DaskRunnerResult(PipelineResult):
         self._metrics = None
 
     def wait_until_finish(self, duration=None):
-        from distributed import wait
-
         if self._state in (PipelineState.DONE, PipelineState.FAILED):
             return self._state
+        deadline = time.monotonic() + duration / 1000 if duration else None
         try:
-            wait(self.futures, timeout=duration / 1000 if duration else None)
+            # Each future waits on the run's own client. distributed.wait would wait on the
+            # process's default client: another event loop when the caller holds a Client of
+            # its own, and a future that a lost worker sends back to pending then fails in
+            # result() with asyncio's "bound to a different event loop".
+            # Every leaf ends before any error is raised: the release of the run's DoFns
+            # (in _close) must come after the last task returned its DoFns to the pool.
+            for f in self.futures:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    f.exception(timeout=left)  # waits; a worker's exception is not raised yet
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return self._state  # still running, as Beam's runners report it
+                    raise
             for f in self.futures:
                 f.result()  # raises a worker's exception here
             self._state = PipelineState.DONE

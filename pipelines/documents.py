@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.manifest import ArchiveFragment
+from schemas.manifest import ArchiveFragment, ShardInfo
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,15 @@ class WrittenShard:
     num_tokens: int
     num_keys: int
     archive: ArchiveFragment | None = None
+
+
+@dataclass(frozen=True)
+class FilledShard:
+    """A shard with its inverted lists written, and the digest of the quantizer that filled
+    them. The lists are only valid under that quantizer, so the run records the shard only if
+    the quantizer it commits is that one (pipelines.journal.check_filled_with): on a cluster
+    the engine may train the quantizer again after losing the worker that held it, and fill
+    the remaining shards with the new one."""
+
+    info: ShardInfo
+    quantizer_sha256: str

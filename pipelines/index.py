@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 import pyarrow.compute as pc
 
-from pipelines.documents import WrittenShard
+from pipelines.documents import FilledShard, WrittenShard
 from pipelines.stage_clock import stage_clock
 from schemas import StoreFormatError
 from schemas.archive import fragment_rows, keys_of
@@ -306,11 +306,11 @@ class FillShardIndexFn(beam.DoFn):
                               shard.archive if self.keep_archive else None, lists_name)
         if not self.keep_archive and shard.archive:
             store_io(self.store).remove(shard.archive.file.path)  # never committed: not read
-        yield info
+        yield FilledShard(info, fitted.index_spec.quantizer.sha256)
 
 
 class FillShardIndex(beam.PTransform):
-    """WrittenShards -> ShardInfos, after writing each shard's inverted lists and counts from
+    """WrittenShards -> FilledShards, after writing each shard's inverted lists and counts from
     its archive fragment (dropped afterwards unless ``keep_archive``)."""
 
     def __init__(self, store: str, generation: int, fitted, vocab_size: int,

@@ -39,6 +39,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipelines.documents import FilledShard
 from pipelines.faults import maybe_fail
 from schemas import FileRef, IndexSpec, ShardInfo, TransformSpec
 from schemas.errors import StorageError
@@ -78,6 +79,27 @@ def config_settings(config) -> dict:
     for name in ("progress", "note", "device", "batch_tokens"):
         d.pop(name, None)
     return d
+
+
+class QuantizerChangedError(RuntimeError):
+    """A shard's lists were filled with another quantizer than the one the run would commit."""
+
+
+def check_filled_with(filled: FilledShard, fitted) -> None:
+    """Raise QuantizerChangedError unless ``filled``'s lists were written with ``fitted``'s
+    quantizer. On a cluster, a worker lost after the quantizer was trained can make the engine
+    train it again from the re-encoded shards (another sample, another quantizer) and fill the
+    remaining shards with it; committing shards of both would make part of the index
+    unsearchable. The run stops instead; its rerun adopts the recorded quantizer and the shards
+    filled with it, and encodes the rest again."""
+    want = fitted.index_spec.quantizer.sha256
+    if filled.quantizer_sha256 != want:
+        raise QuantizerChangedError(
+            f"shard {filled.info.shard_id} was filled with quantizer "
+            f"{filled.quantizer_sha256[:12]}, but this run's quantizer is now {want[:12]}: the "
+            "engine trained it again after a worker was lost. Nothing was committed; rerun the "
+            "same command: it keeps the shards filled with the recorded quantizer and redoes "
+            "the rest")
 
 
 @dataclass(frozen=True)
@@ -344,12 +366,12 @@ class RunJournal:
                        {"shard": asdict(info), "transform": transform_sha,
                         "quantizer": quantizer_sha})
 
-    def record_shard(self, info: ShardInfo, fitted) -> ShardInfo:
+    def record_shard(self, filled: FilledShard, fitted) -> FilledShard:
         maybe_fail("after_index_fill")
-        self._record(info, fitted.transform_spec.file.sha256,
-                     fitted.index_spec.quantizer.sha256)
+        check_filled_with(filled, fitted)
+        self._record(filled.info, fitted.transform_spec.file.sha256, filled.quantizer_sha256)
         maybe_fail("after_shard_record")
-        return info
+        return filled
 
     def record_fitted(self, fitted) -> None:
         if fitted is None:
@@ -357,7 +379,10 @@ class RunJournal:
         self._put_json(FITTED_FILE, {"transform": asdict(fitted.transform_spec),
                                      "index": asdict(fitted.index_spec)})
 
-    def write_result(self, shards: list[ShardInfo], fitted) -> int:
+    def write_result(self, filled: list[FilledShard], fitted) -> int:
+        for f in filled:
+            check_filled_with(f, fitted)
+        shards = [f.info for f in filled]
         self._put_json(RESULT_FILE, {
             "shards": [asdict(s) for s in sorted(shards, key=lambda s: s.shard_id)],
             "transform": asdict(fitted.transform_spec) if fitted else None,

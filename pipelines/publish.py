@@ -14,6 +14,7 @@ import logging
 import apache_beam as beam
 
 from pipelines.archive import commit_archive, discard_version
+from pipelines.documents import FilledShard
 from pipelines.faults import maybe_fail
 from pipelines.journal import RunJournal
 from schemas import IndexSpec, Manifest, ModelSpec, ShardInfo, TransformSpec
@@ -60,13 +61,14 @@ def commit_generation(store: StoreIO, generation: int, model: ModelSpec, value_l
     return manifest
 
 
-def _write_result(shards: list[ShardInfo], fitted, journal: RunJournal) -> int:
-    return journal.write_result(shards, fitted)
+def _write_result(filled: list[FilledShard], fitted, journal: RunJournal) -> int:
+    return journal.write_result(filled, fitted)
 
 
 class RecordResult(beam.PTransform):
-    """ShardInfos -> recorded one by one in the run journal, then the run's result written once
-    (the shards of every successful bundle and the fitted keys)."""
+    """FilledShards -> recorded one by one in the run journal, then the run's result written
+    once (the shards of every successful bundle and the fitted keys); a shard filled with
+    another quantizer than ``fitted``'s stops the run (pipelines.journal.check_filled_with)."""
 
     def __init__(self, journal: RunJournal, fitted):
         super().__init__()

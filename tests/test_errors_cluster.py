@@ -113,37 +113,51 @@ def test_relative_paths_mean_the_same_on_the_workers(dask_cluster, code_corpus_d
     assert manifest.generation == 2 and manifest.num_docs == len(files)
 
 
+def _build_killing_one_worker(cluster, args: list[str], tmp_path, point: str) -> int:
+    """Run ``dresd build`` on the cluster while one worker process (one only, across the
+    cluster) dies as by kill -9 at the fault ``point``; its exit status. Fails if no worker
+    died, since then nothing was tested."""
+    from distributed import Client
+
+    once = tmp_path / "fault-fired"
+    with Client(cluster.scheduler_address) as client:
+        client.wait_for_workers(2, timeout=120)
+        before = set(client.scheduler_info()["workers"])
+        _set_worker_env(cluster, faults.ONCE_ENV, str(once))
+        _set_worker_env(cluster, faults.ENV, f"{point}:1:exit")
+        try:
+            rc = dresd_main(args + _dask(cluster))
+        finally:
+            _set_worker_env(cluster, faults.ENV, None)
+            _set_worker_env(cluster, faults.ONCE_ENV, None)
+        died = once.exists() and before - set(client.scheduler_info()["workers"])
+    assert died, "no worker died: nothing was tested"
+    return rc
+
+
+def _assert_counts_equal(store, clean) -> None:
+    want, got = read_manifest(clean), read_manifest(store)
+    assert (got.num_docs, got.num_tokens, got.num_keys) == (want.num_docs, want.num_tokens,
+                                                            want.num_keys)
+    assert got.archive.rows == got.num_keys
+
+
 def test_a_worker_killed_mid_encode_is_replaced_and_the_build_completes(
         dask_cluster, code_corpus_dir, tiny_llama_dir, tmp_path):
     """One worker process dies (as by kill -9) right after writing its first shard, before the
     shard reaches the fill: its nanny starts it again, the engine runs the lost work again, and
     the build completes with the counts of a clean build; the dead worker's shard and archive
     fragment are counted nowhere and are garbage for gc."""
-    from distributed import Client
-
     from pipelines.gc import collect_garbage
 
     clean = tmp_path / "clean"
     assert dresd_main(_build_args(clean, code_corpus_dir, tiny_llama_dir)) == 0
     store = tmp_path / "s"
-    once = tmp_path / "fault-fired"
-    with Client(dask_cluster.scheduler_address) as client:
-        client.wait_for_workers(2, timeout=120)
-        before = set(client.scheduler_info()["workers"])
-        _set_worker_env(dask_cluster, faults.ONCE_ENV, str(once))
-        _set_worker_env(dask_cluster, faults.ENV, "after_shard_write:1:exit")
-        try:
-            assert dresd_main(_build_args(store, code_corpus_dir, tiny_llama_dir)
-                              + _dask(dask_cluster)) == 0
-        finally:
-            _set_worker_env(dask_cluster, faults.ENV, None)
-            _set_worker_env(dask_cluster, faults.ONCE_ENV, None)
-        died = once.exists() and before - set(client.scheduler_info()["workers"])
-    assert died, "no worker died: nothing was tested"
-    want, got = read_manifest(clean), read_manifest(store)
-    assert (got.num_docs, got.num_tokens, got.num_keys) == (want.num_docs, want.num_tokens,
-                                                            want.num_keys)
-    assert got.archive.rows == got.num_keys
+    assert _build_killing_one_worker(dask_cluster, _build_args(store, code_corpus_dir,
+                                                               tiny_llama_dir),
+                                     tmp_path, "after_shard_write") == 0
+    _assert_counts_equal(store, clean)
+    got = read_manifest(store)
     named = {s.shard_id for s in got.shards}
     orphans = [p.name for p in (store / "shards").iterdir() if p.name not in named]
     assert orphans  # the killed worker's shard, written but never filled or committed
@@ -151,3 +165,36 @@ def test_a_worker_killed_mid_encode_is_replaced_and_the_build_completes(
     assert {p.name for p in (store / "shards").iterdir()} == named
     fragments = {s.archive.file.path.rsplit("/", 1)[1] for s in got.shards}
     assert {p.name for p in (store / "archive.lance" / "data").iterdir()} == fragments
+
+
+def test_a_worker_killed_mid_fill_commits_no_lists_of_another_quantizer(
+        dask_cluster, code_corpus_dir, tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """One worker process dies right after filling a shard's lists, before the shard is
+    recorded. The engine runs the lost work again, which may train the quantizer again (the
+    trained one lived on the dead worker) and fill the remaining shards with the new one. The
+    build completes, or stops with one line saying to rerun and the rerun completes; either
+    way the counts are a clean build's, and every committed shard's lists are byte for byte
+    what the committed quantizer writes from the shard's archive fragment."""
+    from pipelines.fit import load_fitted
+    from pipelines.index import fill_shard_index
+
+    monkeypatch.delenv("DRESD_DEBUG", raising=False)
+    clean = tmp_path / "clean"
+    assert dresd_main(_build_args(clean, code_corpus_dir, tiny_llama_dir)) == 0
+    store = tmp_path / "s"
+    args = _build_args(store, code_corpus_dir, tiny_llama_dir)
+    if _build_killing_one_worker(dask_cluster, args, tmp_path, "after_index_fill") != 0:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "rerun the same command" in err[-1], err
+        assert dresd_main(args + _dask(dask_cluster)) == 0
+    _assert_counts_equal(store, clean)
+    manifest = read_manifest(store)
+    quantizer = load_fitted(str(store), manifest).quantizer
+    refill = tmp_path / "refill"
+    shutil.copytree(store, refill)
+    for info in manifest.shards:
+        fill_shard_index(refill, info.shard_id, quantizer, manifest.model.vocab_size,
+                         info.archive, "refilled.lists", counts=False)
+        lists = f"shards/{info.shard_id}/"
+        assert ((refill / lists / "refilled.lists").read_bytes()
+                == (store / info.index.path).read_bytes()), info.shard_id

@@ -157,6 +157,39 @@ def test_build_reports_encode_timing(built_with_stats):
     assert timing.tokens_per_s == (timing.tokens / timing.stage_s if timing.stage_s else 0.0)
 
 
+def test_a_shard_filled_with_another_quantizer_is_never_recorded(built, tmp_path):
+    """The run records a shard, and writes its result, only if the shard's lists were filled
+    with the quantizer it commits (on a cluster, a lost worker can make the engine train the
+    quantizer again): otherwise one clear error, and nothing is recorded."""
+    from pipelines.documents import FilledShard
+    from pipelines.fit import load_fitted
+    from pipelines.journal import QuantizerChangedError, RunJournal, recorded_shards
+
+    store, manifest = built
+    fitted = load_fitted(str(store), manifest)
+    info = manifest.shards[0]
+    other = "f" * 64
+    assert other != fitted.index_spec.quantizer.sha256
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    journal = RunJournal(copy, "build", 0, "a-test-run")
+    journal.start()
+    try:
+        with pytest.raises(QuantizerChangedError, match=f"shard {info.shard_id} was filled "
+                           f"with quantizer {other[:12]}, but this run's quantizer is now "
+                           f"{fitted.index_spec.quantizer.sha256[:12]}.*rerun the same command"):
+            journal.record_shard(FilledShard(info, other), fitted)
+        assert recorded_shards(journal.io, journal.relpath) == []
+        with pytest.raises(QuantizerChangedError):
+            journal.write_result([FilledShard(info, other)], fitted)
+        same = FilledShard(info, fitted.index_spec.quantizer.sha256)
+        assert journal.record_shard(same, fitted) == same
+        assert [r["shard"] for r in recorded_shards(journal.io, journal.relpath)] == [info]
+        assert journal.write_result([same], fitted) == 1
+    finally:
+        journal.stop(ended=True)
+
+
 def test_update_adds_a_generation_and_leaves_the_first_untouched(
         built, corpus, tiny_llama_dir, tmp_path):
     store = tmp_path / "s"
