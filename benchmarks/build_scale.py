@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/build_scale.py --tokens 1e6 --runner direct
     .venv/bin/python benchmarks/build_scale.py --tokens 1e6,1e7            # DaskRunner, 2 workers
     .venv/bin/python benchmarks/build_scale.py --tokens 1e7 --kill encode  # a worker lost
-    .venv/bin/python benchmarks/build_scale.py --tokens 1e8 --update 1e7 --compact
+    .venv/bin/python benchmarks/build_scale.py --tokens 1e8 --serve-built --update 1e7 --compact
 
 **Corpus**: the Python sources ``make install`` puts on every machine: the standard library
 (``sysconfig``'s ``stdlib``) and the virtualenv's site-packages, every ``*.py`` file, in the
@@ -496,8 +496,12 @@ def main() -> None:
     ap.add_argument("--serve", nargs="*", metavar="LABEL=STORE", default=None,
                     help="measure built stores as benchmarks/scale.py measures its synthetic "
                          "ones, beside its prediction (no build)")
-    ap.add_argument("--queries", type=int, default=10_000, help="with --serve")
-    ap.add_argument("--recall-queries", type=int, default=300, help="with --serve")
+    ap.add_argument("--queries", type=int, default=10_000, help="with --serve or --serve-built")
+    ap.add_argument("--recall-queries", type=int, default=300,
+                    help="with --serve or --serve-built")
+    ap.add_argument("--serve-built", action="store_true",
+                    help="also measure each built store (before any update) and the compacted "
+                         "one as --serve does")
     args = ap.parse_args()
     if args.kill and not args.runner.startswith("dask-"):
         sys.exit("--kill needs a dask runner")
@@ -513,7 +517,7 @@ def main() -> None:
         save([], old["meta"], [serve(*item.split("=", 1), args.queries, args.recall_queries)
                                for item in args.serve])
         return
-    rows = []
+    rows, serving = [], []
     for size in (float(x) for x in args.tokens.split(",")):
         tokens = int(size)
         files, corpus_tokens = pick_files(model, 0, tokens, work)
@@ -526,6 +530,9 @@ def main() -> None:
         rows.append(summarize(label, "build", args.runner, result, store))
         rows[-1]["corpus"] = {"files": len(files), "tokens": corpus_tokens}
         save(rows, meta)
+        if args.serve_built:
+            serving.append(serve(f"serve-{label}", store, args.queries, args.recall_queries))
+            save(rows, meta, serving)
         if args.update:
             more, more_tokens = pick_files(model, tokens, int(args.update), work)
             result = run_launch("update", args.runner, store, more, model, work)
@@ -539,6 +546,10 @@ def main() -> None:
             rows.append(summarize(f"compact-{human(tokens)}", "compact", args.runner, result,
                                   store))
             save(rows, meta)
+            if args.serve_built:
+                serving.append(serve(f"serve-compact-{human(tokens)}", store, args.queries,
+                                     args.recall_queries))
+                save(rows, meta, serving)
         if not args.keep:
             shutil.rmtree(store, ignore_errors=True)
 
