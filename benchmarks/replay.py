@@ -62,6 +62,7 @@ from benchmarks.prompts import (  # noqa: E402
     howto_eval_prompts,
     humaneval_prompts,
 )
+from dresd.calibrate import Calibration  # noqa: E402
 from dresd.decode import DecodeConfig, as_drafter, encode_prompt  # noqa: E402
 from dresd.drafters.base import DraftRequest  # noqa: E402
 from dresd.drafters.composite import CompositeDrafter  # noqa: E402
@@ -290,6 +291,11 @@ def main(argv=None) -> int:
                     help="cut each composite's tree to the deepest candidate path the output "
                          "follows (benchmarks.oracle.SelectionOracle): the best any budget could "
                          "do with its sources' candidates; labels end in /right")
+    ap.add_argument("--cost", default="",
+                    help="a saved cost curve (a `dresd calibrate` JSON, e.g. "
+                         "benchmarks/cost_curves/h200-float32.json) to replay against instead "
+                         "of this device's: each step's verify cost and the curve the "
+                         "calibrated budget chooses by")
     ap.add_argument("--out", default="", help="JSON results (default runs/replay/<tag>.json)")
     args = ap.parse_args(argv)
 
@@ -311,8 +317,10 @@ def main(argv=None) -> int:
             path = (howto_store(args.model, HOWTO_PROMPTS, **build) if howto
                     else id_store(args.model, ID_PROMPTS, **build))
         stores[name] = load_store(path, model, tokenizer)
-    from dresd.budget import calibrated_budget
+    from dresd.budget import calibrated_budget, use_calibration
 
+    if args.cost:  # another device's curve: the verify costs and the calibrated budget's
+        use_calibration(model, Calibration.load(args.cost))
     cal = calibrated_budget(model, tokenizer).calibration
     overrides = {k: type(getattr(DecodeConfig(), k))(v) for k, v in pairs(args.set, ",")}
     attributes = {k: json.loads(v) for k, v in pairs(args.composite, ";")}
@@ -341,7 +349,9 @@ def main(argv=None) -> int:
             results[label] = replay_method(drafter, prompts, prepared, config, vocab, cal,
                                            warm if args.warmup == "on" else None, right)
             print(report(label, results[label]), flush=True)
-    tag = f"{args.family}-{args.prompts}-{args.stores}".replace(",", "+").replace("/", "_")
+    curve = f"-{Path(args.cost).stem}" if args.cost else ""
+    tag = (f"{args.family}-{args.prompts}-{args.stores}{curve}".replace(",", "+")
+           .replace("/", "_"))
     out = Path(args.out) if args.out else REPLAY / f"{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(dict(args=vars(args), results=results), indent=1))

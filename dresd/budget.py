@@ -230,6 +230,16 @@ def select_nodes(
 _CALIBRATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def use_calibration(model, calibration: Calibration) -> None:
+    """Make ``calibration`` the curve every later ``calibrated_budget(model)`` starts from, in
+    place of the device's saved one, with no correction measured yet: how a replay models
+    another device (``benchmarks/replay.py --cost``). Kept per model object, as the saved one
+    is; ``calibrated_budget(..., refresh=True)`` goes back to the device's own."""
+    param = next(model.parameters())
+    _CALIBRATIONS[model] = ((str(param.device), param.dtype), calibration,
+                            VerifyCost(calibration))
+
+
 def calibrated_budget(model, tokenizer=None, fingerprint: str | None = None,
                       max_tree_tokens: int = 64, refresh: bool = False) -> CalibratedBudget:
     """The budget for ``model`` on its device: its saved calibration (``dresd calibrate``),

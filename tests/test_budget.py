@@ -1,6 +1,7 @@
 """The tree budget: fixed and device-calibrated policies, node selection, calibration files."""
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +263,31 @@ def test_calibrated_budget_is_measured_once_per_model_and_device(tiny_llama_dir,
     assert path.exists() and Calibration.load(path) == fresh.calibration
     with pytest.raises(ValueError, match="tokenizer or the fingerprint"):
         calibrated_budget(load_model(tiny_llama_dir)[0])
+
+
+def test_a_saved_curve_replaces_the_devices_own(tiny_llama_dir, tmp_path, monkeypatch):
+    """use_calibration (benchmarks/replay.py --cost): the budget chooses by the given curve,
+    nothing is measured or saved, and refresh goes back to the device's own."""
+    from dresd.budget import calibrated_budget, use_calibration
+    from dresd.models import load_model
+
+    monkeypatch.setenv("DRESD_CACHE", str(tmp_path))
+    model, tok = load_model(tiny_llama_dir)
+    gains = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1]
+    steep = Calibration("x", "cpu", 32, (1, 2, 4, 8), (1.0, 1.6, 2.5, 4.5))
+    use_calibration(model, steep)
+    assert calibrated_budget(model, tok).calibration is steep
+    steep_size = calibrated_budget(model, tok).size(gains)
+    gpu = Calibration.load(Path(__file__).resolve().parent.parent / "benchmarks" / "cost_curves"
+                           / "h200-float32.json")
+    use_calibration(model, gpu)
+    budget = calibrated_budget(model, tok, max_tree_tokens=16)
+    assert budget.calibration is gpu and budget.max_tree_tokens == 16
+    # a pass of 8 tokens costs 1.13 of one on the H200 curve, 4.5 on the steep one
+    assert steep_size < budget.size(gains) == len(gains)
+    assert not list(tmp_path.rglob("*.json"))  # nothing measured, nothing saved
+    own = calibrated_budget(model, tok, refresh=True).calibration
+    assert own not in (steep, gpu) and list(tmp_path.rglob("*.json"))
 
 
 # ------------------------------------------------------------ a cost curve that heals
