@@ -31,7 +31,7 @@ thread (OMP_NUM_THREADS=1), so a stage's thread CPU time is all its CPU.
 dedupe, tokenize, sample pick / forward, fit, encode forward / write, train, fill, commit) CPU
 seconds, busy wall seconds and span, and us of CPU per token; the CPU of every process (the
 launcher's, and each worker's from ``os.times`` at the end), so the runner's own overhead is
-the total less the timed stages; peak RSS (``ru_maxrss``) of the launcher and of each worker;
+the total less the timed stages; peak RSS (``VmHWM``) of the launcher and of each worker;
 bytes each process wrote (``/proc/<pid>/io``) and the store's bytes by part.
 
 ``--kill encode|fill`` SIGKILLs one worker process when the first archive fragment (encode) or
@@ -156,6 +156,18 @@ def stand_in_model(dest: Path) -> str:
 
 # ----------------------------------------------------------------------------- one launch
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries the parent's peak
+    into a child across fork (or vfork) and exec, so a launcher or Dask worker started by a
+    large process reports at least that process's peak (the 100M run of 2026-12-06 recorded
+    1728 MB for its launcher and for both update workers, the peak of this script's own
+    process, which had counted the corpus's tokens)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def proc_write_bytes(pid: int | str = "self") -> int:
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
         if line.startswith("write_bytes:"):
@@ -187,7 +199,7 @@ def launch(spec: dict) -> dict:
     metrics = stats.get("metrics")
     return {
         "wall_s": wall,
-        "launcher": {"cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024,
+        "launcher": {"cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": peak_rss_mb(),
                      "write_bytes": proc_write_bytes()},
         "launcher_stages": stats.get("launcher", {}),
         "stages": {k: v.as_dict() for k, v in metrics.stages.items()} if metrics else {},
@@ -203,8 +215,7 @@ def launch(spec: dict) -> dict:
 def _worker_figures():
     """Run on each worker at the end: its CPU, peak RSS and bytes written."""
     t = os.times()
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"pid": os.getpid(), "cpu_s": t.user + t.system, "peak_rss_mb": ru.ru_maxrss / 1024,
+    return {"pid": os.getpid(), "cpu_s": t.user + t.system, "peak_rss_mb": peak_rss_mb(),
             "write_bytes": proc_write_bytes()}
 
 
@@ -453,6 +464,8 @@ def serve(label: str, store: Path, queries: int, recall_queries: int) -> dict:
             "queries": m["queries"], "recall_queries": m["recall_queries"],
             "bytes_per_token": m["bytes_per_token"], "stats_summary": m["stats_summary"],
             "measured": {k: m[k] for k in SERVING_FIGURES},
+            # before the queries, after reading the query keys from the archive
+            "rss_after_key_reads_mb": m.get("rss_after_key_reads_mb"),
             "predicted_from": {k: pred[k] for k in ("keys", "shards", "nlist", "factory")},
             "predicted": {k: pred[k] for k in SERVING_FIGURES}}
 
@@ -469,6 +482,9 @@ def serving_report(rows: list[dict]) -> str:
         for k in SERVING_FIGURES:
             a, b = r["measured"][k], r["predicted"][k]
             lines.append(f"  {k:24s} {a:10.3f} {b:10.3f} {a / b if b else float('nan'):7.2f}")
+        if r.get("rss_after_key_reads_mb") is not None:
+            lines.append(f"  RssAnon after reading the query keys, before the queries: "
+                         f"{r['rss_after_key_reads_mb']:.1f} MB")
     return "\n".join(lines)
 
 
