@@ -156,16 +156,15 @@ def stand_in_model(dest: Path) -> str:
 
 # ----------------------------------------------------------------------------- one launch
 
-def peak_rss_mb() -> float:
+def peak_rss_mb() -> int:
     """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries the parent's peak
     into a child across fork (or vfork) and exec, so a launcher or Dask worker started by a
     large process reports at least that process's peak (the 100M run of 2026-12-06 recorded
     1728 MB for its launcher and for both update workers, the peak of this script's own
     process, which had counted the corpus's tokens)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    from pipelines.stage_clock import peak_rss_mb as own_peak
+
+    return own_peak()
 
 
 def proc_write_bytes(pid: int | str = "self") -> int:
@@ -349,14 +348,14 @@ def summarize(label: str, op: str, runner: str, result: dict, store: Path) -> di
 def stage_table(row: dict) -> str:
     tokens = max(row["tokens"] or 1, 1)
     lines = [f"  {'stage':16s} {'calls':>6s} {'CPU s':>8s} {'us/tok':>7s} {'busy s':>8s} "
-             f"{'span s':>8s} {'tok/s (CPU)':>12s}"]
+             f"{'span s':>8s} {'tok/s (CPU)':>12s} {'peak MB':>8s}"]
     items = [(k, {"calls": 1, "wall_s": v["wall_s"], "span_s": v["wall_s"], **v})
              for k, v in row["launcher_stages"].items()] + list(row["stages"].items())
     for name, s in items:
         rate = tokens / s["cpu_s"] if s["cpu_s"] > 0 else float("inf")
         lines.append(f"  {name:16s} {s['calls']:6d} {s['cpu_s']:8.1f} "
                      f"{s['cpu_s'] / tokens * 1e6:7.2f} {s['wall_s']:8.1f} {s['span_s']:8.1f} "
-                     f"{rate:12.0f}")
+                     f"{rate:12.0f} {s.get('peak_mb') or '':>8}")
     lines.append(f"  {'runner, rest':16s} {'':6s} {row['runner_overhead_cpu_s']:8.1f} "
                  f"{row['runner_overhead_cpu_s'] / tokens * 1e6:7.2f}")
     return "\n".join(lines)
