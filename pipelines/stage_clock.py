@@ -1,6 +1,6 @@
 """What each stage of a build costs, reported as Beam metrics from wherever the stage runs.
 
-A stage wraps its work in ``stage_clock("tokenize")``; every call adds to three distributions:
+A stage wraps its work in ``stage_clock("tokenize")``; every call adds to these distributions:
 
 * ``stage_<name>_cpu_us``: CPU time of the calling thread (``time.thread_time``). Beam runs a
   bundle's fused steps in one thread, so the clock must stop before a step hands its outputs on
@@ -11,8 +11,9 @@ A stage wraps its work in ``stage_clock("tokenize")``; every call adds to three 
 * ``stage_<name>_start_ms`` / ``_end_ms``: epoch milliseconds of each call's start and end, so
   ``StageCost.span_s`` is the stage's first start to its last end on any worker;
 * ``stage_<name>_peak_mb``: the process's peak RSS (``VmHWM``) at the end of each call that
-  raised it by 1 MB or more, so ``StageCost.peak_mb`` says which stage set a worker's peak (with one thread per
-  worker, as on the benchmark's Dask workers; threads sharing a process share its peak).
+  raised it by 1 MB or more (only such calls), so ``StageCost.peak_mb`` says which stage set a
+  worker's peak (with one thread per worker, as on the benchmark's Dask workers; threads
+  sharing a process share its peak).
 
 The launcher's own stages (listing the corpus, describing the model, committing) are timed
 with the same clock into a plain dict (``LauncherClock``), since they run outside the pipeline.
