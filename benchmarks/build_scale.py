@@ -8,7 +8,9 @@
 **Corpus**: the Python sources ``make install`` puts on every machine: the standard library
 (``sysconfig``'s ``stdlib``) and the virtualenv's site-packages, every ``*.py`` file, in the
 order of the SHA-256 of its path relative to its root (``stdlib/...`` or ``site-packages/...``),
-cut where the unique documents hold the target number of tokens (counted once with the real
+then (the ``*.py`` files hold ~105.7M unique tokens, too few for a 10M update of a 100M store)
+every C/C++/Cython source and header, type stub and reStructuredText/Markdown page
+(``EXTRA_SUFFIXES``) in the same order, cut where the unique documents hold the target number of tokens (counted once with the real
 tokenizer, plus EOS; a file whose content appeared earlier is not counted again, as the
 builder's dedupe drops it). ``--update N`` adds the next N tokens of the same order to the
 built store. Token counts are cached under the work directory.
@@ -78,14 +80,24 @@ def corpus_roots() -> list[tuple[str, Path]]:
     return [("stdlib", Path(sysconfig.get_paths()["stdlib"])), ("site-packages", site)]
 
 
+# Read after every *.py file, so the first 105.7M tokens are the same with or without them.
+EXTRA_SUFFIXES = (".pyi", ".h", ".hpp", ".cuh", ".c", ".cc", ".cpp", ".pyx", ".pxd", ".rst",
+                  ".md")
+
+
 def ordered_sources() -> list[tuple[str, Path]]:
-    """(relative name, path) of every *.py file under the roots, in SHA-256 order of the name."""
-    out = []
+    """(relative name, path) of every *.py file under the roots, then of every file ending in
+    one of ``EXTRA_SUFFIXES``; each group in SHA-256 order of the name."""
+    groups: tuple[list, list] = ([], [])
     for label, root in corpus_roots():
-        for p in root.rglob("*.py"):
-            if p.is_file() and not p.is_symlink():
-                out.append((f"{label}/{p.relative_to(root)}", p))
-    return sorted(out, key=lambda x: hashlib.sha256(x[0].encode()).hexdigest())
+        for p in root.rglob("*"):
+            extra = p.suffix in EXTRA_SUFFIXES
+            if (p.suffix == ".py" or extra) and p.is_file() and not p.is_symlink():
+                groups[extra].append((f"{label}/{p.relative_to(root)}", p))
+    def order(group):
+        return sorted(group, key=lambda x: hashlib.sha256(x[0].encode()).hexdigest())
+
+    return order(groups[0]) + order(groups[1])
 
 
 def token_counts(model: str, sources, cache: Path) -> dict[str, int]:
@@ -525,7 +537,8 @@ def main() -> None:
     model = stand_in_model(work / "stand-in-model")
     meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
-            "corpus": "stdlib + site-packages *.py in SHA-256 order of relative path",
+            "corpus": "stdlib + site-packages *.py, then *" + "/*".join(EXTRA_SUFFIXES)
+                      + ", each in SHA-256 order of relative path",
             "model": f"SmolLM2-135M-Instruct config, 1 layer, MLP width {STAND_IN_MLP}, random weights (seed 0)"}
     if args.serve is not None:
         old = json.loads(RESULTS.with_suffix(".json").read_text())
@@ -551,14 +564,14 @@ def main() -> None:
         if args.update:
             more, more_tokens = pick_files(model, tokens, int(args.update), work)
             result = run_launch("update", args.runner, store, more, model, work)
-            rows.append(summarize(f"update-{human(args.update)}-on-{human(tokens)}", "update",
+            rows.append(summarize(f"update-{human(args.update)}-on-{human(tokens)}{args.tag}", "update",
                                   args.runner, result, store))
             rows[-1]["corpus"] = {"files": len(more), "tokens": more_tokens}
             save(rows, meta)
         if args.compact:
             result = run_launch("compact", args.runner, store, [], model, work,
                                 shard_tokens=int(args.compact_shard_tokens))
-            rows.append(summarize(f"compact-{human(tokens)}", "compact", args.runner, result,
+            rows.append(summarize(f"compact-{human(tokens)}{args.tag}", "compact", args.runner, result,
                                   store))
             save(rows, meta)
             if args.serve_built:

@@ -481,3 +481,44 @@ def test_record_with_no_shards_commits_nothing(tmp_path, tiny_llama_dir):
     assert journal.read_result().shards == ()
     with pytest.raises(StoreFormatError, match="not a dresd store"):
         read_manifest(tmp_path)
+
+
+def test_the_fill_assigns_each_key_with_the_fill_beam_not_the_stored_one(tmp_path):
+    # 2048 lists of random directions in 16 dimensions: there, the HNSW's top-1 at the stored
+    # beam (faiss's default, 16) and at ASSIGN_EF_SEARCH differ for some keys, so a fill that
+    # kept the stored beam fails this test.
+    from pipelines.index import ASSIGN_EF_SEARCH, fill_lists, index_from_bytes, index_to_bytes
+
+    rng = np.random.default_rng(0)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    trained = faiss.index_factory(16, "IVF2048_HNSW32,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(trained)
+    ivf.quantizer.add(unit(rng.normal(size=(2048, 16))))
+    trained.train(unit(rng.normal(size=(4096, 16))))
+    stored = index_to_bytes(trained)
+    keys = unit(rng.normal(size=(3000, 16)))
+    tokens = rng.integers(0, 300, 3001).astype(np.int32)
+    positions = np.arange(3000)
+
+    def beam(index):  # the index must outlive the quantizer's proxy
+        return faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw
+
+    def top1(ef):
+        index = index_from_bytes(stored)
+        beam(index).efSearch = ef
+        q = faiss.extract_index_ivf(index).quantizer
+        return q.search(keys, 1)[1].ravel()
+
+    assert ASSIGN_EF_SEARCH < 16 and (top1(16) != top1(ASSIGN_EF_SEARCH)).any()
+    filled = index_from_bytes(stored)
+    assert fill_lists(filled, keys, tokens, positions, tmp_path / "ivf.lists") == 3000
+    invlists = faiss.extract_index_ivf(filled).invlists
+    list_of = np.empty(3000, np.int64)
+    for lst in range(2048):
+        n = invlists.list_size(lst)
+        if n:
+            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy()
+            list_of[unpack_ids(ids)[1]] = lst
+    np.testing.assert_array_equal(list_of, top1(ASSIGN_EF_SEARCH))
+    again = index_from_bytes(stored)
+    assert beam(again).efSearch == 16  # the stored quantizer is not changed
