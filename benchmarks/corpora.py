@@ -21,7 +21,6 @@ from typing import TypeVar
 from benchmarks.prompts import (
     INSTRUCTION,
     heldout_humaneval_prompts,
-    howto_store_prompts,
     stdlib_signature_prompts,
     stdlib_sources,
     write_prompt_jsonl,
@@ -163,21 +162,30 @@ def id_store(model: str, num_prompts: int, humaneval: bool = True, max_new_token
     return store
 
 
-def howto_store(model: str, num_prompts: int, max_new_tokens: int = 256, root: Path = RUNS,
-                **build) -> Path:
-    """Store over the model's own answers to ``num_prompts`` howto requests of the store-side
-    modules (benchmarks.prompts: never a module the evaluation requests name)."""
+def requests_store(model: str, family: str, num_prompts: int, max_new_tokens: int = 256,
+                   root: Path = RUNS, **build) -> Path:
+    """Store over the model's own answers to ``num_prompts`` store-side requests of a requests
+    family (benchmarks.prompts.FAMILIES: howto, errors; never a module or package the
+    evaluation requests name)."""
+    from benchmarks.prompts import FAMILIES
+
     tag = model_tag(model)
-    store = root / f"store-howto-{num_prompts}{tag}{_options(build)}"
+    store = root / f"store-{family}-{num_prompts}{tag}{_options(build)}"
     if _built(store):
         return store
     from pipelines.build import build_store
     from pipelines.config import BuildConfig
 
-    corpus = root / f"corpus-howto-{num_prompts}{tag}"
-    completions(howto_store_prompts(num_prompts), corpus / "answers.jsonl", model,
+    corpus = root / f"corpus-{family}-{num_prompts}{tag}"
+    completions(FAMILIES[family].store_prompts(num_prompts), corpus / "answers.jsonl", model,
                 max_new_tokens, template="{code}")
-    print(f"building the howto store from {corpus} ...", file=sys.stderr, flush=True)
+    print(f"building the {family} store from {corpus} ...", file=sys.stderr, flush=True)
     _fresh(store)
     build_store(corpus, store, BuildConfig(model=model, glob="*.jsonl", **build))
     return store
+
+
+def howto_store(model: str, num_prompts: int, max_new_tokens: int = 256, root: Path = RUNS,
+                **build) -> Path:
+    """The howto family's in-domain store."""
+    return requests_store(model, "howto", num_prompts, max_new_tokens, root, **build)

@@ -62,15 +62,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.corpora import RUNS, howto_store, id_store, ood_store  # noqa: E402
+from benchmarks.corpora import RUNS, id_store, ood_store, requests_store  # noqa: E402
 from benchmarks.oracle import OracleDrafter, SelectionOracle  # noqa: E402
-from benchmarks.prompts import (  # noqa: E402
-    EVAL_PROMPTS,
-    chat,
-    howto_chat,
-    howto_eval_prompts,
-    humaneval_prompts,
-)
+from benchmarks.prompts import EVAL_PROMPTS, FAMILIES  # noqa: E402
 from dresd.decode import DecodeConfig, as_drafter, encode_prompt, generate  # noqa: E402
 from dresd.drafters.registry import DRAFTERS as REGISTERED  # noqa: E402
 from dresd.drafters.registry import hybrid_names  # noqa: E402
@@ -88,8 +82,7 @@ BUDGETS = {
 }
 CALIBRATED = "calibrated"
 ID_PROMPTS = 552  # stdlib signature prompts of the ID store: every one Python 3.11 yields
-HOWTO_PROMPTS = 256  # store-side howto requests the howto ID store answers
-FAMILY_NAMES = {"humaneval": "HumanEval", "howto": "howto"}
+HOWTO_PROMPTS = 256  # store-side requests a requests family's (howto, errors) ID store answers
 COLD = "cold"  # a run whose composite keeps estimates of its own, untouched by the warm-up
 WARMUP_REQUEST = [{"role": "user", "content": "Say hi in one short sentence."}]
 WARMUP_TOKENS = 16
@@ -343,11 +336,13 @@ def main(argv=None) -> int:
                          "(both: also run each composite cold, to compare)")
     ap.add_argument("--stores", default="ood,id")
     ap.add_argument("--ood-tokens", type=int, default=130_000, help="size of the OOD corpus")
-    ap.add_argument("--family", choices=("humaneval", "howto"), default="humaneval",
-                    help="prompt family: HumanEval function stubs, or howto requests about the "
-                         "standard library (benchmarks/prompts.py); each has its own ID store")
+    ap.add_argument("--family", choices=tuple(FAMILIES), default="humaneval",
+                    help="prompt family: HumanEval function stubs, howto requests about the "
+                         "standard library, or users' requests about a library's errors "
+                         "(benchmarks/prompts.py); each has its own ID store")
     ap.add_argument("--howto-prompts", type=int, default=HOWTO_PROMPTS,
-                    help="howto requests (store-side modules) the howto ID store answers")
+                    help="store-side requests the ID store of a requests family (howto, "
+                         "errors) answers")
     ap.add_argument("--id-prompts", type=int, default=ID_PROMPTS,
                     help="stdlib signature prompts the ID corpus is generated from, besides "
                          "HumanEval's held-out problems (552: every one Python 3.11's standard "
@@ -363,9 +358,9 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     # a bad --prompts fails before any loading
-    howto = args.family == "howto"
-    prompts = howto_eval_prompts(args.prompts) if howto else humaneval_prompts(args.prompts)
-    messages = howto_chat if howto else chat
+    family = FAMILIES[args.family]
+    prompts = family.eval_prompts(args.prompts)
+    messages = family.messages
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model, device=args.device or None,
@@ -379,7 +374,8 @@ def main(argv=None) -> int:
         if "ood" in stores_wanted:
             paths["ood" + tag] = ood_store(args.model, args.ood_tokens, **build)
         if "id" in stores_wanted:
-            paths["id" + tag] = (howto_store(args.model, args.howto_prompts, **build) if howto
+            paths["id" + tag] = (requests_store(args.model, family.name, args.howto_prompts,
+                                                **build) if family.store_prompts
                                  else id_store(args.model, args.id_prompts, **build))
     stores = {name: load_store(p, model, tokenizer) for name, p in paths.items()}
     for name, store in stores.items():
@@ -465,7 +461,7 @@ def write_results(out: Path, meta: dict, records: list[dict]) -> list[dict]:
         plot(rows, records, tmp)
     with replacing(out.with_suffix(".txt")) as tmp:
         tmp.write_text(
-            f"machine: {meta['machine']} ({meta['dtype']}); {meta['prompts']} {FAMILY_NAMES[meta.get('family', 'humaneval')]} "
+            f"machine: {meta['machine']} ({meta['dtype']}); {meta['prompts']} {FAMILIES[meta.get('family', 'humaneval')].title} "
             f"prompts, {meta['max_new_tokens']} new tokens, fastest of {meta['repeats']}; "
             "speedup = TPS / TPS of ar on the same prompts\n\nall runs:\n"
             + format_table(sorted(rows, key=lambda r: (r["store"], r["method"], r["budget"])))

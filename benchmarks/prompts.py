@@ -1,4 +1,4 @@
-"""Prompt sets for the benchmarks, in two families.
+"""Prompt sets for the benchmarks, in three families (``FAMILIES``).
 
 ``humaneval``: HumanEval's first ``EVAL_PROMPTS`` problems (evaluation), and for building an
 in-domain store the rest of HumanEval (held out: no evaluated problem is ever in a store) and
@@ -7,7 +7,12 @@ standard-library signatures in HumanEval's shape, each wrapped in "Complete this
 ``howto``: requests as a user writes them, about a documented public function or class of the
 Python standard library ("How do I use `shlex.split` in Python? ..."), in four phrasings. Modules
 are split by a hash of their name: about one in five is evaluation-only, the rest may feed the
-in-domain store, so no evaluated request names a module the store's requests name."""
+in-domain store, so no evaluated request names a module the store's requests name.
+
+``errors``: a user pasting an error a third-party library raised and asking what it means and
+how to fix it, made from the literal error messages in site-packages (benchmarks.error_requests,
+which writes them once to ``prompt_sets/errors.json``), split by package the same way. No tuning
+or feature choice has seen it."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import functools
 import hashlib
 import json
 import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 INSTRUCTION = "Complete this Python function.\n\n```python\n{code}```"
@@ -160,3 +167,48 @@ def howto_store_prompts(n: int) -> list[str]:
 def howto_chat(request: str) -> list[dict]:
     """A howto request as the user's message, as it is."""
     return [{"role": "user", "content": request}]
+
+
+# --------------------------------------------------------------------------- the errors family
+
+ERRORS_FILE = Path(__file__).resolve().parent / "prompt_sets" / "errors.json"
+
+
+@functools.cache
+def _error_requests() -> tuple[dict, ...]:
+    """The committed requests, in their fixed pseudo-random order (benchmarks.error_requests)."""
+    return tuple(json.loads(ERRORS_FILE.read_text())["requests"])
+
+
+def errors_eval_prompts(n: int = EVAL_PROMPTS) -> list[str]:
+    """The first ``n`` requests of the evaluation packages (at most ``EVAL_PROMPTS``)."""
+    if not 1 <= n <= EVAL_PROMPTS:
+        raise ValueError(f"the benchmark evaluates on at most {EVAL_PROMPTS} errors requests, "
+                         f"not {n}")
+    return [r["request"] for r in _error_requests() if r["split"] == "eval"][:n]
+
+
+def errors_store_prompts(n: int) -> list[str]:
+    """``n`` requests of the other packages, for an in-domain store."""
+    return [r["request"] for r in _error_requests() if r["split"] == "store"][:n]
+
+
+# --------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Family:
+    """A prompt family as the benchmarks use it: its evaluation prompts, how one becomes the
+    user's message, and (requests families) the store-side prompts of its in-domain store."""
+
+    name: str
+    title: str
+    eval_prompts: Callable[[int], list[str]]
+    messages: Callable[[str], list[dict]]
+    store_prompts: Callable[[int], list[str]] | None = None  # None: the HumanEval ID store
+
+
+FAMILIES = {
+    "humaneval": Family("humaneval", "HumanEval", humaneval_prompts, chat),
+    "howto": Family("howto", "howto", howto_eval_prompts, howto_chat, howto_store_prompts),
+    "errors": Family("errors", "errors", errors_eval_prompts, howto_chat, errors_store_prompts),
+}

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.corpora import RUNS, howto_store, id_store  # noqa: E402
+from benchmarks.corpora import RUNS, id_store, requests_store  # noqa: E402
 from benchmarks.decode import (  # noqa: E402
     BUDGETS,
     CALIBRATED,
@@ -55,13 +55,7 @@ from benchmarks.decode import (  # noqa: E402
     hf_generate,
 )
 from benchmarks.oracle import SelectionOracle  # noqa: E402
-from benchmarks.prompts import (  # noqa: E402
-    EVAL_PROMPTS,
-    chat,
-    howto_chat,
-    howto_eval_prompts,
-    humaneval_prompts,
-)
+from benchmarks.prompts import EVAL_PROMPTS, FAMILIES  # noqa: E402
 from dresd.calibrate import Calibration  # noqa: E402
 from dresd.decode import DecodeConfig, as_drafter, encode_prompt  # noqa: E402
 from dresd.drafters.base import DraftRequest  # noqa: E402
@@ -225,10 +219,15 @@ def replay_method(drafter, prompts: list[list[int]], prepare, config: DecodeConf
         replay(chooser(*warm[:2]), *warm,
                dataclasses.replace(config, max_new_tokens=WARMUP_TOKENS), vocab, cal.cost)
     records, ar_passes, sources = [], 0, defaultdict(lambda: defaultdict(float))
+    per_prompt = []  # each prompt's modelled speedup, for paired comparisons (regimes.py)
     for prompt in prompts:
         ids, ref, hidden = prepare(prompt)
-        records += replay(chooser(ids, ref), ids, ref, hidden, config, vocab, cal.cost)
+        mine = replay(chooser(ids, ref), ids, ref, hidden, config, vocab, cal.cost)
+        records += mine
         ar_passes += len(ref) - 1
+        if mine:
+            per_prompt.append((len(ref) - 1) * float(cal.cost(1))
+                              / sum(r.cost_s + r.drafting_s for r in mine))
         if isinstance(drafter, CompositeDrafter):
             drafter.settle()  # its per-generation counters restart at the next begin
             for name, s in drafter.source_summary().items():
@@ -236,6 +235,7 @@ def replay_method(drafter, prompts: list[list[int]], prepare, config: DecodeConf
                     sources[name][k] += s[k]
     summary = summarize(records, ar_passes, float(cal.cost(1)))
     summary["sources"] = {k: dict(v) for k, v in sources.items()}
+    summary["per_prompt_speedup"] = per_prompt
     return summary
 
 
@@ -266,7 +266,7 @@ def pairs(spec: str, sep: str) -> list[tuple[str, str]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--family", choices=("humaneval", "howto"), default="humaneval")
+    ap.add_argument("--family", choices=tuple(FAMILIES), default="humaneval")
     ap.add_argument("--prompts", default="8-23",
                     help="evaluation prompt indices: '8-23' (the tuning prompts), '0,5' or 'N' "
                          "(the first N)")
@@ -299,12 +299,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="", help="JSON results (default runs/replay/<tag>.json)")
     args = ap.parse_args(argv)
 
-    howto = args.family == "howto"
+    family = FAMILIES[args.family]
     indices = parse_prompts(args.prompts)
     if not indices or max(indices) >= EVAL_PROMPTS or min(indices) < 0:
         ap.error(f"prompt indices must lie in 0..{EVAL_PROMPTS - 1}")
-    texts = (howto_eval_prompts if howto else humaneval_prompts)(EVAL_PROMPTS)
-    messages = howto_chat if howto else chat
+    texts = family.eval_prompts(EVAL_PROMPTS)
+    messages = family.messages
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -314,7 +314,8 @@ def main(argv=None) -> int:
         if "/" in name:  # a store directory of one's own (e.g. built from part of a corpus)
             path = Path(name)
         else:
-            path = (howto_store(args.model, HOWTO_PROMPTS, **build) if howto
+            path = (requests_store(args.model, family.name, HOWTO_PROMPTS, **build)
+                    if family.store_prompts
                     else id_store(args.model, ID_PROMPTS, **build))
         stores[name] = load_store(path, model, tokenizer)
     from dresd.budget import calibrated_budget, use_calibration

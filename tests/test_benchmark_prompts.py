@@ -64,3 +64,62 @@ def test_howto_evaluation_and_store_requests_never_share_a_module(tmp_path):
     assert [json.loads(x)["prompt"] for x in path.read_text().splitlines()] == stored[:2]
     with pytest.raises(ValueError, match="at most"):
         howto_eval_prompts(EVAL_PROMPTS + 1)
+
+
+def test_errors_evaluation_and_store_requests_never_share_a_package():
+    """The third family (issue 30, untuned): users pasting a library's error message. Split by
+    package, each request quoting its message, every phrasing one of the templates."""
+    from benchmarks.error_requests import TEMPLATES
+    from benchmarks.prompts import (
+        FAMILIES,
+        _error_requests,
+        errors_eval_prompts,
+        errors_store_prompts,
+    )
+
+    rows = _error_requests()
+    package = {r["request"]: r["package"] for r in rows}
+    evaluated, stored = errors_eval_prompts(), errors_store_prompts(256)
+    assert len(evaluated) == EVAL_PROMPTS and len(stored) == 256
+    assert not {package[r] for r in evaluated} & {package[r] for r in stored}
+    assert len({package[r] for r in evaluated}) >= 5  # not one package's errors
+    assert all(r["message"] in r["request"] and r["exception"] in r["request"] for r in rows)
+    assert all(any(r["request"] == t.format(exc=r["exception"], msg=r["message"],
+                                           package=r["package"]) for t in TEMPLATES)
+               for r in rows)
+    assert errors_eval_prompts(3) == evaluated[:3]
+    assert FAMILIES["errors"].messages(evaluated[0]) == [{"role": "user",
+                                                          "content": evaluated[0]}]
+    with pytest.raises(ValueError, match="at most"):
+        errors_eval_prompts(EVAL_PROMPTS + 1)
+
+
+def test_error_requests_are_made_from_literal_messages_split_by_package(tmp_path):
+    """benchmarks.error_requests on a site-packages of two packages: plain literal messages
+    only (no f-strings, placeholders or short ones), tests skipped, each package in one split."""
+    from benchmarks import error_requests as er
+
+    for name in ("alpha", "beta"):
+        (tmp_path / name / "tests").mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text("")
+        (tmp_path / name / "core.py").write_text(
+            "def f(x):\n"
+            "    if x:\n"
+            f"        raise ValueError('the {name} frame has no column of that name at all')\n"
+            "    raise TypeError(f'not {x}')\n"
+            "def g():\n"
+            "    raise KeyError('too short')\n"
+            "def h():\n"
+            "    raise RuntimeError('expected %s rows but the reader found fewer')\n")
+        (tmp_path / name / "tests" / "test_core.py").write_text(
+            "raise ValueError('a message from a test file, never a user request')\n")
+    (tmp_path / "gamma.dist-info").mkdir()
+    rows = er.requests(tmp_path)
+    assert [(r["package"], r["exception"], r["message"]) for r in sorted(
+        rows, key=lambda r: r["package"])] == [
+        ("alpha", "ValueError", "the alpha frame has no column of that name at all"),
+        ("beta", "ValueError", "the beta frame has no column of that name at all")]
+    for r in rows:
+        assert r["split"] == ("eval" if er.digest(r["package"]) % er.EVAL_SHARE == 0
+                              else "store")
+        assert r["file"] == f"{r['package']}/core.py"

@@ -140,3 +140,50 @@ def test_prompt_ranges():
     assert replay.parse_prompts("8-11") == [8, 9, 10, 11]
     assert replay.parse_prompts("3") == [0, 1, 2]
     assert replay.parse_prompts("0,5") == [0, 5]
+
+
+def test_per_prompt_speedups_make_up_the_total():
+    """replay_method records each prompt's modelled speedup (for paired comparisons); with
+    a_i one-token passes' cost and c_i the method's cost on prompt i, the total speedup
+    sum(a_i) / sum(c_i) is the a-weighted harmonic mean of the per-prompt a_i / c_i."""
+    model, tok = make_tiny_model("llama")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompts = [tok(PROMPT)["input_ids"], tok("def sub(a, b):\n    return a - b\n\ndef sub")
+               ["input_ids"]]
+
+    def prepare(ids):
+        ref = greedy_reference(model, ids, CONFIG.max_new_tokens)
+        return ids, ref, replay.final_states(model, ids + ref)
+
+    summary = replay.replay_method(PromptLookupDrafter(), prompts, prepare, CONFIG, vocab,
+                                   CPU_CURVE)
+    per = summary["per_prompt_speedup"]
+    assert len(per) == 2 and all(s > 0 for s in per)
+    passes = [len(prepare(p)[1]) - 1 for p in prompts]
+    total = sum(passes) / sum(n / s for n, s in zip(passes, per))
+    assert total == pytest.approx(summary["modelled_speedup"], rel=1e-9)
+
+
+def test_regime_rows_take_each_methods_best_budget_and_pair_by_prompt():
+    import math
+
+    from benchmarks import regimes
+
+    def run(speedups):
+        return {"modelled_speedup": float(sum(speedups) / len(speedups)), "AL": 2.0,
+                "per_prompt_speedup": speedups}
+
+    results = {"hybrid/id/calibrated": run([2.2, 2.4, 2.0]), "hybrid/id/4x8": run([1.0] * 3),
+               "rest+pl/id/1x7": run([1.9, 2.0, 1.8]), "rest+pl/id/calibrated": run([2.0, 2.1, 1.9]),
+               "suffix/id/4x8": run([1.5, 1.5, 1.5])}
+    row = regimes.regime_row("errors", "curve", results)
+    assert row["hybrid"]["budget"] == "calibrated" and row["rest+pl"]["budget"] == "calibrated"
+    assert row["best_rival"] == "rest+pl"
+    logs = [math.log(a / b) for a, b in zip([2.2, 2.4, 2.0], [2.0, 2.1, 1.9])]
+    mean = sum(logs) / 3
+    se = math.sqrt(sum((x - mean) ** 2 for x in logs) / 2 / 3)
+    assert row["lead"] == pytest.approx(mean) and row["lead_se"] == pytest.approx(se)
+    assert row["target_met"] is (mean >= math.log(1.1))
+    assert "rest+pl (" in regimes.table([row])
+    with pytest.raises(KeyError, match="suffix"):
+        regimes.best({"hybrid/id/4x8": run([1.0, 1.0])}, "suffix")
