@@ -25,6 +25,7 @@ from pipelines.archive import archive_table, write_fragment
 from pipelines.config import BuildConfig
 from pipelines.documents import TokenizedDoc, WrittenShard
 from pipelines.faults import maybe_fail
+from pipelines.heap import release_free_heap
 from pipelines.stage_clock import NAMESPACE, stage_clock
 from schemas.shard_io import KEY_DTYPE, key_positions
 from schemas.storage import staged, store_io
@@ -172,12 +173,15 @@ class EncodeShardsFn(beam.DoFn):
                 shard_id = write_shard(root, data)
                 fragment = write_fragment(root, archive_rows(shard_id, data))
         maybe_fail("after_shard_write")
-        Metrics.counter(NAMESPACE, ENCODED_TOKENS).inc(len(data.tokens))
+        written = WrittenShard(shard_id=shard_id, num_docs=len(docs), num_tokens=len(data.tokens),
+                               num_keys=len(data.tokens) - len(docs), archive=fragment)
+        del docs, states, data
+        release_free_heap()  # the next shard's buffers differ in size: see pipelines.heap
+        Metrics.counter(NAMESPACE, ENCODED_TOKENS).inc(written.num_tokens)
         Metrics.distribution(NAMESPACE, ENCODE_DONE_MS).update(_now_ms())
         cpu, self.cpu_mark = self.cpu_mark, time.process_time()
         Metrics.distribution(NAMESPACE, ENCODE_CPU_MS).update(int((self.cpu_mark - cpu) * 1000))
-        return WrittenShard(shard_id=shard_id, num_docs=len(docs), num_tokens=len(data.tokens),
-                            num_keys=len(data.tokens) - len(docs), archive=fragment)
+        return written
 
 
 class EncodeShards(beam.PTransform):

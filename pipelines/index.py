@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipelines.documents import FilledShard, WrittenShard
+from pipelines.heap import release_free_heap
 from pipelines.stage_clock import stage_clock
 from schemas import StoreFormatError
 from schemas.archive import fragment_rows, keys_of
@@ -316,6 +317,7 @@ class FillShardIndexFn(beam.DoFn):
                               shard.archive if self.keep_archive else None, lists_name)
         if not self.keep_archive and shard.archive:
             store_io(self.store).remove(shard.archive.file.path)  # never committed: not read
+        release_free_heap()  # the keys and codes of the next shard differ in size
         yield FilledShard(info, fitted.index_spec.quantizer.sha256)
 
 
