@@ -270,18 +270,24 @@ def sample_keys(store: str, shards: list[WrittenShard], size: int, seed: int) ->
     shards = sorted(shards, key=lambda s: s.shard_id)  # the same draw on every runner
     total = sum(s.num_keys for s in shards)
     rng = np.random.default_rng(seed)
-    out = []
-    for s in shards:
-        want = min(s.num_keys, int(round(size * s.num_keys / max(total, 1))))
+    wants = [min(s.num_keys, int(round(size * s.num_keys / max(total, 1)))) for s in shards]
+    # One float32 array, filled shard by shard: concatenating per-shard parts held the sample
+    # twice at its peak (at 100M tokens, 1.56M keys: 400 MB more on the training worker).
+    out: np.ndarray | None = None
+    filled = 0
+    for s, want in zip(shards, wants):
         if want == 0:
             continue
         if s.archive is None:
             raise StoreFormatError(f"shard {s.shard_id} has no key archive to sample from")
         with staged(store, [s.archive.file.path]) as root:
             rows = np.sort(rng.choice(s.num_keys, want, replace=False))
-            out.append(keys_of(fragment_rows(root, s.archive.file.path, rows))
-                       .astype(np.float32))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            part = keys_of(fragment_rows(root, s.archive.file.path, rows))
+        if out is None:
+            out = np.empty((sum(wants), part.shape[1]), np.float32)
+        out[filled:filled + len(part)] = part
+        filled += len(part)
+    return out[:filled] if out is not None else np.zeros((0, 0), np.float32)
 
 
 def reindexed_lists_name(quantizer_sha256: str) -> str:
