@@ -1,9 +1,11 @@
-"""The benchmark's two stores, built once through the real pipelines and cached under ``runs/``.
+"""The benchmark's stores, built once through the real pipelines and cached under ``runs/``.
 
 - OOD: Python standard-library sources (code the model was not asked about).
 - ID: the model's own greedy completions of in-domain prompts: HumanEval's held-out problems
   (every one after the benchmark's ``EVAL_PROMPTS``) and prompts made from standard-library
   function signatures and docstrings in HumanEval's shape. No evaluated problem is in it.
+- A requests family's ID store (howto, errors): the model's answers to the family's store-side
+  requests (``requests_store``).
 
 Both are rebuilt only when their directory has no published manifest, so an interrupted build
 is simply run again.
@@ -183,9 +185,3 @@ def requests_store(model: str, family: str, num_prompts: int, max_new_tokens: in
     _fresh(store)
     build_store(corpus, store, BuildConfig(model=model, glob="*.jsonl", **build))
     return store
-
-
-def howto_store(model: str, num_prompts: int, max_new_tokens: int = 256, root: Path = RUNS,
-                **build) -> Path:
-    """The howto family's in-domain store."""
-    return requests_store(model, "howto", num_prompts, max_new_tokens, root, **build)
